@@ -1,0 +1,187 @@
+"""Gaussian classification data and the byte-level corpus."""
+
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lab.data import DEFAULT_MAX_BYTES, Corpus, default_cache_dir, gaussian_classification
+
+MAX_BYTES = DEFAULT_MAX_BYTES
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("corpus-cache")
+
+
+@pytest.fixture(scope="module")
+def corpus(cache):
+    return Corpus.stdlib(cache_dir=cache, max_bytes=MAX_BYTES)
+
+
+def test_gaussian_classification_deterministic_and_shaped():
+    X, y = gaussian_classification(50, 7, 5, seed=0)
+    X2, y2 = gaussian_classification(50, 7, 5, seed=0)
+    X3, _ = gaussian_classification(50, 7, 5, seed=1)
+    assert X.shape == (50, 7) and X.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(X, X2) and torch.equal(y, y2) and not torch.equal(X, X3)
+    assert 0 <= int(y.min()) and int(y.max()) < 5
+    X64, y64 = gaussian_classification(50, 7, 5, seed=0, dtype=torch.float64)
+    assert X64.dtype == torch.float64 and torch.equal(X64.float(), X) and torch.equal(y64, y)
+
+
+def test_gaussian_classification_teacher_labels_are_learnable():
+    X, y = gaussian_classification(400, 10, 3, seed=0, dtype=torch.float64, labels="teacher")
+    # A linear teacher's labels are linearly separable: a least-squares one-vs-rest fit
+    # on one-hot targets recovers most of them (uniform labels would give ~ 1/3 + noise).
+    W = torch.linalg.lstsq(X, torch.nn.functional.one_hot(y, 3).double()).solution
+    assert ((X @ W).argmax(1) == y).double().mean() > 0.8
+    with pytest.raises(ValueError, match="labels"):
+        gaussian_classification(4, 2, 2, seed=0, labels="teach")
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        gaussian_classification(4, 2, 0, seed=0)
+
+
+def test_stdlib_corpus_content_and_split(corpus):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert corpus.tokens.dtype == torch.uint8 and corpus.tokens.numel() == MAX_BYTES
+    assert corpus.vocab_size == 256
+    assert list(corpus.files) == sorted(corpus.files)
+    assert all(f.endswith(".py") for f in corpus.files)
+    assert not any(part in ("site-packages", "test") for f in corpus.files for part in f.split("/"))
+    # The stream is the sorted files concatenated, cut at max_bytes.
+    head = b"".join((root / f).read_bytes() for f in corpus.files)[:MAX_BYTES]
+    assert bytes(corpus.tokens.numpy()) == head
+    # Train and validation: adjacent, disjoint byte ranges split at a file boundary.
+    assert corpus.train.numel() + corpus.val.numel() == corpus.tokens.numel()
+    assert 0.85 < corpus.train.numel() / MAX_BYTES <= 0.95
+    assert corpus.split_index in corpus.file_starts
+    assert set(corpus.train_files).isdisjoint(corpus.val_files)
+    assert set(corpus.train_files) | set(corpus.val_files) == set(corpus.files)
+    first_val = (root / corpus.val_files[0]).read_bytes()
+    assert bytes(corpus.val[: len(first_val)].numpy()) == first_val[: corpus.val.numel()]
+    train_len = sum((root / f).stat().st_size for f in corpus.train_files)
+    assert corpus.split_index == train_len
+    text = corpus.describe()
+    assert f"{MAX_BYTES:,}" in text and f"{corpus.val.numel():,}" in text and repr(corpus) == text
+
+
+def test_cache_is_written_atomically_and_reused(corpus, cache):
+    path = corpus.cache_path
+    assert path.parent == cache and path.exists()
+    assert not any(p.name.endswith(".tmp") for p in cache.iterdir())
+    stamp = path.stat().st_mtime_ns
+    again = Corpus.stdlib(cache_dir=cache, max_bytes=MAX_BYTES)
+    assert again.from_cache and again.cache_path == path and path.stat().st_mtime_ns == stamp
+    assert torch.equal(again.tokens, corpus.tokens) and again.split_index == corpus.split_index
+    other = Corpus.stdlib(cache_dir=cache, max_bytes=MAX_BYTES // 2)
+    assert other.cache_path != path and not other.from_cache
+    assert torch.equal(other.tokens, corpus.tokens[: MAX_BYTES // 2])
+
+
+@pytest.mark.parametrize("max_bytes", [100_000, 300_000, 1_000_000])
+def test_small_caps_still_split_near_the_fraction(tmp_path, max_bytes):
+    """Split at the nearest file start within 5% of 90%, else at exactly 90% of the bytes."""
+    c = Corpus.stdlib(cache_dir=tmp_path, max_bytes=max_bytes)
+    target = int(0.9 * max_bytes)
+    assert abs(c.split_index - target) <= 0.05 * max_bytes
+    shared = set(c.train_files) & set(c.val_files)
+    if c.split_index in c.file_starts:
+        assert not shared
+    else:
+        assert c.split_index == target and len(shared) == 1
+        assert not any(
+            target - 0.05 * max_bytes <= s <= target + 0.05 * max_bytes for s in c.file_starts
+        )
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    first = Corpus.stdlib(cache_dir=tmp_path, max_bytes=20_000)
+    np.save(first.cache_path, np.zeros(5, dtype=np.uint8))
+    rebuilt = Corpus.stdlib(cache_dir=tmp_path, max_bytes=20_000)
+    assert not rebuilt.from_cache and torch.equal(rebuilt.tokens, first.tokens)
+
+
+def test_cache_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAM_MINI_LAB_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("ADAM_MINI_LAB_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "adam-mini-lab"
+
+
+def test_batches_are_seeded_shifted_windows(corpus):
+    x, y = corpus.batch("train", 8, 32, torch.Generator().manual_seed(0))
+    x2, y2 = corpus.batch("train", 8, 32, torch.Generator().manual_seed(0))
+    x3, _ = corpus.batch("train", 8, 32, torch.Generator().manual_seed(1))
+    assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x, x2) and torch.equal(y, y2) and not torch.equal(x, x3)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # Each row is a real window of the training bytes.
+    train = bytes(corpus.train.numpy())
+    for row_x, row_y in zip(x, y, strict=True):
+        window = bytes(row_x.tolist()) + bytes(row_y[-1:].tolist())
+        assert window in train
+
+    a, b, c = (corpus.batches("val", 4, 16, seed=s) for s in (3, 3, 4))
+    for _ in range(3):
+        (xa, ya), (xb, yb), (xc, _) = next(a), next(b), next(c)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and not torch.equal(xa, xc)
+    gen = torch.Generator().manual_seed(3)
+    first = corpus.batch("val", 4, 16, gen)
+    assert torch.equal(first[0], next(corpus.batches("val", 4, 16, seed=3))[0])
+
+
+def test_windows_never_cross_the_split():
+    """Byte value = position: train windows stay below 40, val windows at or above."""
+    corpus = Corpus(torch.arange(52, dtype=torch.uint8), 40, source="toy")
+    gen = torch.Generator().manual_seed(0)
+    train_starts, val_starts = set(), set()
+    for _ in range(20):
+        xt, yt = corpus.batch("train", 16, 10, gen)
+        xv, yv = corpus.batch("val", 16, 10, gen)
+        assert int(yt.max()) < 40 and int(xv.min()) >= 40
+        train_starts |= set(xt[:, 0].tolist())
+        val_starts |= set(xv[:, 0].tolist())
+    # Every window start is drawn, the last one (len - context - 1) included.
+    assert train_starts == set(range(40 - 10)) and val_starts == {40, 41}
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        corpus.batch("test", 1, 4, gen)
+    with pytest.raises(ValueError, match="empty split"):
+        Corpus(torch.arange(5, dtype=torch.uint8), 5, source="toy")
+
+
+def test_from_file(tmp_path):
+    path = tmp_path / "text.txt"
+    text = "".join(f"line {i}: hello adam-mini\n" for i in range(100))
+    path.write_text(text)
+    corpus = Corpus.from_file(path)
+    assert bytes(corpus.tokens.numpy()) == text.encode()
+    assert corpus.val.numel() == len(text) - int(0.9 * len(text))
+    x, y = corpus.batch("val", 2, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ValueError, match="fewer than context"):
+        corpus.batch("val", 2, corpus.val.numel(), torch.Generator().manual_seed(0))
+
+
+def test_from_file_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="0 bytes, too few"):
+        Corpus.from_file(empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Corpus.from_file(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        Corpus.from_file(tmp_path)
+    (tmp_path / "ok.txt").write_text("x" * 100)
+    with pytest.raises(ValueError, match="val_fraction must lie in"):
+        Corpus.from_file(tmp_path / "ok.txt", val_fraction=1.0)
+
+
+def test_stdlib_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="max_bytes"):
+        Corpus.stdlib(cache_dir=tmp_path, max_bytes=0)
+    assert not os.listdir(tmp_path)
