@@ -1,0 +1,100 @@
+"""Block coupling: the Frobenius mass of every block pair of a Hessian over a candidate partition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from partition.core import Partition
+from partition.errors import PartitionError
+
+
+@dataclass(frozen=True, eq=False)
+class BlockCoupling:
+    r"""How strongly the blocks of a candidate partition are coupled by the Hessian.
+
+    .. math::
+        \text{mass}[a, b] = \lVert H_{ab} \rVert_F^2 = \sum_{i \in a,\, j \in b} H_{ij}^2,
+        \qquad r_\text{diag} = \frac{\sum_a \text{mass}[a, a]}{\sum_{a, b} \text{mass}[a, b]}.
+
+    ``r_diag = 1`` for an exactly block-diagonal Hessian. Measured by ``hessian.block_coupling``
+    (or :meth:`from_dense` for a small dense Hessian); consumed by :func:`partition.derive`.
+
+    Attributes:
+        partition: the candidate partition the masses are over (global block order).
+        mass: ``(B, B)`` symmetric non-negative array, ``B = partition.num_blocks``.
+        stderr: ``(B, B)`` standard errors of ``mass``, or ``None`` when exact.
+        exact: whether ``mass`` is exact (dense Hessian) rather than estimated.
+        num_samples: number of random probes behind the estimate (0 when exact).
+        r_diag_null: ``r_diag`` of a random partition with the same block sizes (filled by hessian).
+    """
+
+    partition: Partition
+    mass: np.ndarray
+    stderr: np.ndarray | None = None
+    exact: bool = True
+    num_samples: int = 0
+    r_diag_null: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.partition, Partition):
+            raise PartitionError(
+                f"BlockCoupling.partition must be a Partition, got {type(self.partition).__name__}"
+            )
+        b = self.partition.num_blocks
+        mass = np.asarray(self.mass, dtype=np.float64)
+        if mass.shape != (b, b):
+            raise PartitionError(
+                f"BlockCoupling.mass has shape {mass.shape}; the partition has {b} blocks, "
+                f"so it must be ({b}, {b})"
+            )
+        if not np.all(np.isfinite(mass)):
+            raise PartitionError("BlockCoupling.mass has non-finite entries")
+        scale = float(np.abs(mass).max(initial=0.0))
+        if not np.allclose(mass, mass.T, rtol=1e-6, atol=1e-12 * scale):
+            raise PartitionError("BlockCoupling.mass must be symmetric (mass[a, b] = mass[b, a])")
+        object.__setattr__(self, "mass", mass)
+        if self.stderr is not None:
+            stderr = np.asarray(self.stderr, dtype=np.float64)
+            if stderr.shape != (b, b):
+                raise PartitionError(
+                    f"BlockCoupling.stderr has shape {stderr.shape}; expected ({b}, {b}) or None"
+                )
+            object.__setattr__(self, "stderr", stderr)
+
+    @property
+    def r_diag(self) -> float:
+        """Share of the Frobenius mass on diagonal blocks: ``trace(mass) / sum(mass)``."""
+        total = float(self.mass.sum())
+        return float(np.trace(self.mass)) / total if total > 0 else 1.0
+
+    @property
+    def tensor_slices(self) -> dict[str, slice]:
+        """Global block range of every tensor of the candidate partition."""
+        part = self.partition
+        return {n: slice(part.offset(n), part.offset(n) + part[n].num_blocks) for n in part.names}
+
+    @classmethod
+    def from_dense(cls, partition: Partition, hessian: np.ndarray | torch.Tensor) -> BlockCoupling:
+        """Exact coupling of a dense ``(n, n)`` Hessian whose coordinates are the parameters in
+        ``partition.names`` order, each flattened row-major (``torch.cat`` of ``p.reshape(-1)``)."""
+        h = np.asarray(torch.as_tensor(hessian).detach().cpu().to(torch.float64))
+        n = partition.num_params
+        if h.shape != (n, n):
+            raise PartitionError(
+                f"dense Hessian has shape {h.shape}; the partition has {n} parameters"
+            )
+        ids = (
+            np.concatenate(
+                [partition.block_index(name).reshape(-1).numpy() for name in partition.names]
+            )
+            if len(partition)
+            else np.zeros(0, dtype=np.int64)
+        )
+        b = partition.num_blocks
+        onehot = np.zeros((n, b))
+        onehot[np.arange(n), ids] = 1.0
+        mass = onehot.T @ (h * h) @ onehot
+        return cls(partition, 0.5 * (mass + mass.T), None, True, 0)

@@ -1,0 +1,323 @@
+"""Partition builders: the Adam-mini principle for real architectures and three simple rules.
+
+All builders accept an ``nn.Module``, an iterable of ``(name, tensor)`` pairs (e.g.
+``model.named_parameters()``) or a mapping ``name -> tensor``; tensors may live on the meta
+device. Every parameter is included (``requires_grad`` is not consulted), in the given order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from partition.blocks import TensorBlocks
+from partition.core import Partition, named_shapes
+from partition.errors import PartitionError, PartitionWarning
+
+ModelLike = nn.Module | Iterable[tuple[str, Any]] | Mapping[str, Any]
+
+
+def by_tensor(model: ModelLike) -> Partition:
+    """One block per tensor (the paper's Algorithm 2 for non-transformers)."""
+    shapes = named_shapes(model)
+    return Partition([TensorBlocks(n, s, "tensor", {}) for n, s in shapes], {"method": "by_tensor"})
+
+
+def elements(model: ModelLike) -> Partition:
+    """One block per entry: Adam-mini on this partition is exactly Adam(W)."""
+    shapes = named_shapes(model)
+    return Partition(
+        [TensorBlocks(n, s, "elements", {}) for n, s in shapes], {"method": "elements"}
+    )
+
+
+def by_rows(model: ModelLike) -> Partition:
+    """One block per output neuron of every matrix; 1-D tensors get one block.
+
+    Output neurons are rows of ``(out, in)`` weights (``nn.Linear``, ``nn.Embedding``, conv
+    kernels) and columns of GPT-2 ``Conv1D`` weights stored ``(in, out)`` (detected as in
+    :func:`adam_mini`). This is the fine candidate partition for :func:`partition.derive`.
+    """
+    shapes = named_shapes(model)
+    transposed = _transposed_names(model, shapes)
+    tensors = []
+    for name, shape in shapes:
+        if len(shape) < 2:
+            tensors.append(TensorBlocks(name, shape, "tensor", {}))
+        elif name in transposed and len(shape) == 2:
+            tensors.append(TensorBlocks(name, shape, "columns", {}))
+        else:
+            tensors.append(TensorBlocks(name, shape, "rows", {}))
+    return Partition(tensors, {"method": "by_rows"})
+
+
+# ---------------------------------------------------------------------- Adam-mini principle
+_POSITIONAL = {"pos_emb", "wpe", "position_embeddings", "token_type_embeddings", "embed_positions"}
+_TOKEN_EMB = {"tok_emb", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in"}
+_OUTPUT = {"lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score"}
+_QUERY = {"q_proj", "wq", "query", "q_lin"}
+_KEY = {"k_proj", "wk", "key", "k_lin"}
+_NEURON = {
+    # values
+    "v_proj", "wv", "value", "v_lin",
+    # attention output
+    "o_proj", "wo", "out_proj", "out_lin", "c_proj", "dense",
+    # MLP
+    "fc_in", "fc_out", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "w1", "w2", "w3", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "wi", "wi_0", "wi_1",
+}  # fmt: skip
+_MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate"}
+_FUSED_QKV = {"c_attn", "qkv_proj", "wqkv"}
+
+
+def _is_attention(parts: list[str]) -> bool:
+    return any("attn" in p or "attention" in p for p in parts)
+
+
+def _kind(name: str) -> str:
+    """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, or '' (unknown)."""
+    parts = name.lower().split(".")
+    leaf = parts[-2] if len(parts) >= 2 else parts[0]
+    parents = parts[:-2]
+    if leaf in _POSITIONAL or "position" in leaf:
+        return "positional"
+    if leaf in _FUSED_QKV:
+        return "fused"
+    if leaf in _QUERY or (leaf == "q" and _is_attention(parents)):
+        return "q"
+    if leaf in _KEY or (leaf == "k" and _is_attention(parents)):
+        return "k"
+    if leaf in _TOKEN_EMB or (("embed" in leaf or "embd" in leaf) and "type" not in leaf):
+        return "token"
+    if leaf in _OUTPUT:
+        return "token"
+    if leaf in _NEURON or (leaf in {"v", "o"} and _is_attention(parents)):
+        return "neuron"
+    if any(p in _MLP_PARENTS for p in parents):
+        return "neuron"
+    return ""
+
+
+def _transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]]) -> set[str]:
+    """Names of 2-D weights stored ``(in, out)`` (GPT-2 ``Conv1D``).
+
+    With a module: the weights of modules whose class is ``transformers``' ``Conv1D``. With only
+    names: the ``c_attn``/``c_proj``/``c_fc`` weights of a GPT-2-style model, unless its
+    ``c_attn`` weight is stored ``(3 d, d)`` (nanoGPT's ``nn.Linear`` layout).
+    """
+    if isinstance(model, nn.Module):
+        out = set()
+        for mod_name, module in model.named_modules():
+            cls = type(module)
+            if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+                for pname, p in module.named_parameters(recurse=False):
+                    if p.ndim == 2:
+                        out.add(f"{mod_name}.{pname}" if mod_name else pname)
+        return out
+    gpt2_leaves = {"c_attn", "c_proj", "c_fc"}
+    linear_layout = any(
+        n.lower().split(".")[-2:-1] == ["c_attn"] and len(s) == 2 and s[0] == 3 * s[1]
+        for n, s in shapes
+    )
+    if linear_layout:
+        return set()
+    return {
+        n
+        for n, s in shapes
+        if len(s) == 2 and n.lower().endswith(".weight") and n.lower().split(".")[-2] in gpt2_leaves
+    }
+
+
+def _config_int(config: Any, *keys: str) -> int | None:
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return None
+
+
+def _head_counts(
+    model: ModelLike, n_heads: int | None, n_kv_heads: int | None, head_dim: int | None
+) -> tuple[int | None, int | None, int | None]:
+    """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers)."""
+    config = getattr(model, "config", None) if isinstance(model, nn.Module) else None
+    if config is not None:
+        n_heads = n_heads or _config_int(config, "n_heads", "num_attention_heads", "n_head")
+        n_kv_heads = n_kv_heads or _config_int(config, "n_kv_heads", "num_key_value_heads")
+        if head_dim is None:
+            head_dim = _config_int(config, "head_dim")
+        if head_dim is None and n_heads:
+            hidden = _config_int(config, "d_model", "hidden_size", "n_embd", "dim")
+            if hidden and hidden % n_heads == 0:
+                head_dim = hidden // n_heads
+    for label, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value <= 0
+        ):
+            raise PartitionError(f"adam_mini: {label} must be a positive integer, got {value!r}")
+    return n_heads, n_kv_heads, head_dim
+
+
+def adam_mini(
+    model_or_named_parameters: ModelLike,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    head_dim: int | None = None,
+) -> Partition:
+    """The Adam-mini principle (Adam-mini v1.1): one block per dense Hessian sub-block.
+
+    ==========================================  ============================================
+    parameter                                   rule
+    ==========================================  ============================================
+    token embeddings, output layer (lm_head)    ``rows``: one block per token
+    query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
+                                                heads under GQA)
+    value, attention output, MLP, ``dense``     ``rows``: one block per output neuron
+    GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``)     ``columns`` (stored ``(in, out)``)
+    GPT-2 fused ``c_attn``                      ``fused_heads``: q, k by head, v by neuron
+    norms, biases, positional embeddings,       ``tensor``: one block
+    every other 1-D tensor
+    anything else                               ``tensor``, with one :class:`PartitionWarning`
+                                                naming all such tensors
+    ==========================================  ============================================
+
+    Names are matched on the module name (the component before ``.weight``), e.g. Llama,
+    Mistral, Qwen2/3 (``self_attn.q_proj``), GPT-2 (``attn.c_attn``), BERT
+    (``attention.self.query``, ``intermediate.dense``) and TinyGPT (``attn.q_proj``,
+    ``mlp.fc_in``). GPT-2 ``Conv1D`` is detected by module type when a module is given, and by the
+    names ``c_attn``/``c_proj``/``c_fc`` (unless ``c_attn`` is stored ``(3 d, d)``) otherwise.
+
+    Unlike the reference implementation, biases get one block (not one per entry), 1-D weights
+    never get a per-row rule, ``head_dim`` may differ from ``hidden / n_heads`` (Qwen3), and
+    position embeddings get one block.
+
+    Args:
+        model_or_named_parameters: module, ``named_parameters()`` or mapping name -> tensor.
+        n_heads: query heads; default ``model.config`` (``n_heads``/``num_attention_heads``/
+            ``n_head``).
+        n_kv_heads: key/value heads (GQA); default ``model.config``, else ``n_heads``.
+        head_dim: default ``model.config.head_dim``, else ``hidden / n_heads``, else
+            ``q rows / n_heads``.
+
+    Raises:
+        PartitionError: head counts are needed but unknown, or shapes do not split into heads.
+    """
+    model = model_or_named_parameters
+    if not isinstance(model, (nn.Module, Mapping)):
+        model = list(model)
+    shapes = named_shapes(model)
+    n_heads, n_kv_heads, head_dim = _head_counts(model, n_heads, n_kv_heads, head_dim)
+    transposed = _transposed_names(model, shapes)
+    kinds = {name: _kind(name) if len(shape) >= 2 else "1d" for name, shape in shapes}
+    needs_heads = [n for n, k in kinds.items() if k in ("q", "k", "fused")]
+    if needs_heads and head_dim is None:
+        if n_heads is None:
+            raise PartitionError(
+                f"adam_mini: tensor {needs_heads[0]!r} is split by attention head, but the number "
+                "of heads is unknown; pass n_heads=... (and n_kv_heads=..., head_dim=... if they "
+                "differ) or a model with a .config"
+            )
+        head_dim = _head_dim_from_query(shapes, kinds, transposed, n_heads)
+    tensors, unrecognized = [], []
+    for name, shape in shapes:
+        kind = kinds[name]
+        if kind in ("1d", "positional"):
+            tensors.append(TensorBlocks(name, shape, "tensor", {}))
+        elif kind in ("q", "k"):
+            heads = n_heads if kind == "q" else (n_kv_heads or n_heads)
+            if heads is not None and shape[0] % head_dim == 0 and shape[0] != heads * head_dim:
+                raise PartitionError(
+                    f"tensor {name!r} has {shape[0]} rows, but {'n_heads' if kind == 'q' else 'n_kv_heads'}"
+                    f"={heads} x head_dim={head_dim} = {heads * head_dim}; pass the right "
+                    "n_heads=/n_kv_heads=/head_dim="
+                )
+            tensors.append(TensorBlocks(name, shape, "heads", {"head_dim": head_dim}))
+        elif kind == "fused":
+            tensors.append(_fused(name, shape, name in transposed, n_heads, n_kv_heads, head_dim))
+        elif kind in ("token", "neuron"):
+            rule = "columns" if name in transposed else "rows"
+            tensors.append(TensorBlocks(name, shape, rule, {}))
+        else:
+            unrecognized.append(name)
+            tensors.append(TensorBlocks(name, shape, "tensor", {}))
+    if unrecognized:
+        shown = ", ".join(repr(n) for n in unrecognized[:10])
+        more = f" and {len(unrecognized) - 10} more" if len(unrecognized) > 10 else ""
+        warnings.warn(
+            f"adam_mini: no Adam-mini rule matches {len(unrecognized)} tensor(s): {shown}{more}; "
+            "they get one block per tensor ('tensor'). Build a Partition by hand for other rules.",
+            PartitionWarning,
+            stacklevel=2,
+        )
+    provenance = {
+        "method": "adam_mini",
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads or n_heads,
+        "head_dim": head_dim,
+        "unrecognized": unrecognized,
+    }
+    return Partition(tensors, provenance)
+
+
+def _head_dim_from_query(
+    shapes: list[tuple[str, tuple[int, ...]]],
+    kinds: dict[str, str],
+    transposed: set[str],
+    n_heads: int,
+) -> int:
+    for name, shape in shapes:
+        if kinds[name] not in ("q", "fused"):
+            continue
+        out = shape[1] if name in transposed else shape[0]
+        if kinds[name] == "fused":
+            if out % 3:
+                raise PartitionError(
+                    f"tensor {name!r}: cannot split {out} fused q|k|v outputs into equal thirds; "
+                    "pass head_dim=... and n_kv_heads=..."
+                )
+            out //= 3
+        if out % n_heads:
+            raise PartitionError(
+                f"tensor {name!r} has {out} query outputs, not a multiple of n_heads={n_heads}; "
+                "pass the right n_heads=... or head_dim=..."
+            )
+        return out // n_heads
+    name = next(n for n, k in kinds.items() if k == "k")
+    raise PartitionError(
+        f"adam_mini: tensor {name!r} is a key but no query tensor gives head_dim; pass head_dim=..."
+    )
+
+
+def _fused(
+    name: str,
+    shape: tuple[int, ...],
+    transposed: bool,
+    n_heads: int | None,
+    n_kv_heads: int | None,
+    head_dim: int,
+) -> TensorBlocks:
+    """A fused q|k|v weight: sections from the head counts, else equal thirds."""
+    orientation = "columns" if transposed else "rows"
+    out = shape[1] if transposed else shape[0]
+    if n_heads is not None:
+        q = n_heads * head_dim
+        k = (n_kv_heads or n_heads) * head_dim
+        sections = [q, k, out - q - k]
+    elif out % 3 == 0:
+        sections = [out // 3] * 3
+    else:
+        raise PartitionError(
+            f"tensor {name!r}: cannot split {out} fused q|k|v outputs; pass n_heads=... and "
+            "n_kv_heads=..."
+        )
+    if sections[2] < 0 or sections[2] != sections[1]:
+        raise PartitionError(
+            f"tensor {name!r} has {out} fused q|k|v outputs, but n_heads, n_kv_heads and "
+            f"head_dim={head_dim} give q={sections[0]}, k={sections[1]}, v={sections[1]}; "
+            "pass the right n_heads=/n_kv_heads=/head_dim="
+        )
+    params = {"head_dim": head_dim, "sections": sections, "orientation": orientation}
+    return TensorBlocks(name, shape, "fused_heads", params)

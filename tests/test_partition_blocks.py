@@ -1,0 +1,248 @@
+"""TensorBlocks rules and Partition bookkeeping, against brute-force references."""
+
+import itertools
+
+import pytest
+import torch
+
+import partition
+from partition import Partition, PartitionError, TensorBlocks
+
+
+def brute_ids(shape, rule, params):
+    """Block id of every entry computed entry by entry from the rule's definition."""
+    out = torch.empty(shape, dtype=torch.long)
+    flat = 0
+    for idx in itertools.product(*map(range, shape)):
+        i = idx[0] if idx else 0
+        if rule == "elements":
+            b = flat
+        elif rule == "tensor":
+            b = 0
+        elif rule == "rows":
+            b = i
+        elif rule == "columns":
+            b = idx[1]
+        elif rule == "heads":
+            b = i // params["head_dim"]
+        elif rule == "row_groups":
+            b = params["groups"][i]
+        else:  # fused_heads
+            h = params["head_dim"]
+            q, k, _ = params["sections"]
+            o = i if params["orientation"] == "rows" else idx[1]
+            b = (
+                o // h
+                if o < q
+                else q // h + (o - q) // h
+                if o < q + k
+                else q // h + k // h + o - q - k
+            )
+        out[idx] = b
+        flat += 1
+    return out
+
+
+CASES = [
+    ((3, 4), "elements", {}),
+    ((5,), "elements", {}),
+    ((3, 4), "tensor", {}),
+    ((7,), "tensor", {}),
+    ((6, 2), "rows", {}),
+    ((2, 3, 2), "rows", {}),
+    ((3, 5), "columns", {}),
+    ((8, 3), "heads", {"head_dim": 2}),
+    ((8,), "heads", {"head_dim": 4}),
+    ((10, 2), "fused_heads", {"head_dim": 2, "sections": [4, 2, 4], "orientation": "rows"}),
+    ((3, 9), "fused_heads", {"head_dim": 3, "sections": [3, 3, 3], "orientation": "columns"}),
+    ((5, 2), "row_groups", {"groups": [2, 0, 2, 1, 0]}),
+]
+
+
+@pytest.mark.parametrize(("shape", "rule", "params"), CASES)
+def test_local_index_num_blocks_and_sizes_match_brute_force(shape, rule, params):
+    tb = TensorBlocks("w", shape, rule, params)
+    ref = brute_ids(shape, rule, params)
+    assert torch.equal(tb.local_index(), ref)
+    assert tb.num_blocks == int(ref.max()) + 1 == len(ref.unique())
+    assert tb.numel == ref.numel()
+    assert torch.equal(tb.block_sizes(), torch.bincount(ref.reshape(-1)))
+    assert len({tb.block_label(i) for i in range(tb.num_blocks)}) == tb.num_blocks
+
+
+def test_fused_heads_numbering_q_heads_then_k_heads_then_v_neurons():
+    tb = TensorBlocks(
+        "c",
+        (2, 12),
+        "fused_heads",
+        {"head_dim": 2, "sections": [4, 4, 4], "orientation": "columns"},
+    )
+    assert tb.local_index()[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7]
+    labels = [tb.block_label(i) for i in range(tb.num_blocks)]
+    assert labels[:5] == [
+        "c[q head 0]",
+        "c[q head 1]",
+        "c[k head 0]",
+        "c[k head 1]",
+        "c[v neuron 0]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shape", "rule", "params", "match"),
+    [
+        ((96, 64), "heads", {"head_dim": 64}, "has 96 rows, not a multiple of head_dim=64"),
+        ((8,), "rows", {}, "rule 'rows' needs a matrix"),
+        ((2, 3, 4), "columns", {}, "needs a 2-D"),
+        ((4, 4), "bogus", {}, "unknown rule 'bogus'"),
+        ((4, 4), "heads", {}, "takes params"),
+        ((4, 4), "rows", {"head_dim": 2}, "takes params"),
+        ((4, 4), "heads", {"head_dim": 0}, "positive integer"),
+        ((4, 4), "heads", {"head_dim": 2.0}, "positive integer"),
+        ((4, 4), "heads", {"head_dim": True}, "positive integer"),
+        ((3, 2), "row_groups", {"groups": [0, 1]}, "3 rows but 2 group ids"),
+        ((3, 2), "row_groups", {"groups": [0, 2, 2]}, "every id 0..G-1"),
+        ((3, 2), "row_groups", {"groups": [0, -1, 1]}, "every id 0..G-1"),
+        ((3, 2), "row_groups", {"groups": "abc"}, "list of integers"),
+        (
+            (9, 2),
+            "fused_heads",
+            {"head_dim": 2, "sections": [3, 3, 3], "orientation": "rows"},
+            "not a multiple of head_dim=2",
+        ),
+        (
+            (9, 2),
+            "fused_heads",
+            {"head_dim": 3, "sections": [3, 3], "orientation": "rows"},
+            "three",
+        ),
+        (
+            (9, 2),
+            "fused_heads",
+            {"head_dim": 3, "sections": [3, 3, 6], "orientation": "rows"},
+            "sum to 12",
+        ),
+        (
+            (9, 2),
+            "fused_heads",
+            {"head_dim": 3, "sections": [3, 3, 3], "orientation": "diag"},
+            "orientation",
+        ),
+        (
+            (9,),
+            "fused_heads",
+            {"head_dim": 3, "sections": [3, 3, 3], "orientation": "columns"},
+            "2-D",
+        ),
+        ((-1, 2), "tensor", {}, "non-negative"),
+    ],
+)
+def test_invalid_rules_raise_partition_error_naming_the_tensor(shape, rule, params, match):
+    name = "h.0.attn.q_proj.weight"
+    with pytest.raises(PartitionError, match=match) as info:
+        TensorBlocks(name, shape, rule, params)
+    assert name in str(info.value)
+
+
+def test_tensor_blocks_is_immutable_and_params_are_copied():
+    groups = [0, 1, 0]
+    tb = TensorBlocks("w", (3, 2), "row_groups", {"groups": groups})
+    groups[0] = 5
+    assert tb.params["groups"] == (0, 1, 0)
+    with pytest.raises(AttributeError):
+        tb.rule = "rows"
+
+
+def make_partition():
+    return Partition(
+        [
+            TensorBlocks("a", (4, 3), "rows", {}),
+            TensorBlocks("b", (5,), "tensor", {}),
+            TensorBlocks("c", (6, 2), "heads", {"head_dim": 3}),
+            TensorBlocks("d", (2, 2), "elements", {}),
+        ],
+        {"method": "test"},
+    )
+
+
+def test_partition_global_numbering_follows_names_order():
+    part = make_partition()
+    assert part.names == ("a", "b", "c", "d")
+    assert list(part) == list(part.names) and len(part) == 4 and "c" in part and "z" not in part
+    assert [part.offset(n) for n in part.names] == [0, 4, 5, 7]
+    assert part.num_blocks == 4 + 1 + 2 + 4 == len(part.block_labels())
+    assert part.num_params == 12 + 5 + 12 + 4
+    flat = torch.cat([part.block_index(n).reshape(-1) for n in part.names])
+    assert torch.equal(flat.unique(), torch.arange(part.num_blocks))
+    assert torch.equal(part.block_sizes(), torch.bincount(flat))
+    assert part.block_labels()[5] == "c[head 0]" and part.block_labels()[4] == "b"
+    assert part.locate(6) == ("c", 1)
+    with pytest.raises(PartitionError, match="'zzz' is not in the partition"):
+        part["zzz"]
+    with pytest.raises(PartitionError, match="appears twice"):
+        Partition([TensorBlocks("a", (2,), "tensor", {})] * 2)
+
+
+def test_partition_is_immutable_and_provenance_is_a_copy():
+    part = make_partition()
+    with pytest.raises(AttributeError):
+        part.foo = 1
+    part.provenance["method"] = "changed"
+    assert part.provenance["method"] == "test"
+    with pytest.raises(PartitionError, match="JSON-able"):
+        Partition([], {"x": object()})
+
+
+def test_summary_lists_every_tensor_and_the_total_share():
+    part = make_partition()
+    text = part.summary()
+    for name in part.names:
+        assert name in text
+    total = text.splitlines()[-1]
+    assert "33 params" in total and "11" in total and f"{100 * 11 / 33:.2f}%" in total
+    assert "heads(3)" in text and "provenance: method=test" in text
+
+
+def test_check_accepts_the_model_and_names_the_offending_tensor():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    part = partition.by_rows(model)
+    part.check(model)
+    part.check(list(model.named_parameters()))
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5))
+    with pytest.raises(PartitionError, match=r"'0.weight' has shape \(5, 3\) in the model"):
+        part.check(other)
+    with pytest.raises(PartitionError, match="'2.weight' of the model is missing"):
+        part.check(
+            torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+        )
+    with pytest.raises(PartitionError, match="'1.bias' of the partition is not a parameter"):
+        part.check([(n, p) for n, p in model.named_parameters() if n != "1.bias"])
+    heads = Partition([TensorBlocks("q.weight", (128, 8), "heads", {"head_dim": 64})])
+    with pytest.raises(
+        PartitionError, match="'q.weight' has 96 rows, not a multiple of head_dim=64"
+    ):
+        heads.check({"q.weight": torch.empty(96, 8)})
+
+
+def test_simple_builders():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv2d(4, 2, 3))
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    assert partition.by_tensor(model).num_blocks == 4
+    assert partition.elements(model).num_blocks == sum(p.numel() for p in model.parameters())
+    rows = partition.by_rows(model)
+    assert [rows[n].rule for n in shapes] == ["rows", "tensor", "rows", "tensor"]
+    assert rows.num_blocks == 4 + 1 + 2 + 1
+
+
+def test_pickle_copy_hash_and_numpy_integers():
+    import copy
+    import pickle
+
+    import numpy as np
+
+    part = make_partition()
+    assert pickle.loads(pickle.dumps(part)) == part
+    assert copy.deepcopy(part) == part
+    assert len({part[n] for n in part.names} | {part["a"]}) == 4
+    tb = TensorBlocks("w", (np.int64(4), 3), "heads", {"head_dim": np.int64(2)})
+    assert tb.shape == (4, 3) and type(tb.params["head_dim"]) is int

@@ -1,0 +1,101 @@
+"""The ``adam-mini-lab partition`` subcommand (built on a private parser: lab.cli is the lead's)."""
+
+import argparse
+import json
+
+import pytest
+
+from lab import partition_cli
+from partition import Partition
+
+
+def run(argv, capsys):
+    parser = argparse.ArgumentParser(prog="adam-mini-lab")
+    partition_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["partition", *argv])
+    code = args.func(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_llama2_7b_preset_round_trips_through_show(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    path = tmp_path / "llama.json"
+    code, out, _ = run(["--model", "llama2-7b", "--rule", "adam-mini", "--out", str(path)], capsys)
+    assert code == 0 and "wrote" in out
+    part = Partition.from_json(path)
+    assert part.num_blocks / part.num_params <= 0.0002
+    assert part.provenance["model"] == "llama2-7b" and part.provenance["method"] == "adam_mini"
+    code, shown, _ = run(["show", str(path)], capsys)
+    assert code == 0
+    assert shown.strip() == part.summary().strip()
+    assert "model.layers.31.self_attn.q_proj.weight" in shown and "heads(128)" in shown
+
+
+def test_config_files_transformers_and_tinygpt(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    bert = tmp_path / "bert.json"
+    bert.write_text(json.dumps({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "intermediate_size": 40, "vocab_size": 50}))  # fmt: skip
+    code, out, _ = run(["--model", str(bert), "--rule", "rows"], capsys)
+    assert code == 0 and "bert.encoder.layer.0.attention.self.query.weight" in out
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(
+        json.dumps({"vocab_size": 16, "context": 8, "n_layer": 1, "d_model": 8, "n_heads": 2})
+    )
+    out_path = tmp_path / "t.json"
+    code, out, _ = run(["--model", str(tiny), "--rule", "tensor", "--out", str(out_path)], capsys)
+    assert code == 0
+    part = Partition.from_json(out_path)
+    assert part.num_blocks == len(part) == 15
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "no-such-model"], "neither a preset"),
+        (
+            ["--model", "tinygpt", "--rule", "adam-mini", "--n-heads", "3"],
+            "not a multiple of n_heads=3",
+        ),
+        ([], "--model is required"),
+    ],
+)
+def test_errors_are_one_line_messages(argv, message, capsys):
+    code, _, err = run(argv, capsys)
+    assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_show_rejects_bad_files(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "adam-mini-lab.partition", "version": 1, "tensors": [')
+    code, _, err = run(["show", str(bad)], capsys)
+    assert code == 1 and "not valid JSON" in err
+
+
+def test_unknown_tinygpt_config_field(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"d_model": 8, "n_head": 2}))
+    code, _, err = run(["--model", str(cfg)], capsys)
+    assert code == 1 and "no fields ['n_head']" in err
+
+
+def test_derived_on_a_tiny_mlp_config(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("hessian")
+    import hessian
+
+    if not hasattr(hessian, "block_coupling"):
+        pytest.skip("hessian.block_coupling is not available")
+    from lab.models import OneHiddenMLP
+
+    monkeypatch.setitem(
+        partition_cli.LAB_MODELS, "mlp", lambda: OneHiddenMLP(d=6, m=3, num_classes=4, seed=0)
+    )
+    out = tmp_path / "d.json"
+    argv = ["--model", "mlp", "--rule", "derived", "--exact", "--no-progress", "--out", str(out)]
+    code, text, _ = run(argv, capsys)
+    assert code == 0
+    part = Partition.from_json(out)
+    assert part.names == ("fc1.weight", "fc2.weight")
+    prov = part.provenance
+    assert prov["method"] == "greedy" and prov["exact"] is True and prov["candidate"] == "by_rows"

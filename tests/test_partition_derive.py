@@ -1,0 +1,170 @@
+"""partition.derive recovers planted block structure from a BlockCoupling."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import partition
+from partition import BlockCoupling, PartitionError, TensorBlocks, derive
+from partition.derive import _canonical
+
+WIDTH = 3
+
+
+def planted_hessian(groups, seed, extra=4, noise=0.0, cross=0.3):
+    """Dense symmetric Hessian over [("w", (n, WIDTH)), ("b", (extra,))] that is block-diagonal
+    over the row groups of "w", plus cross-tensor coupling and optional symmetric noise."""
+    rng = np.random.default_rng(seed)
+    n = len(groups)
+    size = n * WIDTH + extra
+    H = np.zeros((size, size))
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        idx = (rows[:, None] * WIDTH + np.arange(WIDTH)).reshape(-1)
+        A = rng.standard_normal((len(idx), len(idx)))
+        H[np.ix_(idx, idx)] = A @ A.T + np.eye(len(idx))
+    H[n * WIDTH :, n * WIDTH :] = np.eye(extra)
+    H[: n * WIDTH, n * WIDTH :] = cross
+    H[n * WIDTH :, : n * WIDTH] = cross
+    E = noise * rng.standard_normal((size, size))
+    return H + E + E.T
+
+
+def candidate(n, extra=4):
+    return partition.by_rows([("w", torch.empty(n, WIDTH)), ("b", torch.empty(extra))])
+
+
+SIZES = [3, 5, 2, 4, 1, 3]
+
+
+@pytest.mark.parametrize("method", ["greedy", "spectral"])
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("noise", [0.0, 1e-3])
+def test_recovers_planted_groups_exactly(method, permute, noise):
+    groups = np.repeat(np.arange(len(SIZES)), SIZES)
+    if permute:
+        groups = groups[np.random.default_rng(1).permutation(len(groups))]
+    n = len(groups)
+    cp = BlockCoupling.from_dense(candidate(n), planted_hessian(groups, seed=2, noise=noise))
+    part = derive(cp, threshold=1e-3, method=method)
+    w = part["w"]
+    assert w.rule == "row_groups"
+    assert list(w.params["groups"]) == _canonical(groups).tolist()
+    assert part["b"].rule == "tensor"
+    prov = part.provenance
+    assert prov["method"] == method and prov["threshold"] == 1e-3 and prov["candidate"] == "by_rows"
+    assert prov["r_diag_after"] > prov["r_diag_before"]
+    assert prov["offdiag_within_after"] < 1e-3 < prov["offdiag_within_before"]
+    assert prov["offdiag_max_tensor_after"] < 1e-3
+    assert part.num_blocks == len(SIZES) + 1
+
+
+def test_rule_simplification_rows_heads_tensor():
+    n = 8
+    for groups, rule, params in [
+        (np.arange(n), "rows", {}),
+        (np.zeros(n, dtype=int), "tensor", {}),
+        (np.arange(n) // 4, "heads", {"head_dim": 4}),
+    ]:
+        cp = BlockCoupling.from_dense(candidate(n), planted_hessian(groups, seed=0))
+        for method in ("greedy", "spectral"):
+            w = derive(cp, threshold=0.0, method=method)["w"]
+            assert (w.rule, dict(w.params)) == (rule, params), method
+
+
+def test_threshold_stops_merging_and_one_d_elements_candidate():
+    # two weakly coupled halves: a threshold just above their share keeps them apart
+    n = 6
+    groups = np.arange(n) // 3
+    H = planted_hessian(groups, seed=3, cross=0.0)
+    H[:9, 9:18] += 0.05
+    H[9:18, :9] += 0.05
+    cp = BlockCoupling.from_dense(candidate(n), H)
+    between = 2 * cp.mass[:3, 3:6].sum() / cp.mass[:6, :6].sum()  # share inside tensor 'w'
+    assert derive(cp, threshold=1.01 * between)["w"].params == {"head_dim": 3}
+    assert derive(cp, threshold=0.99 * between)["w"].rule == "tensor"
+    # a 1-D tensor with an "elements" candidate derives groups of entries
+    cand = partition.elements([("v", torch.empty(4))])
+    H = np.kron(np.eye(2), np.ones((2, 2)))
+    out = derive(BlockCoupling.from_dense(cand, H), threshold=0.0)["v"]
+    assert (out.rule, dict(out.params)) == ("heads", {"head_dim": 2})
+
+
+def test_derive_rejects_bad_input():
+    cand = partition.Partition([TensorBlocks("c", (2, 3), "columns", {})], {"method": "x"})
+    cp = BlockCoupling.from_dense(cand, np.eye(6))
+    with pytest.raises(PartitionError, match="tensor 'c' has candidate rule 'columns'"):
+        derive(cp)
+    cp = BlockCoupling.from_dense(candidate(3), np.eye(13))
+    with pytest.raises(PartitionError, match="unknown method"):
+        derive(cp, method="kmeans")
+    with pytest.raises(PartitionError, match="threshold"):
+        derive(cp, threshold=2.0)
+    with pytest.raises(PartitionError, match="must be symmetric"):
+        BlockCoupling(cp.partition, np.triu(np.ones((4, 4))))
+    with pytest.raises(PartitionError, match=r"must be \(4, 4\)"):
+        BlockCoupling(cp.partition, np.ones((3, 3)))
+
+
+def test_from_dense_matches_a_loop_over_entries():
+    part = partition.adam_mini(
+        {"q_proj.weight": torch.empty(4, 2), "ln.weight": torch.empty(3)}, head_dim=2
+    )
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((11, 11))
+    H = A + A.T
+    ids = torch.cat([part.block_index(n).reshape(-1) for n in part.names]).numpy()
+    ref = np.zeros((3, 3))
+    for i in range(11):
+        for j in range(11):
+            ref[ids[i], ids[j]] += H[i, j] ** 2
+    cp = BlockCoupling.from_dense(part, H)
+    np.testing.assert_allclose(cp.mass, ref)
+    assert cp.r_diag == pytest.approx(np.trace(ref) / ref.sum())
+
+
+def _has_block_coupling():
+    try:
+        return hasattr(importlib.import_module("hessian"), "block_coupling")
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _has_block_coupling(), reason="hessian.block_coupling is not available")
+def test_one_hidden_layer_mlp_has_per_neuron_blocks(float64):
+    import hessian
+    from lab.data import gaussian_classification
+    from lab.models import OneHiddenMLP, classification_loss
+
+    model = OneHiddenMLP(d=20, m=4, num_classes=20, seed=0).double()
+    X, y = gaussian_classification(200, 20, 20, seed=0, dtype=torch.float64)
+    H = hessian.HessianOperator(model, classification_loss, (X, y))
+    cp = hessian.block_coupling(H, partition.by_rows(model), exact=True, progress=False)
+    # within each weight, under 10% of the Hessian mass couples different neurons (about 6% here),
+    # so no two neurons merge: one block per hidden neuron (fc1 rows) and per class (fc2 rows)
+    part = partition.derive(cp, threshold=0.1)
+    assert part["fc1.weight"].rule == "rows"
+    assert part["fc2.weight"].rule == "rows"
+    assert part.provenance["offdiag_max_tensor_after"] < 0.1
+
+
+@pytest.mark.skipif(not _has_block_coupling(), reason="hessian.block_coupling is not available")
+def test_tiny_gpt_query_and_key_blocks_never_span_heads(float64):
+    import hessian
+    from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+
+    cfg = TinyGPTConfig(vocab_size=8, context=6, n_layer=1, d_model=8, n_heads=2, d_ff=8)
+    model = TinyGPT(cfg, seed=0).double()
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randint(0, 8, (4, 6), generator=gen), torch.randint(0, 8, (4, 6), generator=gen))
+    H = hessian.HessianOperator(model, lm_loss, batch)
+    cp = hessian.block_coupling(H, partition.by_rows(model), exact=True, progress=False)
+    part = partition.derive(cp, threshold=0.05)
+    for name in ("blocks.0.attn.q_proj.weight", "blocks.0.attn.k_proj.weight"):
+        groups = part[name].local_index()[:, 0]
+        head = torch.arange(8) // 4
+        for g in groups.unique():
+            assert head[groups == g].unique().numel() == 1, (name, groups)
+        assert groups.unique().numel() < 8  # rows of a head do merge

@@ -1,0 +1,206 @@
+"""The Adam-mini principle (partition.adam_mini) on real architectures, counted by hand."""
+
+import warnings
+
+import pytest
+import torch
+
+import partition
+from partition import PartitionError, PartitionWarning
+
+transformers = pytest.importorskip("transformers")
+
+
+def meta(model_cls, config):
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+def blocks_of(part, fragment):
+    """Total blocks of the tensors whose name contains ``fragment``."""
+    return sum(part[n].num_blocks for n in part.names if fragment in n)
+
+
+def check_no_warning(model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        return partition.adam_mini(model, **kw)
+
+
+SMALL = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, vocab_size=97)
+
+
+def decoder_expected(c, head_dim, n_bias=0, n_norm=2, tied=False):
+    nh, nkv, h, f, v = (
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.hidden_size,
+        c.intermediate_size,
+        c.vocab_size,
+    )
+    per_layer = nh + nkv + nkv * head_dim + h + 2 * f + h + n_norm + n_bias
+    return v + c.num_hidden_layers * per_layer + 1 + (0 if tied else v)
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "model_cls", "extra"),
+    [
+        ("LlamaConfig", "LlamaForCausalLM", {}),
+        ("MistralConfig", "MistralForCausalLM", {}),
+    ],
+)
+def test_llama_and_mistral_gqa(config_cls, model_cls, extra):
+    c = getattr(transformers, config_cls)(num_attention_heads=6, num_key_value_heads=2, **SMALL)
+    model = meta(getattr(transformers, model_cls), c)
+    part = check_no_warning(model)
+    hd = 48 // 6
+    assert part["model.layers.0.self_attn.q_proj.weight"].params == {"head_dim": hd}
+    assert part["model.layers.0.self_attn.k_proj.weight"].num_blocks == 2
+    assert part["model.layers.0.self_attn.v_proj.weight"].rule == "rows"
+    assert part["model.embed_tokens.weight"].num_blocks == 97
+    assert part["lm_head.weight"].rule == "rows"
+    assert part["model.norm.weight"].rule == "tensor"
+    assert part.num_blocks == decoder_expected(c, hd, tied=c.tie_word_embeddings)
+    part.check(model)
+
+
+def test_qwen2_biases_get_one_block():
+    c = transformers.Qwen2Config(num_attention_heads=6, num_key_value_heads=2, **SMALL)
+    model = meta(transformers.Qwen2ForCausalLM, c)
+    part = check_no_warning(model)
+    for x in "qkv":
+        assert part[f"model.layers.1.self_attn.{x}_proj.bias"].rule == "tensor"
+    assert part.num_blocks == decoder_expected(c, 8, n_bias=3, tied=c.tie_word_embeddings)
+
+
+def test_qwen3_explicit_head_dim_and_qk_norms():
+    c = transformers.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=20, **SMALL)
+    model = meta(transformers.Qwen3ForCausalLM, c)
+    part = check_no_warning(model)
+    q = part["model.layers.0.self_attn.q_proj.weight"]
+    assert q.shape == (80, 48) and q.params == {"head_dim": 20} and q.num_blocks == 4
+    assert part["model.layers.0.self_attn.k_proj.weight"].num_blocks == 2
+    assert part["model.layers.0.self_attn.q_norm.weight"].rule == "tensor"
+    assert part["model.layers.0.self_attn.o_proj.weight"].num_blocks == 48
+    expected = decoder_expected(c, 20, n_norm=4, tied=c.tie_word_embeddings)
+    assert part.num_blocks == expected
+    # from bare named parameters, head_dim follows from the query rows and n_heads
+    named = list(model.named_parameters())
+    assert partition.adam_mini(named, n_heads=4, n_kv_heads=2).tensors() == part.tensors()
+    with pytest.raises(PartitionError, match="has 80 rows, not a multiple of head_dim=64"):
+        partition.adam_mini(named, head_dim=64)
+    with pytest.raises(PartitionError, match="n_heads=6"):
+        partition.adam_mini(named, n_heads=6, head_dim=20)
+
+
+def test_gpt2_conv1d_columns_and_fused_c_attn():
+    c = transformers.GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=97, n_positions=16)
+    model = meta(transformers.GPT2LMHeadModel, c)
+    part = check_no_warning(model)
+    h, nh = 48, 4
+    attn = part["transformer.h.0.attn.c_attn.weight"]
+    assert attn.shape == (h, 3 * h) and attn.rule == "fused_heads"
+    assert attn.params == {"head_dim": 12, "sections": (h, h, h), "orientation": "columns"}
+    assert attn.num_blocks == nh + nh + h
+    assert part["transformer.h.0.attn.c_proj.weight"].rule == "columns"
+    assert part["transformer.h.0.mlp.c_fc.weight"].num_blocks == 4 * h
+    assert part["transformer.h.0.mlp.c_proj.weight"].num_blocks == h
+    assert part["transformer.wpe.weight"].rule == "tensor"
+    assert part["transformer.wte.weight"].num_blocks == 97
+    per_layer = 2 + (nh + nh + h) + 1 + h + 1 + 2 + 4 * h + 1 + h + 1
+    assert part.num_blocks == 97 + 1 + 2 * per_layer + 2
+    # names only: Conv1D inferred from the c_attn layout
+    named = partition.adam_mini(model.named_parameters(), n_heads=nh)
+    assert named.tensors() == part.tensors()
+    # nanoGPT stores c_attn as nn.Linear (3d, d): rows orientation
+    nano = {
+        "h.0.attn.c_attn.weight": torch.empty(3 * h, h),
+        "h.0.attn.c_proj.weight": torch.empty(h, h),
+    }
+    p = partition.adam_mini(nano, n_heads=nh)
+    assert p["h.0.attn.c_attn.weight"].params["orientation"] == "rows"
+    assert p["h.0.attn.c_proj.weight"].rule == "rows"
+
+
+def test_bert_per_role_rules():
+    c = transformers.BertConfig(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=97,
+    )
+    model = meta(transformers.BertForMaskedLM, c)
+    part = check_no_warning(model)
+    layer = "bert.encoder.layer.0."
+    assert part[layer + "attention.self.query.weight"].params == {"head_dim": 12}
+    assert part[layer + "attention.self.key.weight"].num_blocks == 4
+    assert part[layer + "attention.self.value.weight"].rule == "rows"
+    assert part[layer + "attention.output.dense.weight"].rule == "rows"
+    assert part[layer + "attention.output.LayerNorm.weight"].rule == "tensor"
+    assert part[layer + "intermediate.dense.weight"].num_blocks == 80
+    assert part[layer + "output.dense.weight"].num_blocks == 48
+    assert part["bert.embeddings.word_embeddings.weight"].num_blocks == 97
+    assert part["bert.embeddings.position_embeddings.weight"].rule == "tensor"
+    assert part["bert.embeddings.token_type_embeddings.weight"].rule == "tensor"
+    per_layer = (4 + 1) * 2 + (48 + 1) + (48 + 1) + 2 + (80 + 1) + (48 + 1) + 2
+    head = 1 + (48 + 1) + 2  # cls.predictions: bias, transform.dense, LayerNorm
+    assert part.num_blocks == 97 + 1 + 1 + 2 + 2 * per_layer + head
+
+
+def test_tinygpt_from_its_config():
+    models = pytest.importorskip("lab.models")
+    cfg = models.TinyGPTConfig(
+        vocab_size=50,
+        context=8,
+        n_layer=2,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=6,
+        d_ff=40,
+    )
+    model = models.TinyGPT(cfg)
+    part = check_no_warning(model)
+    assert part["blocks.1.attn.q_proj.weight"].params == {"head_dim": 6}
+    assert part["blocks.1.attn.k_proj.weight"].num_blocks == 2
+    per_layer = 2 + 4 + 2 + 2 * 6 + 32 + 2 + 40 + 32
+    assert part.num_blocks == 50 + 1 + 2 * per_layer + 2 + 50
+    assert part["pos_emb.weight"].rule == "tensor"
+    with pytest.raises(PartitionError, match="pass n_heads="):
+        partition.adam_mini(model.named_parameters())
+
+
+def test_llama2_7b_keeps_at_most_0_02_percent_of_v():
+    c = transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+    )  # fmt: skip
+    model = meta(transformers.LlamaForCausalLM, c)
+    part = check_no_warning(model)
+    assert part.num_params == sum(p.numel() for p in model.parameters())
+    assert 6.7e9 < part.num_params < 6.8e9
+    share = part.num_blocks / part.num_params
+    assert share <= 0.0002
+    per_layer = 32 + 32 + 4096 + 4096 + 2 * 11008 + 4096 + 2
+    assert part.num_blocks == 2 * 32000 + 32 * per_layer + 1
+
+
+def test_unrecognized_tensors_get_one_block_and_one_warning():
+    named = {
+        "layers.0.weight": torch.empty(4, 3),
+        "mystery.kernel": torch.empty(2, 2, 3),
+        "ln.weight": torch.empty(4),
+        "mlp.up.weight": torch.empty(5, 4),
+    }
+    with pytest.warns(PartitionWarning) as record:
+        part = partition.adam_mini(named)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert (
+        "'layers.0.weight'" in message
+        and "'mystery.kernel'" in message
+        and "ln.weight" not in message
+    )
+    assert [part[n].rule for n in named] == ["tensor", "tensor", "tensor", "rows"]
+    assert part.provenance["unrecognized"] == ["layers.0.weight", "mystery.kernel"]
