@@ -1,1 +1,10 @@
-"""placeholder."""
+"""Adam-mini: Adam with one second-moment entry per block of a partition.
+
+Public API: :class:`AdamMini` (a ``torch.optim.Optimizer``) and :func:`state_bytes`
+(optimizer-state memory accounting, meta device OK).
+"""
+
+from optimizer.adam_mini import AdamMini
+from optimizer.memory import StateBytes, state_bytes
+
+__all__ = ["AdamMini", "StateBytes", "state_bytes"]

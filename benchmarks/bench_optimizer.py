@@ -1,0 +1,223 @@
+"""Optimizer benchmark: AdamMini step time and state bytes against AdamW and adam-mini 1.1.1.
+
+Model: ``transformers`` Llama from config (hidden 512, 8 layers, 8 heads, 4 kv heads,
+intermediate 1376, vocab 8192; 31.6M parameters), float32 on the CPU, fixed random
+gradients. Every round steps each optimizer once, in a rotating order (interleaved,
+so load from other processes hits all of them alike); the figure is the median over
+rounds, and ratios are against ``torch.optim.AdamW(fused=True)`` from the same run.
+
+A second part trains TinyGPT on the byte-level stdlib corpus (``lab.data.Corpus``)
+with AdamW, AdamMini (fp32 momentum) and AdamMini (bf16 momentum, stochastic
+rounding) from the same init and batches, and reports the final validation loss.
+
+Usage::
+
+    python benchmarks/bench_optimizer.py                 # print the markdown section
+    python benchmarks/bench_optimizer.py --write         # also replace the optimizer
+                                                         # section of benchmarks/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import optimizer  # noqa: E402
+import partition  # noqa: E402
+
+BEGIN, END = "<!-- section: optimizer -->", "<!-- end: optimizer -->"
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1376,
+        vocab_size=8192,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def make_optimizers(model) -> dict[str, torch.optim.Optimizer]:
+    from adam_mini import Adam_mini
+
+    part = partition.adam_mini(model)
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    hp = dict(lr=1e-5, weight_decay=0.1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        official = Adam_mini(named, **hp, dim=512, n_heads=8, n_kv_heads=4, verbose=False)
+    return {
+        "AdamW fused": torch.optim.AdamW(params, fused=True, **hp),
+        "AdamW foreach": torch.optim.AdamW(params, foreach=True, **hp),
+        "adam-mini 1.1.1 (official)": official,
+        "AdamMini (default: fused kernel, NaN check)": optimizer.AdamMini(named, part, **hp),
+        "AdamMini nonfinite='ignore' (one pass)": optimizer.AdamMini(
+            named, part, nonfinite="ignore", **hp
+        ),
+        "AdamMini fused=False (eager PyTorch)": optimizer.AdamMini(named, part, fused=False, **hp),
+        "AdamMini bf16 momentum": optimizer.AdamMini(named, part, momentum_dtype="bf16", **hp),
+    }
+
+
+def state_nbytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for t in st.values()
+        if torch.is_tensor(t)
+    )
+
+
+def time_steps(rounds: int, threads: int) -> tuple[dict[str, float], dict[str, int]]:
+    torch.set_num_threads(threads)
+    model = llama()
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    opts = make_optimizers(model)
+    for opt in opts.values():  # warm-up: state allocation, kernel build
+        opt.step()
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    names = list(opts)
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            opts[k].step()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, {
+        k: state_nbytes(o) for k, o in opts.items()
+    }
+
+
+def quality(steps: int, seeds: list[int]) -> dict[str, list[float]]:
+    from lab.data import Corpus
+    from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+
+    corpus = Corpus.stdlib()
+    cfg = TinyGPTConfig(context=64, n_layer=2, d_model=64, n_heads=4, n_kv_heads=2)
+    runs: dict[str, list[float]] = {"AdamW": [], "AdamMini fp32 m": [], "AdamMini bf16 m": []}
+    for seed in seeds:
+        for name in runs:
+            model = TinyGPT(cfg, seed=seed)
+            hp = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+            if name == "AdamW":
+                opt = torch.optim.AdamW(model.parameters(), **hp)
+            else:
+                dtype = "bf16" if "bf16" in name else None
+                opt = optimizer.AdamMini(
+                    model.named_parameters(), model=model, momentum_dtype=dtype, seed=seed, **hp
+                )
+            batches = corpus.batches("train", 16, 64, seed=seed)
+            for _ in range(steps):
+                opt.zero_grad()
+                lm_loss(model, next(batches)).backward()
+                opt.step()
+            with torch.no_grad():
+                val = corpus.batches("val", 64, 64, seed=1000)
+                runs[name].append(
+                    statistics.fmean(lm_loss(model, next(val)).item() for _ in range(4))
+                )
+    return runs
+
+
+def report(rounds: int, steps: int, seeds: list[int], threads: list[int], command: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timed = {n: time_steps(rounds, n) for n in threads}
+        losses = quality(steps, seeds)
+    lines = [
+        BEGIN,
+        "## Optimizer",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while "
+        f"measured), torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "Step time on the CPU, transformers Llama from config (hidden 512, 8 layers, 8 heads, 4 kv heads, "
+        f"intermediate 1376, vocab 8192; 31.6M float32 parameters, weight decay 0.1), median over {rounds} "
+        "interleaved rounds (each round steps every optimizer once, in rotating order). "
+        "Ratios are against `torch.optim.AdamW(fused=True)` in the same run. "
+        "State: bytes of every tensor in `optimizer.state` after one step.",
+        "",
+        "| optimizer | "
+        + " | ".join(f"step ms ({n} thr) | × AdamW fused ({n} thr)" for n in threads)
+        + " | state (MB) | × AdamW state |",
+        "| --- | " + " | ".join("---: | ---:" for _ in threads) + " | ---: | ---: |",
+    ]
+    first = timed[threads[0]]
+    base_b = first[1]["AdamW fused"]
+    for k in first[0]:
+        cells = []
+        for n in threads:
+            times = timed[n][0]
+            cells.append(f"{times[k] * 1e3:.1f} | {times[k] / times['AdamW fused']:.2f}")
+        nbytes = first[1][k]
+        lines.append(f"| {k} | {' | '.join(cells)} | {nbytes / 1e6:.1f} | {nbytes / base_b:.3f} |")
+    lines += [
+        "",
+        f"Quality of bf16 momentum: TinyGPT (2 layers, d 64, 4 heads, 2 kv heads) on the byte-level stdlib "
+        f"corpus, {steps} steps, batch 16 × 64, lr 3e-3, betas (0.9, 0.95), wd 0.1, same init and batches; "
+        f"validation loss (nats/byte, 4 batches of 64 × 64) per seed {seeds}:",
+        "",
+        "| optimizer | val loss per seed | mean |",
+        "| --- | --- | ---: |",
+    ]
+    for k, v in losses.items():
+        lines.append(f"| {k} | {', '.join(f'{x:.4f}' for x in v)} | {statistics.fmean(v):.4f} |")
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(section: str, path: Path) -> None:
+    text = path.read_text()
+    a, b = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:a] + section.rstrip("\n") + text[b:]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the quality run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads(), 1])
+    parser.add_argument("--write", action="store_true", help="update benchmarks/README.md")
+    args = parser.parse_args()
+    command = "python benchmarks/bench_optimizer.py " + " ".join(sys.argv[1:])
+    section = report(
+        args.rounds,
+        args.steps,
+        args.seeds,
+        sorted(set(args.threads), reverse=True),
+        command.strip(),
+    )
+    print(section)
+    if args.write:
+        write_section(section, ROOT / "benchmarks" / "README.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Command line of the figure scripts; the plotting primitives live in lab.experiments_plots."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from lab.experiments_plots import (
+    COLORS,
+    block_mass_share,
+    caption,
+    log_heatmap,
+    save_figure,
+    set_style,
+)
+
+__all__ = [
+    "COLORS",
+    "FIGURES_DIR",
+    "block_mass_share",
+    "caption",
+    "log_heatmap",
+    "parse_args",
+    "save_figure",
+    "set_style",
+]
+
+FIGURES_DIR = Path(__file__).resolve().parent
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``--quick`` (tiny sizes for the tests), ``--out DIR`` (default: ``figures/``), ``--seed``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds")
+    parser.add_argument(
+        "--out", type=Path, default=FIGURES_DIR, help="output folder (default: figures/)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser.parse_args(argv)

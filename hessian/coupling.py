@@ -1,0 +1,211 @@
+r"""How block-diagonal is the Hessian? Block coupling masses and the spectra of diagonal blocks.
+
+:func:`block_coupling` measures :math:`M_{ab} = \|H_{ab}\|_F^2` over the blocks of a partition:
+
+* exact: from the dense Hessian, :math:`M = S^\top (H \circ H) S` with :math:`S` the one-hot
+  entry-to-block matrix;
+* matrix-free (Hutchinson): for a Rademacher :math:`z_b` supported on block :math:`b`,
+  :math:`\mathbb{E}\|(H z_b)_a\|^2 = \sum_{i\in a, j\in b} H_{ij}^2 = M_{ab}` because
+  :math:`\mathbb{E}[z_b z_b^\top] = I_b`. One probe column per block, all blocks in one ``matmat``
+  (in chunks); ``num_samples`` rounds; the estimate is symmetrized,
+  :math:`\tfrac12(\hat M + \hat M^\top)`, which stays unbiased.
+
+:math:`r_\text{diag} = \sum_a M_{aa} / \sum_{ab} M_{ab}`; the null ``r_diag_null`` is the same
+score for a random partition with the same block sizes (the entries' block labels permuted):
+exact mode permutes the labels (``seed``) and recomputes from the dense Hessian; estimated mode
+uses its expectation over permutations,
+:math:`\big(D + (F - D)\,q\big)/F` with :math:`F = \|H\|_F^2 = \sum_{ab} M_{ab}`,
+:math:`D = \sum_i H_{ii}^2` and :math:`q = \sum_a s_a(s_a-1) / (n(n-1))` the chance that two
+distinct entries share a block. :math:`D` is estimated without bias from products of
+independent Bekas diagonal estimates :math:`z_i (H z_b)_i` of different rounds.
+
+:func:`blockwise_spectra` runs SLQ on every diagonal block :math:`H_{aa}` at once: a probe on
+block :math:`a` is zero elsewhere, so :math:`H_{aa} v = (H v)_a`, and one ``matmat`` per Lanczos
+step serves all blocks and probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hessian.linop import Operator, as_operator, check_square
+from hessian.slq import SpectralDensity, multi_lanczos, quadrature
+from partition import BlockCoupling, Partition
+
+
+def block_coupling(
+    op: Any,
+    partition: Partition,
+    num_samples: int = 16,
+    seed: int = 0,
+    exact: bool = False,
+    chunk: int = 256,
+    progress: bool = True,
+) -> BlockCoupling:
+    """The coupling masses :math:`\\|H_{ab}\\|_F^2` over ``partition`` (see module docstring).
+
+    Args:
+        op: the Hessian (HessianOperator, dense matrix, ...). A plain operator's flat order must
+            be ``partition.names`` order.
+        partition: the candidate partition; its tensors must be exactly the operator's params.
+        num_samples: Hutchinson rounds (``num_samples * num_blocks`` products in all).
+        seed: seed of the probes and of the null permutation.
+        exact: from the dense Hessian (small models only).
+        chunk: blocks per ``matmat``.
+        progress: tqdm progress bar.
+    """
+    A = as_operator(op)
+    n = check_square(A)
+    labels = block_labels(A, partition)
+    B = partition.num_blocks
+    gen = torch.Generator().manual_seed(seed)
+    if exact:
+        H = A.to_dense().double().cpu()
+        mass = _mass_from_dense(H, labels, B)
+        perm = labels[torch.randperm(n, generator=gen)]
+        null = _mass_from_dense(H, perm, B)
+        null_r = float(np.trace(null) / null.sum()) if null.sum() > 0 else 1.0
+        return BlockCoupling(partition, 0.5 * (mass + mass.T), None, True, 0, null_r)
+    if num_samples < 2:
+        raise ValueError("the Hutchinson estimate needs num_samples >= 2 for standard errors")
+
+    lab = labels.to(A.device)
+    total = torch.zeros(B, B, dtype=torch.float64)
+    total_sq = torch.zeros(B, B, dtype=torch.float64)
+    diag_sum = torch.zeros(n, dtype=torch.float64)
+    diag_sq = torch.zeros(n, dtype=torch.float64)
+    chunks = [(s, min(B, s + chunk)) for s in range(0, B, chunk)]
+    bar = tqdm(total=num_samples * len(chunks), desc="coupling", disable=not progress, leave=False)
+    for _ in range(num_samples):
+        signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(A.dtype).to(A.device)
+        est = torch.zeros(B, B, dtype=torch.float64)
+        d = torch.zeros(n, dtype=torch.float64)
+        for lo, hi in chunks:
+            rows = ((lab >= lo) & (lab < hi)).nonzero().reshape(-1)
+            Z = torch.zeros(n, hi - lo, dtype=A.dtype, device=A.device)
+            Z[rows, lab[rows] - lo] = signs[rows]
+            Y = A.matmat(Z).double()
+            est[:, lo:hi] = torch.zeros(B, hi - lo, dtype=torch.float64).index_add_(
+                0, labels, (Y * Y).cpu()
+            )
+            d[rows.cpu()] = (signs[rows] * Y[rows, lab[rows] - lo]).double().cpu()
+            bar.update(1)
+        total += est
+        total_sq += est * est
+        diag_sum += d
+        diag_sq += d * d
+    bar.close()
+    S = num_samples
+    mean = (total / S).numpy()
+    var = ((total_sq - total * total / S) / (S - 1)).clamp_min(0).numpy() / S
+    mass = 0.5 * (mean + mean.T)
+    stderr = 0.5 * np.sqrt(var + var.T)
+    d2 = float(((diag_sum**2 - diag_sq) / (S * (S - 1))).sum())
+    sizes = partition.block_sizes().double()
+    q = float((sizes * (sizes - 1)).sum()) / (n * (n - 1)) if n > 1 else 1.0
+    F = float(mass.sum())
+    null_r = (d2 + (F - d2) * q) / F if F > 0 else 1.0
+    return BlockCoupling(partition, mass, stderr, False, S, float(null_r))
+
+
+def blockwise_spectra(
+    op: Any,
+    blocks: Partition | Mapping[str, Any] | Sequence[str],
+    num_probes: int = 4,
+    num_steps: int = 50,
+    seed: int = 0,
+    reorth: bool = True,
+    progress: bool = True,
+) -> dict[str, SpectralDensity]:
+    """SLQ spectral density of every diagonal block :math:`H_{aa}`, keyed by block label.
+
+    ``blocks`` is a Partition (labels from ``partition.block_labels()``), a mapping
+    ``{label: selector}`` (selectors as in ``HessianOperator.select``, or flat index tensors), or
+    a list of parameter names (each a block). All blocks and probes advance together.
+    """
+    A = as_operator(op)
+    check_square(A)
+    groups = _groups(A, blocks)
+    gen = torch.Generator().manual_seed(seed)
+    starts, supports, owner = [], [], []
+    for label, idx in groups.items():
+        for _ in range(num_probes):
+            z = torch.randint(0, 2, (idx.numel(),), generator=gen).to(A.dtype) * 2 - 1
+            starts.append(z.to(A.device))
+            supports.append(idx.to(A.device))
+            owner.append(label)
+    runs, used = multi_lanczos(A, starts, supports, num_steps, reorth, progress, "blockwise")
+    out = {}
+    for label, idx in groups.items():
+        width = min(num_steps, idx.numel())
+        mine = [quadrature(a, b, width) for (a, b), o in zip(runs, owner, strict=True) if o == label]
+        nodes, weights = zip(*mine, strict=True)
+        out[label] = SpectralDensity(
+            np.stack(nodes), np.stack(weights), int(idx.numel()), used // len(groups)
+        )
+    return out
+
+
+def block_labels(A: Operator, partition: Partition) -> torch.Tensor:
+    """Global block id of every flat entry of ``A`` (LongTensor ``(n,)``)."""
+    if not isinstance(partition, Partition):
+        raise TypeError(f"expected a partition.Partition, got {type(partition).__name__}")
+    names = getattr(A, "params", None)
+    if names is None:
+        names = partition.names
+        if partition.num_params != A.shape[0]:
+            raise ValueError(
+                f"the partition covers {partition.num_params} entries but the operator has "
+                f"{A.shape[0]}; its flat order must be partition.names order"
+            )
+    elif set(names) != set(partition.names):
+        missing = sorted(set(names) - set(partition.names))
+        extra = sorted(set(partition.names) - set(names))
+        raise ValueError(
+            f"the partition must cover exactly H.params: missing {missing[:4]}, extra {extra[:4]}. "
+            "Build the partition from the same parameters, or build H with params=partition.names"
+        )
+    else:
+        for name in names:
+            if tuple(partition[name].shape) != tuple(A.param_shapes[name]):
+                raise ValueError(
+                    f"partition tensor {name!r} has shape {tuple(partition[name].shape)}, "
+                    f"the parameter has {tuple(A.param_shapes[name])}"
+                )
+    return torch.cat([partition.block_index(n).reshape(-1) for n in names]).cpu()
+
+
+def _mass_from_dense(H: torch.Tensor, labels: torch.Tensor, B: int) -> np.ndarray:
+    rows = torch.zeros(B, H.shape[1], dtype=torch.float64).index_add_(0, labels, H * H)
+    return torch.zeros(B, B, dtype=torch.float64).index_add_(1, labels, rows).numpy()
+
+
+def _groups(A: Operator, blocks: Any) -> dict[str, torch.Tensor]:
+    if isinstance(blocks, Partition):
+        labels = block_labels(A, blocks)
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels, minlength=blocks.num_blocks).tolist()
+        pieces = torch.split(order, counts)
+        return dict(zip(blocks.block_labels(), pieces, strict=True))
+    if isinstance(blocks, Mapping):
+        items = blocks.items()
+    elif isinstance(blocks, Sequence) and not isinstance(blocks, str):
+        items = [(name, name) for name in blocks]
+    else:
+        raise TypeError("blocks must be a Partition, a {label: selector} mapping or a list of names")
+    out = {}
+    for label, spec in items:
+        if isinstance(spec, torch.Tensor) and not hasattr(A, "select"):
+            out[str(label)] = torch.unique(spec.long().reshape(-1))
+        elif hasattr(A, "select"):
+            out[str(label)] = A.select(spec)
+        else:
+            raise TypeError(
+                f"block {label!r}: a plain operator needs flat index tensors as selectors"
+            )
+    return out

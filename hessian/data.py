@@ -1,0 +1,89 @@
+"""Batches for the Hessian operator: what counts as one batch, sample counts, fingerprints.
+
+``data`` is either one batch or an iterable of batches. A batch is a tensor, a dict of tensors,
+or a tuple/list whose items are all tensors (``(inputs, targets)``). Anything else that is
+iterable (a list of batches, a ``DataLoader``, a generator) is an iterable of batches. A one-shot
+iterator (a generator) is read once into a list, since the Hessian needs many passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+
+def is_single_batch(data: Any) -> bool:
+    """True when ``data`` is one batch rather than an iterable of batches."""
+    if isinstance(data, torch.Tensor) or isinstance(data, dict):
+        return True
+    if isinstance(data, (tuple, list)):
+        return len(data) > 0 and all(isinstance(x, torch.Tensor) for x in data)
+    return not isinstance(data, Iterable)
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor found in ``batch`` (depth first), or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for x in batch:
+            t = first_tensor(x)
+            if t is not None:
+                return t
+    return None
+
+
+def sample_count(batch: Any, batch_size_fn: Callable[[Any], int] | None) -> int:
+    """Samples in ``batch``: ``batch_size_fn(batch)`` or the leading size of its first tensor."""
+    if batch_size_fn is not None:
+        return int(batch_size_fn(batch))
+    t = first_tensor(batch)
+    if t is None or t.ndim == 0:
+        raise ValueError(
+            f"cannot tell how many samples a batch of type {type(batch).__name__} holds: "
+            "pass batch_size_fn=lambda batch: <number of samples>"
+        )
+    return int(t.shape[0])
+
+
+def fingerprint(batch: Any) -> str:
+    """A hash of every tensor in ``batch`` (values, shapes, dtypes), to detect reordering."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(repr((tuple(x.shape), str(x.dtype))).encode())
+            h.update(x.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in x:
+                h.update(repr(k).encode())
+                visit(x[k])
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+        else:
+            h.update(repr(x).encode())
+
+    visit(batch)
+    return h.hexdigest()
+
+
+class Batches:
+    """A re-iterable view of ``data`` as a sequence of batches."""
+
+    def __init__(self, data: Any):
+        if is_single_batch(data):
+            self._source: Any = [data]
+        elif isinstance(data, Iterator):
+            self._source = list(data)
+        else:
+            self._source = data
+        self.is_fixed = isinstance(self._source, (list, tuple))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._source)

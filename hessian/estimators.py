@@ -1,0 +1,95 @@
+r"""Matrix-free trace and diagonal estimators with standard errors.
+
+* Hutchinson: :math:`\mathrm{tr}\,H \approx \frac{1}{m}\sum_i z_i^\top H z_i`, Rademacher
+  :math:`z_i`; standard error :math:`s/\sqrt{m}` from the sample standard deviation ``s``.
+* Hutch++ (Meyer, Musco, Musco, Woodruff 2021): with :math:`m/3` products each, sketch
+  :math:`Q = \mathrm{orth}(H S)`, take :math:`\mathrm{tr}(Q^\top H Q)` exactly and Hutchinson on
+  the deflated :math:`(I - QQ^\top) H (I - QQ^\top)`. Unbiased given :math:`Q`; the standard
+  error is that of the Hutchinson part.
+* Diagonal (Bekas, Kokiopoulou, Saad 2007): :math:`\mathrm{diag}\,H \approx \frac{1}{m}\sum_i
+  z_i \odot H z_i`, per-entry standard errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hessian.linop import Operator, as_operator, check_square
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """A trace estimate, its standard error, and the operator products it used."""
+
+    estimate: float
+    stderr: float
+    num_matvecs: int
+    method: str
+
+
+@dataclass(frozen=True, eq=False)
+class DiagonalEstimate:
+    """Per-entry estimate of ``diag(H)`` (``(n,)`` NumPy), its standard errors, products used."""
+
+    estimate: np.ndarray
+    stderr: np.ndarray
+    num_matvecs: int
+
+
+def trace(
+    op: Any, method: str = "hutchinson", num_matvecs: int = 30, seed: int = 0, chunk: int = 64
+) -> TraceEstimate:
+    """Estimate :math:`\\mathrm{tr}\\,H` with ``num_matvecs`` products (see module docstring)."""
+    A = as_operator(op)
+    n = check_square(A)
+    gen = torch.Generator().manual_seed(seed)
+    if method == "hutchinson":
+        if num_matvecs < 2:
+            raise ValueError("hutchinson needs num_matvecs >= 2 for a standard error")
+        Z = rademacher(n, num_matvecs, gen, A)
+        samples = (Z * _apply(A, Z, chunk)).sum(0).double().cpu().numpy()
+        return TraceEstimate(float(samples.mean()), _sem(samples), num_matvecs, method)
+    if method == "hutchpp":
+        third = num_matvecs // 3
+        if third < 2:
+            raise ValueError("hutchpp needs num_matvecs >= 6 (three thirds of at least 2)")
+        S = rademacher(n, third, gen, A)
+        Q, _ = torch.linalg.qr(_apply(A, S, chunk))
+        exact = float(torch.trace(Q.T @ _apply(A, Q, chunk)))
+        G = rademacher(n, num_matvecs - 2 * third, gen, A)
+        G = G - Q @ (Q.T @ G)
+        samples = (G * _apply(A, G, chunk)).sum(0).double().cpu().numpy()
+        return TraceEstimate(exact + float(samples.mean()), _sem(samples), num_matvecs, method)
+    raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
+
+
+def diagonal(op: Any, num_matvecs: int = 30, seed: int = 0, chunk: int = 64) -> DiagonalEstimate:
+    """Estimate :math:`\\mathrm{diag}\\,H` as the mean of :math:`z \\odot Hz` over Rademacher z."""
+    A = as_operator(op)
+    n = check_square(A)
+    if num_matvecs < 2:
+        raise ValueError("diagonal needs num_matvecs >= 2 for standard errors")
+    gen = torch.Generator().manual_seed(seed)
+    Z = rademacher(n, num_matvecs, gen, A)
+    samples = (Z * _apply(A, Z, chunk)).double().cpu().numpy()
+    est = samples.mean(axis=1)
+    err = samples.std(axis=1, ddof=1) / np.sqrt(num_matvecs)
+    return DiagonalEstimate(est, err, num_matvecs)
+
+
+def rademacher(n: int, k: int, gen: torch.Generator, A: Operator) -> torch.Tensor:
+    """An ``(n, k)`` matrix of independent random signs in ``A``'s dtype and device."""
+    Z = torch.randint(0, 2, (n, k), generator=gen).to(A.dtype) * 2 - 1
+    return Z.to(A.device)
+
+
+def _apply(A: Operator, V: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([A.matmat(V[:, s : s + chunk]) for s in range(0, V.shape[1], chunk)], dim=1)
+
+
+def _sem(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / np.sqrt(len(x)))

@@ -1,0 +1,225 @@
+r"""Extreme eigenpairs of a symmetric operator by (block) Lanczos with full reorthogonalization.
+
+With a block of ``p`` orthonormal start vectors :math:`Q_0`, step :math:`j` computes
+:math:`W = H Q_j`, :math:`A_j = Q_j^\top W`, removes from :math:`W` its projection on the whole
+basis :math:`[Q_0, \dots, Q_j]` twice (classical Gram-Schmidt twice, "twice is enough"), and
+factors :math:`W = Q_{j+1} B_{j+1}` column by column. The projected matrix :math:`T_m` (block
+tridiagonal with :math:`A_j` and :math:`B_j`) is symmetric and solved with ``numpy.linalg.eigh``
+(``scipy.linalg.eigh_tridiagonal`` when ``p = 1``). From the Lanczos relation
+:math:`H Q_m = Q_m T_m + Q_{m+1} B_{m+1} E_m^\top`, the Ritz pair :math:`(\theta_i, Q_m s_i)` has
+residual :math:`\|B_{m+1} s_i^{\text{last}}\|`; the iteration stops when the ``k`` wanted pairs
+all have residual :math:`\le` ``tol`` :math:`\cdot \max_i |\theta_i|`. The reported residuals
+are then recomputed as the true :math:`\|H y - \theta y\|` with one extra ``matmat`` of ``k``
+vectors (counted in ``num_matvecs``).
+
+There is no restart: the basis grows by ``p`` vectors per step up to ``max_iter`` steps (memory
+``n * p * max_iter``). When the Krylov space becomes invariant (or a column of the block
+deflates) a fresh random vector orthogonal to the basis takes its place, so the method
+continues to ``n`` vectors if needed. Single-vector Lanczos (``block_size=1``) sees one copy of an
+exactly repeated eigenvalue until the Krylov space becomes invariant; with ``block_size = p`` it
+resolves multiplicities up to ``p``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+from tqdm.auto import tqdm
+
+from hessian.linop import as_operator, check_square
+
+WHICH = ("LA", "SA", "LM", "BE")
+
+
+@dataclass(frozen=True, eq=False)
+class EigenResult:
+    """Ritz pairs from :func:`lanczos`.
+
+    Attributes:
+        values: ``(k,)`` eigenvalue estimates: descending for ``LA``, ascending for ``SA``,
+            by descending magnitude for ``LM``, ascending for ``BE``.
+        vectors: ``(n, k)`` orthonormal Ritz vectors (torch, the operator's dtype), column ``i``
+            belongs to ``values[i]``.
+        residuals: ``(k,)`` true residual norms :math:`\\|H v_i - \\lambda_i v_i\\|`.
+        num_matvecs: operator-vector products used, residual check included.
+        converged: ``(k,)`` bools, ``residuals <= tol * max |theta|``.
+        num_steps: Lanczos steps taken.
+    """
+
+    values: np.ndarray
+    vectors: torch.Tensor
+    residuals: np.ndarray
+    num_matvecs: int
+    converged: np.ndarray
+    num_steps: int
+
+
+def lanczos(
+    op: Any,
+    k: int = 6,
+    which: str = "LA",
+    max_iter: int | None = None,
+    tol: float = 1e-8,
+    seed: int = 0,
+    block_size: int = 1,
+    true_residuals: bool = True,
+    progress: bool = True,
+) -> EigenResult:
+    """The ``k`` extreme eigenpairs of the symmetric ``op`` (see the module docstring).
+
+    Args:
+        op: a HessianOperator, scipy LinearOperator, dense tensor/ndarray, or callable with shape.
+        k: number of eigenpairs.
+        which: ``"LA"`` largest, ``"SA"`` smallest, ``"LM"`` largest magnitude, ``"BE"`` both
+            ends (``ceil(k/2)`` largest and ``floor(k/2)`` smallest).
+        max_iter: most Lanczos steps (default ``min(ceil(n/p), max(300, 20 k))``).
+        tol: relative residual tolerance, ``||H y - theta y|| <= tol * max|theta|``.
+        seed: seed of the random start block.
+        block_size: ``p``, vectors per step (one ``matmat`` each); ``p > 1`` finds multiplicities.
+        true_residuals: recompute the final residuals with ``k`` extra products (else from the
+            Lanczos relation).
+        progress: tqdm progress bar.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    A = as_operator(op)
+    n = check_square(A)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    p = max(1, min(int(block_size), n))
+    steps = -(-n // p)
+    max_iter = min(steps, max(300, 20 * k)) if max_iter is None else min(int(max_iter), steps)
+    if max_iter * p < k:
+        raise ValueError(f"max_iter={max_iter} with block_size={p} cannot produce k={k} vectors")
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype, device = A.dtype, A.device
+    basis = torch.zeros(n, max_iter * p + p, dtype=dtype, device=device)
+    Q, _ = _orthonormalize(_randn(n, p, gen, dtype, device), basis[:, :0], gen)
+    basis[:, :p] = Q
+    T = np.zeros(((max_iter + 1) * p, (max_iter + 1) * p))
+    num_matvecs = 0
+    m = 0
+    theta, S, res, want = np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros(0, dtype=int)
+    bar = tqdm(total=max_iter, desc="lanczos", disable=not progress, leave=False)
+    try:
+        for j in range(max_iter):
+            Qj = basis[:, j * p : (j + 1) * p]
+            W = A.matmat(Qj).to(dtype)
+            num_matvecs += p
+            Aj = (Qj.T @ W).double().cpu().numpy()
+            T[j * p : (j + 1) * p, j * p : (j + 1) * p] = (Aj + Aj.T) / 2
+            m = j + 1
+            if m * p >= n:  # the basis spans the whole space
+                theta, S = _eig(T[: m * p, : m * p], p)
+                res = np.zeros(len(theta))
+                want = _wanted(theta, k, which)
+                bar.update(1)
+                break
+            Qn, B = _orthonormalize(W, basis[:, : m * p], gen)
+            basis[:, m * p : (m + 1) * p] = Qn
+            T[m * p : (m + 1) * p, j * p : (j + 1) * p] = B
+            T[j * p : (j + 1) * p, m * p : (m + 1) * p] = B.T
+            if m * p >= k:
+                theta, S = _eig(T[: m * p, : m * p], p)
+                res = np.linalg.norm(B @ S[-p:, :], axis=0)
+                want = _wanted(theta, k, which)
+                scale = max(np.abs(theta).max(), np.finfo(float).tiny)
+                done = int((res[want] <= tol * scale).sum())
+                bar.set_postfix(converged=f"{done}/{k}")
+                if done == k:
+                    bar.update(1)
+                    break
+            bar.update(1)
+    finally:
+        bar.close()
+
+    Sw = torch.as_tensor(S[:, want], dtype=dtype, device=device)
+    vectors = basis[:, : m * p] @ Sw
+    values = theta[want]
+    if true_residuals:
+        HV = A.matmat(vectors).to(dtype)
+        num_matvecs += k
+        R = HV - vectors * torch.as_tensor(values, dtype=dtype, device=device)
+        residuals = torch.linalg.vector_norm(R, dim=0).double().cpu().numpy()
+    else:
+        residuals = res[want]
+    scale = max(np.abs(theta).max(), np.finfo(float).tiny)
+    return EigenResult(
+        values=values,
+        vectors=vectors,
+        residuals=residuals,
+        num_matvecs=num_matvecs,
+        converged=residuals <= max(tol, 100 * np.finfo(float).eps) * scale,
+        num_steps=m,
+    )
+
+
+def _eig(T: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    if p == 1:
+        return scipy.linalg.eigh_tridiagonal(np.diag(T).copy(), np.diag(T, -1).copy())
+    return np.linalg.eigh(T)
+
+
+def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices into ascending ``theta`` of the wanted values, in the documented order."""
+    idx = np.arange(len(theta))
+    if which == "LA":
+        return idx[::-1][:k]
+    if which == "SA":
+        return idx[:k]
+    if which == "LM":
+        return np.argsort(-np.abs(theta), kind="stable")[:k]
+    hi, lo = -(-k // 2), k // 2
+    return np.sort(np.concatenate([idx[:lo], idx[len(idx) - hi :]]))
+
+
+def _randn(n: int, p: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device):
+    return torch.randn(n, p, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _orthonormalize(
+    W: torch.Tensor, basis: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``W = Q B`` with ``Q`` orthonormal and orthogonal to ``basis`` (CGS2, column by column).
+
+    A column that is (numerically) in the span of ``basis`` and the earlier columns is replaced
+    by a random unit vector orthogonal to both, with a zero row in ``B`` (deflation/restart).
+    """
+    n, p = W.shape
+    W = W.clone()
+    scale = float(torch.linalg.matrix_norm(W)) if W.numel() else 0.0
+    for _ in range(2):
+        if basis.shape[1]:
+            W -= basis @ (basis.T @ W)
+    Q = torch.zeros_like(W)
+    B = np.zeros((p, p))
+    eps = torch.finfo(W.dtype).eps
+    for i in range(p):
+        w = W[:, i]
+        coef = torch.zeros(i, dtype=W.dtype, device=W.device)
+        for _ in range(2):
+            c = Q[:, :i].T @ w
+            w = w - Q[:, :i] @ c
+            coef = coef + c
+        nrm = float(torch.linalg.vector_norm(w))
+        B[:i, i] = coef.double().cpu().numpy()
+        if nrm > 100 * n**0.5 * eps * max(scale, 1e-300) and nrm > 0:
+            Q[:, i] = w / nrm
+            B[i, i] = nrm
+            continue
+        for _attempt in range(3):  # deflation: a fresh direction orthogonal to everything
+            r = torch.randn(n, generator=gen, dtype=torch.float64).to(W)
+            for _ in range(2):
+                if basis.shape[1]:
+                    r = r - basis @ (basis.T @ r)
+                r = r - Q[:, :i] @ (Q[:, :i].T @ r)
+            rn = float(torch.linalg.vector_norm(r))
+            if rn > 1e-8:
+                Q[:, i] = r / rn
+                break
+    return Q, B

@@ -1,0 +1,164 @@
+"""A small symmetric-operator base class and the adapter every algorithm uses.
+
+Every algorithm in :mod:`hessian` (Lanczos, SLQ, trace, coupling) talks to an operator through
+one method, ``matmat(V) -> H @ V`` on torch tensors of shape ``(n, k)``. :func:`as_operator`
+wraps what a user may hand in: a :class:`Operator` (``HessianOperator`` and its views), a dense
+torch tensor or NumPy array, a ``scipy.sparse.linalg.LinearOperator``, or any callable ``v -> H v``
+that has a ``shape`` attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+
+
+class Operator:
+    """An ``(m, n)`` linear operator on flat torch vectors.
+
+    Subclasses implement :meth:`_matmat` on a 2-D tensor ``V`` of shape ``(n, k)`` in the
+    operator's dtype and device, returning ``(m, k)``. ``op @ v`` works for ``v`` of shape
+    ``(n,)`` or ``(n, k)``.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H @ V`` for ``V`` of shape ``(n, k)``."""
+        V = _as_tensor(V, self.dtype, self.device)
+        if V.ndim != 2 or V.shape[0] != self.shape[1]:
+            raise ValueError(
+                f"matmat expects a matrix of shape ({self.shape[1]}, k), got {tuple(V.shape)}"
+            )
+        return self._matmat(V)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H @ v`` for a flat ``v`` of shape ``(n,)``."""
+        v = _as_tensor(v, self.dtype, self.device)
+        if v.shape != (self.shape[1],):
+            raise ValueError(f"matvec expects a vector of shape ({self.shape[1]},), got {tuple(v.shape)}")
+        return self._matmat(v[:, None])[:, 0]
+
+    def __matmul__(self, v: Any) -> Any:
+        v = _as_tensor(v, self.dtype, self.device)
+        return self.matvec(v) if v.ndim == 1 else self.matmat(v)
+
+    def to_dense(self, chunk: int | None = None) -> torch.Tensor:
+        """The dense ``(m, n)`` matrix, built from ``H @ I`` in column chunks of ``chunk``."""
+        n = self.shape[1]
+        chunk = n if chunk is None else max(1, int(chunk))
+        cols = []
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            E = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            cols.append(self._matmat(E))
+        return torch.cat(cols, dim=1)
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out)."""
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X)
+            one = X.ndim == 1
+            V = torch.as_tensor(X.reshape(self.shape[1], -1), dtype=self.dtype, device=self.device)
+            out = self._matmat(V).detach().cpu().numpy()
+            return out[:, 0] if one else out
+
+        def rmm(X: np.ndarray) -> np.ndarray:
+            return self._rmatmat_numpy(np.asarray(X))
+
+        npdtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        return LinearOperator(
+            self.shape, matvec=mm, matmat=mm, rmatvec=rmm, rmatmat=rmm, dtype=npdtype
+        )
+
+    def _rmatmat_numpy(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("this operator has no transpose product")
+
+
+class DenseOperator(Operator):
+    """A dense matrix as an :class:`Operator`."""
+
+    def __init__(self, A: torch.Tensor | np.ndarray):
+        A = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A)
+        if A.ndim != 2:
+            raise ValueError(f"a dense operator needs a 2-D matrix, got shape {tuple(A.shape)}")
+        if not A.is_floating_point():
+            A = A.double()
+        self.A = A
+        self.shape = (A.shape[0], A.shape[1])
+        self.dtype = A.dtype
+        self.device = A.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.A @ V
+
+    def to_dense(self, chunk: int | None = None) -> torch.Tensor:
+        return self.A.clone()
+
+
+class _ScipyOperator(Operator):
+    def __init__(self, op: LinearOperator):
+        self.op = op
+        self.shape = (int(op.shape[0]), int(op.shape[1]))
+        self.dtype = torch.float32 if np.dtype(op.dtype) == np.float32 else torch.float64
+        self.device = torch.device("cpu")
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = np.asarray(self.op.matmat(V.detach().cpu().numpy()))
+        return torch.as_tensor(out.reshape(self.shape[0], -1), dtype=self.dtype)
+
+
+class _CallableOperator(Operator):
+    def __init__(self, fn: Callable[[torch.Tensor], Any], shape: tuple[int, int]):
+        self.fn = fn
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = getattr(fn, "dtype", torch.float64)
+        if not isinstance(self.dtype, torch.dtype):
+            self.dtype = torch.float64
+        self.device = torch.device("cpu")
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        cols = [torch.as_tensor(np.asarray(self.fn(V[:, i])), dtype=self.dtype) for i in range(V.shape[1])]
+        return torch.stack(cols, dim=1)
+
+
+def as_operator(op: Any) -> Operator:
+    """Wrap ``op`` (Operator, tensor, ndarray, scipy LinearOperator, callable with shape)."""
+    if isinstance(op, Operator):
+        return op
+    if isinstance(op, (torch.Tensor, np.ndarray)):
+        return DenseOperator(op)
+    if isinstance(op, LinearOperator):
+        return _ScipyOperator(op)
+    if hasattr(op, "toarray") and hasattr(op, "shape"):
+        return _ScipyOperator(LinearOperator(op.shape, matvec=op.dot, matmat=op.dot, dtype=op.dtype))
+    if callable(op) and hasattr(op, "shape"):
+        return _CallableOperator(op, op.shape)
+    raise TypeError(
+        f"cannot use {type(op).__name__} as a linear operator: pass a HessianOperator, a dense "
+        "tensor or ndarray, a scipy LinearOperator, or a callable v -> H v with a `shape` attribute"
+    )
+
+
+def check_square(op: Operator) -> int:
+    """The size ``n`` of a square operator, or a ValueError."""
+    if op.shape[0] != op.shape[1]:
+        raise ValueError(f"this algorithm needs a square symmetric operator, got shape {op.shape}")
+    return op.shape[0]
+
+
+def _as_tensor(v: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        v = torch.as_tensor(np.asarray(v))
+    return v.to(dtype=dtype, device=device)

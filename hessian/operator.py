@@ -1,0 +1,524 @@
+r"""The Hessian of a model's loss over a data set, as a matrix-free linear operator.
+
+.. math::
+
+    H = \nabla^2_\theta L(\theta), \qquad
+    L(\theta) = \frac{1}{N} \sum_b n_b \, \ell_b(\theta) \;\; (\text{reduction="mean"}), \qquad
+    L(\theta) = \sum_b n_b \, \ell_b(\theta) \;\; (\text{reduction="sum"}),
+
+where ``loss_fn(model, batch)`` returns :math:`\ell_b`, the **mean** loss of batch ``b`` with
+:math:`n_b` samples, and :math:`N = \sum_b n_b`. So ragged batches (3 + 4 + 1) give exactly the
+Hessian of the concatenated batch. :math:`\theta` are the selected parameters (all trainable ones
+by default); the others and all buffers stay fixed. Flat vectors follow ``H.params`` (model order),
+each tensor flattened row-major, as ``torch.cat([p.reshape(-1) for p in params])``.
+
+Example::
+
+    H = HessianOperator(model, lm_loss, batches)       # batches: one batch or an iterable
+    Hv = H @ v                                          # v flat (n,) or a {name: tensor} dict
+    HV = H.matmat(V)                                    # V (n, k): vmap over jvp(grad)
+    H_ab = H.restrict({"fc.weight": 3}, "ln.weight")   # row 3 of fc.weight x all of ln.weight
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from hessian import distributed
+from hessian.data import Batches, fingerprint, sample_count
+from hessian.hvp import hvp_forward, hvp_reverse, is_forward_ad_error
+from hessian.linop import Operator
+
+
+class HessianError(RuntimeError):
+    """A problem that makes the Hessian ill-defined or uncomputable; the message names the fix."""
+
+
+class NonDeterministicError(HessianError):
+    """The loss is not a fixed function of the parameters (dropout, BatchNorm, shuffled data)."""
+
+
+class ForwardModeError(HessianError):
+    """An operation of the model has no forward-mode (jvp) rule."""
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class HessianOperator(Operator):
+    """The Hessian of ``loss_fn`` over ``data`` with respect to ``params`` (see module docstring).
+
+    Args:
+        model: the network; it is called through ``torch.func.functional_call``.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of the batch.
+        data: one batch, or an iterable of batches (list, DataLoader, generator).
+        params: names of the parameters to differentiate (default: all with ``requires_grad``).
+        reduction: ``"mean"`` (over all samples) or ``"sum"``.
+        mode: ``"forward"`` (jvp of grad), ``"reverse"`` (double backward) or ``"auto"`` (times
+            both on the first batch at first use, separately for single and batched products).
+        batch_size_fn: samples in a batch; default the leading size of its first tensor.
+        check_determinism: refuse active dropout/BatchNorm, a loss that changes between two
+            evaluations, and data whose batches change between passes. ``False`` turns it off.
+        progress: show a progress bar in :meth:`to_dense`.
+
+    Under ``torch.distributed`` each rank passes its own shard; every product is all-reduced with
+    weights ``n_b / N_global``, so all ranks see the Hessian of the global mean loss.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        data: Any,
+        params: Iterable[str] | None = None,
+        reduction: str = "mean",
+        mode: str = "auto",
+        batch_size_fn: Callable[[Any], int] | None = None,
+        check_determinism: bool = True,
+        progress: bool = False,
+    ):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if mode not in ("auto", "forward", "reverse"):
+            raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+        self.mode = mode
+        self.batch_size_fn = batch_size_fn
+        self.check_determinism = check_determinism
+        self.progress = progress
+        self._module = _LossModule(model, loss_fn)
+        self._batches = Batches(data)
+
+        named = dict(model.named_parameters())
+        if params is None:
+            chosen = [n for n, p in named.items() if p.requires_grad]
+        else:
+            wanted = [params] if isinstance(params, str) else list(params)
+            unknown = [n for n in wanted if n not in named]
+            if unknown:
+                raise KeyError(
+                    f"unknown parameter name(s) {unknown}; the model has {list(named)[:8]}"
+                    + (" ..." if len(named) > 8 else "")
+                )
+            chosen = [n for n in named if n in set(wanted)]
+        if not chosen:
+            raise ValueError("no parameters to differentiate: pass params=[names] or unfreeze some")
+        tensors = [named[n] for n in chosen]
+        dtypes = {p.dtype for p in tensors}
+        devices = {p.device for p in tensors}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                f"all differentiated parameters need one dtype and device, got {dtypes} / {devices}"
+            )
+        self.params: tuple[str, ...] = tuple(chosen)
+        self.param_shapes: dict[str, torch.Size] = {n: named[n].shape for n in chosen}
+        self._numels = [named[n].numel() for n in chosen]
+        self._offsets = dict(zip(chosen, _cumsum0(self._numels), strict=True))
+        n = sum(self._numels)
+        self.shape = (n, n)
+        self.dtype = tensors[0].dtype
+        self.device = tensors[0].device
+
+        self._weights: list[float] | None = None
+        self._prints: list[str] | None = None
+        self._chosen: dict[bool, str] = {}
+        self.num_samples: int | None = None
+
+    # ----------------------------------------------------------------------------- products
+    def matvec(self, v: Any) -> Any:
+        """``H @ v`` for a flat vector ``(n,)`` or a dict ``{name: tensor of the param's shape}``."""
+        if isinstance(v, Mapping):
+            d = self._check_dict(v, batched=False)
+            return self._apply(d, batched=False)
+        return super().matvec(v)
+
+    def matmat(self, V: Any) -> Any:
+        """``H @ V`` for ``V`` of shape ``(n, k)`` or a dict of ``(k, *shape)`` tensors."""
+        if isinstance(V, Mapping):
+            d = self._check_dict(V, batched=True)
+            return self._apply(d, batched=True)
+        return super().matmat(V)
+
+    def __matmul__(self, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return self.matvec(v)
+        return super().__matmul__(v)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        k = V.shape[1]
+        if k == 1:
+            out = self._apply(self._to_dict(V[:, 0]), batched=False)
+            return self._to_flat(out)[:, None]
+        return self._to_flat(self._apply(self._to_dict(V), batched=True), k)
+
+    def to_dense(self, chunk: int | None = None) -> torch.Tensor:
+        """The dense ``(n, n)`` Hessian from ``H @ I`` in column chunks (exact, in ``H.dtype``).
+
+        For float64 build the model in float64 (``model.double()``).
+        """
+        n = self.shape[0]
+        chunk = min(n, 256) if chunk is None else max(1, int(chunk))
+        cols = []
+        for start in tqdm(range(0, n, chunk), desc="to_dense", disable=not self.progress):
+            stop = min(n, start + chunk)
+            E = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            cols.append(self._matmat(E))
+        return torch.cat(cols, dim=1)
+
+    def _rmatmat_numpy(self, X: Any) -> Any:
+        return self.to_scipy().matmat(X)
+
+    # ----------------------------------------------------------------------------- views
+    def select(self, spec: Any, partition: Any = None) -> torch.Tensor:
+        """Flat indices (sorted, unique) of the entries that ``spec`` names.
+
+        ``spec`` is one of, or a list of (union):
+
+        * ``"name"``: the whole tensor;
+        * ``{"name": index}``: ``param[index]`` with any torch index, e.g. ``3`` (row 3),
+          ``(slice(None), 2)`` (column 2), ``slice(8, 16)`` (rows 8..15: a head of size 8),
+          a bool mask of the tensor's shape;
+        * with ``partition`` (a :class:`partition.Partition` over these parameters): an int or a
+          sequence of ints, the partition's global block ids;
+        * without ``partition``: a LongTensor of flat indices.
+        """
+        if partition is not None and _is_int_like(spec):
+            ids = torch.as_tensor(spec, dtype=torch.long).reshape(-1)
+            parts = []
+            for name in self.params:
+                if name not in partition:
+                    continue
+                bi = partition.block_index(name).reshape(-1).to(ids.device)
+                hit = torch.isin(bi, ids).nonzero().reshape(-1)
+                parts.append(hit + self._offsets[name])
+            found = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            if found.numel() == 0:
+                raise ValueError(f"partition block id(s) {ids.tolist()} hold no entry of H.params")
+            return torch.unique(found)
+        if isinstance(spec, str):
+            self._check_name(spec)
+            o = self._offsets[spec]
+            return torch.arange(o, o + self.param_shapes[spec].numel())
+        if isinstance(spec, Mapping):
+            parts = []
+            for name, index in spec.items():
+                self._check_name(name)
+                shape = self.param_shapes[name]
+                ids = torch.arange(shape.numel()).reshape(shape)
+                try:
+                    picked = ids[index]
+                except (IndexError, TypeError) as err:
+                    raise ValueError(
+                        f"index {index!r} does not fit parameter {name!r} of shape {tuple(shape)}: {err}"
+                    ) from err
+                parts.append(picked.reshape(-1) + self._offsets[name])
+            return torch.unique(torch.cat(parts))
+        if isinstance(spec, torch.Tensor):
+            idx = spec.long().reshape(-1)
+            if idx.numel() and (idx.min() < 0 or idx.max() >= self.shape[0]):
+                raise ValueError(f"flat indices must lie in [0, {self.shape[0]})")
+            return torch.unique(idx)
+        if isinstance(spec, Sequence):
+            return torch.unique(torch.cat([self.select(s, partition) for s in spec]))
+        raise TypeError(
+            f"cannot select entries with {type(spec).__name__}: use a parameter name, a "
+            "{name: index} dict, block ids with partition=, or flat indices"
+        )
+
+    def restrict(self, blocks_a: Any, blocks_b: Any = None, partition: Any = None) -> RestrictedOperator:
+        """The sub-operator :math:`H_{ab}` (rows ``a``, columns ``b``; ``b`` defaults to ``a``).
+
+        ``blocks_a`` and ``blocks_b`` are selectors as in :meth:`select`, e.g.
+        ``H.restrict(3, 7, partition=part)`` for global blocks 3 and 7 of ``part``, or
+        ``H.restrict({"fc.weight": (slice(None), 0)}, "ln.bias")``. Indices are in flat order.
+        """
+        rows = self.select(blocks_a, partition)
+        cols = rows if blocks_b is None else self.select(blocks_b, partition)
+        return RestrictedOperator(self, rows, cols)
+
+    # ----------------------------------------------------------------------------- internals
+    def _check_name(self, name: str) -> None:
+        if name not in self._offsets:
+            raise KeyError(f"{name!r} is not among H.params; H.params = {list(self.params)}")
+
+    def _check_dict(self, v: Mapping[str, Any], batched: bool) -> dict[str, torch.Tensor]:
+        missing = [n for n in self.params if n not in v]
+        extra = [n for n in v if n not in self._offsets]
+        if missing or extra:
+            raise ValueError(
+                f"vector dict keys must be exactly H.params; missing {missing}, unexpected {extra}"
+            )
+        out = {}
+        k = None
+        for n in self.params:
+            t = torch.as_tensor(v[n]).to(dtype=self.dtype, device=self.device)
+            shape = tuple(self.param_shapes[n])
+            got = tuple(t.shape)
+            if batched:
+                k = got[0] if k is None and len(got) > 0 else k
+                if got[1:] != shape or got[:1] != (k,):
+                    raise ValueError(f"v[{n!r}] must have shape (k, *{shape}), got {got}")
+            elif got != shape:
+                raise ValueError(f"v[{n!r}] must have shape {shape}, got {got}")
+            out[n] = t
+        return out
+
+    def _to_dict(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, o, s in zip(self.params, _cumsum0(self._numels), self._numels, strict=True):
+            piece = v[o : o + s]
+            shape = self.param_shapes[n]
+            out[n] = piece.reshape(shape) if v.ndim == 1 else piece.T.reshape(v.shape[1], *shape)
+        return out
+
+    def _to_flat(self, d: Mapping[str, torch.Tensor], k: int | None = None) -> torch.Tensor:
+        if k is None:
+            return torch.cat([d[n].reshape(-1) for n in self.params])
+        return torch.cat([d[n].reshape(k, -1) for n in self.params], dim=1).T
+
+    def _loss(self, batch: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        module = self._module
+
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(module, {"model." + n: t for n, t in p.items()}, (batch,))
+
+        return f
+
+    def _primal(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.params}
+
+    def _iter_batches(self) -> Iterable[tuple[int, Any]]:
+        count = 0
+        for i, batch in enumerate(self._batches):
+            if self.check_determinism and not self._batches.is_fixed and self._prints is not None:
+                if i >= len(self._prints) or fingerprint(batch) != self._prints[i]:
+                    raise NonDeterministicError(_DATA_MSG.format(i=i))
+            count += 1
+            yield i, batch
+        if self._weights is not None and count != len(self._weights):
+            raise NonDeterministicError(
+                f"the data gave {count} batches on this pass but {len(self._weights)} before; "
+                + _DATA_FIX
+            )
+
+    def _prepare(self) -> None:
+        if self._weights is not None:
+            return
+        if self.check_determinism:
+            _check_modules(self.model)
+        counts, prints = [], []
+        for batch in self._batches:
+            counts.append(sample_count(batch, self.batch_size_fn))
+            if self.check_determinism and not self._batches.is_fixed:
+                prints.append(fingerprint(batch))
+        if not counts:
+            raise ValueError("data holds no batch")
+        if self.check_determinism and not self._batches.is_fixed:
+            again = [fingerprint(b) for b in self._batches]
+            if again != prints:
+                first = next((i for i, (a, b) in enumerate(zip(prints, again)) if a != b), len(prints))
+                raise NonDeterministicError(_DATA_MSG.format(i=first))
+            self._prints = prints
+        if self.check_determinism:
+            self._check_loss_repeatable(next(iter(self._batches)))
+        total = distributed.global_count(sum(counts))
+        self.num_samples = total
+        self._weights = [c / total if self.reduction == "mean" else float(c) for c in counts]
+
+    def _check_loss_repeatable(self, batch: Any) -> None:
+        f = self._loss(batch)
+        p = self._primal()
+        with torch.no_grad():
+            a, b = f(p), f(p)
+        if not torch.allclose(a, b, rtol=1e-6, atol=0.0):
+            raise NonDeterministicError(
+                f"the loss changed between two evaluations on the same batch ({a.item():.6g} vs "
+                f"{b.item():.6g}): the model is stochastic (functional dropout in train mode?). "
+                "Call model.eval(), or pass check_determinism=False if this is intended"
+            )
+
+    def _apply(self, v: dict[str, torch.Tensor], batched: bool) -> dict[str, torch.Tensor]:
+        self._prepare()
+        mode = self._mode_for(v, batched)
+        p = self._primal()
+        out = {n: torch.zeros_like(v[n]) for n in self.params}
+        for i, batch in self._iter_batches():
+            hv = self._hvp(mode, batch, p, v, batched)
+            w = self._weights[i]
+            for n in self.params:
+                out[n].add_(hv[n], alpha=w)
+        if distributed.is_distributed():
+            k = next(iter(v.values())).shape[0] if batched else None
+            flat = distributed.all_reduce_sum(self._to_flat(out, k).contiguous())
+            out = self._to_dict(flat)
+        return out
+
+    def _hvp(self, mode: str, batch: Any, p: dict, v: dict, batched: bool) -> dict:
+        f = self._loss(batch)
+        if mode == "reverse":
+            return hvp_reverse(f, p, v, batched)
+        try:
+            return hvp_forward(f, p, v, batched)
+        except (RuntimeError, NotImplementedError) as err:
+            if is_forward_ad_error(err):
+                raise self._forward_error(batch, err) from err
+            raise
+
+    def _mode_for(self, v: dict, batched: bool) -> str:
+        if self.mode != "auto":
+            return self.mode
+        if batched in self._chosen:
+            return self._chosen[batched]
+        batch = next(iter(self._batches))
+        p = self._primal()
+        times = {}
+        for mode in ("forward", "reverse"):
+            try:
+                self._hvp(mode, batch, p, v, batched)  # warm-up
+                t0 = time.perf_counter()
+                self._hvp(mode, batch, p, v, batched)
+                times[mode] = time.perf_counter() - t0
+            except ForwardModeError as err:
+                warnings.warn(f"mode='auto' uses 'reverse': {err}", RuntimeWarning, stacklevel=4)
+        self._chosen[batched] = min(times, key=times.get)
+        return self._chosen[batched]
+
+    @property
+    def chosen_modes(self) -> dict[str, str]:
+        """The modes ``auto`` picked: ``{"matvec": ..., "matmat": ...}`` once used."""
+        return {("matmat" if b else "matvec"): m for b, m in self._chosen.items()}
+
+    def _forward_error(self, batch: Any, err: BaseException) -> ForwardModeError:
+        where = _module_at_failure(self.model, lambda: self._hvp_raw_forward(batch))
+        place = f"in module {where!r}" if where else "in the backward pass"
+        first = str(err).strip().splitlines()[0]
+        return ForwardModeError(
+            f"an operation {place} has no forward-mode (jvp) rule: {first}. Fix: use "
+            "mode='reverse' (double backward), or for transformers models build them with "
+            "attn_implementation='eager' (fused SDPA kernels have no forward-mode rule on CPU)"
+        )
+
+    def _hvp_raw_forward(self, batch: Any) -> None:
+        p = self._primal()
+        hvp_forward(self._loss(batch), p, {n: torch.zeros_like(t) for n, t in p.items()}, False)
+
+
+class RestrictedOperator(Operator):
+    """:math:`H_{ab} = H[a][:, b]`: ``H_ab @ x = (H @ embed_b(x))[a]``, shape ``(|a|, |b|)``."""
+
+    def __init__(self, parent: Operator, rows: torch.Tensor, cols: torch.Tensor):
+        self.parent = parent
+        self.rows = rows.to(parent.device)
+        self.cols = cols.to(parent.device)
+        self.shape = (int(rows.numel()), int(cols.numel()))
+        self.dtype = parent.dtype
+        self.device = parent.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(self.parent.shape[1], V.shape[1], dtype=self.dtype, device=self.device)
+        full[self.cols] = V
+        return self.parent._matmat(full)[self.rows]
+
+    @property
+    def T(self) -> RestrictedOperator:
+        """:math:`H_{ba}`, the transpose (H is symmetric)."""
+        return RestrictedOperator(self.parent, self.cols, self.rows)
+
+    def _rmatmat_numpy(self, X: Any) -> Any:
+        return self.T.to_scipy().matmat(X)
+
+
+# --------------------------------------------------------------------------------- helpers
+_DATA_FIX = (
+    "the Hessian needs the same batches on every pass: use a fixed list of batches or a "
+    "DataLoader with shuffle=False (or pass check_determinism=False)"
+)
+_DATA_MSG = "batch {i} differs from the previous pass over the data (shuffled?); " + _DATA_FIX
+
+
+def _check_modules(model: nn.Module) -> None:
+    bad = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            bad.append(f"{name or type(m).__name__} ({type(m).__name__}, p={m.p})")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bad.append(f"{name or type(m).__name__} ({type(m).__name__})")
+    if bad:
+        raise NonDeterministicError(
+            f"the model is in train mode with active dropout/BatchNorm: {', '.join(bad[:5])}"
+            + (" ..." if len(bad) > 5 else "")
+            + ". Call model.eval() first, or pass check_determinism=False if this is intended"
+        )
+
+
+def _module_at_failure(model: nn.Module, fn: Callable[[], None]) -> str | None:
+    """Run ``fn`` with hooks on every module; the innermost module running when it raised."""
+    stack: list[str] = []
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(
+            m.register_forward_pre_hook(
+                lambda mod, args, n=name: stack.append(n or type(mod).__name__)
+            )
+        )
+        handles.append(m.register_forward_hook(lambda mod, args, out: stack.pop()))
+    try:
+        with _quiet():
+            fn()
+    except Exception:  # noqa: BLE001 - we only want where it fails
+        return stack[-1] if stack else None
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+@contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _cumsum0(xs: Sequence[int]) -> list[int]:
+    out, acc = [], 0
+    for x in xs:
+        out.append(acc)
+        acc += x
+    return out
+
+
+def _is_int_like(spec: Any) -> bool:
+    if isinstance(spec, bool):
+        return False
+    if isinstance(spec, int):
+        return True
+    if isinstance(spec, torch.Tensor):
+        return not spec.is_floating_point() and spec.dtype != torch.bool
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        return len(spec) > 0 and all(isinstance(s, int) and not isinstance(s, bool) for s in spec)
+    return False

@@ -1,0 +1,602 @@
+r"""``AdamMini``: Adam with one second-moment entry per block of a :class:`partition.Partition`.
+
+For every parameter tensor with blocks :math:`b` and step :math:`t`:
+
+.. math::
+
+    m &\leftarrow \beta_1 m + (1-\beta_1)\, g \\
+    v_b &\leftarrow \beta_2 v_b + (1-\beta_2)\, \operatorname{mean}_{i \in b} g_i^2 \\
+    p &\leftarrow p\,(1-\eta\lambda) - \eta\, \frac{m / (1-\beta_1^t)}{\sqrt{v_b / (1-\beta_2^t)} + \epsilon}
+
+Example::
+
+    >>> import partition, optimizer
+    >>> part = partition.adam_mini(model)                    # or a Partition JSON path, or None
+    >>> opt = optimizer.AdamMini(model.named_parameters(), partition=part, lr=3e-4,
+    ...                          weight_decay=0.1)
+    >>> loss.backward(); opt.step(); opt.zero_grad()
+
+State per parameter (``opt.state[p]``):
+
+* ``exp_avg`` — momentum, the parameter's shape and dtype (bfloat16 with ``momentum_dtype="bf16"``).
+* ``exp_avg_sq`` — one entry per block: the parameter's shape for ``elements``
+  tensors (it *is* AdamW's state), ``(rows,)`` for ``rows`` and ``(num_blocks,)``
+  for every other rule, in the block order of ``TensorBlocks.local_index()``;
+  float32 for low-precision parameters, else the parameter's dtype.
+* ``step`` — float32 scalar tensor, like ``torch.optim.AdamW``.
+
+Bad input (each tested): parameters without names, complex parameters and a
+partition that does not match the parameters fail at construction (``TypeError``
+/ ``partition.PartitionError`` naming the tensor); lr/betas/eps/weight_decay out
+of range raise ``ValueError``; sparse gradients raise ``RuntimeError`` at
+``step``. NaN/Inf gradients: every block sum is computed before any state is
+touched; with ``nonfinite="raise"`` (default) ``step`` raises
+``FloatingPointError`` naming the tensors and leaves parameters and state
+unchanged, ``"skip"`` skips the step the same way and counts it in
+``skipped_steps``. Both need a second read of the gradient. The one-pass modes:
+``"skip_blocks"`` steps every block whose gradient is finite and leaves ``p``,
+``m`` and ``v`` of every other block (entry, for ``elements``) unchanged, counts
+them in ``skipped_blocks`` and warns (``RuntimeWarning``) naming the tensors;
+``"ignore"`` lets NaN/Inf flow into the state as AdamW does.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import partition as partition_lib
+from optimizer import cpu_fused, distributed
+from optimizer.kernels import (
+    Hyper,
+    adamw_update_,
+    apply_update_,
+    block_scale,
+    block_sumsq,
+    lowp_momentum_,
+    mean_square,
+    update_moments_,
+)
+from optimizer.layout import BlockLayout, layout_of
+
+NONFINITE = ("raise", "skip", "skip_blocks", "ignore")
+_MOMENTUM_DTYPES = {
+    None: None,
+    "fp32": None,
+    "float32": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One parameter with a gradient, ready for this step (local shards)."""
+
+    param: torch.Tensor
+    name: str
+    p: torch.Tensor
+    g: torch.Tensor
+    layout: BlockLayout
+    group: dict
+    state: dict
+
+
+@dataclass(frozen=True)
+class _FusedPlan:
+    """Chunk table ``(C, 6)`` of the fused kernel, its float64 block-sum buffer, and the
+    ``[a, b)`` slice of the buffer that belongs to each fused tensor (in task order)."""
+
+    chunks: torch.Tensor
+    sums: torch.Tensor
+    ranges: tuple[tuple[int, int], ...]
+
+
+def _head_config(model: nn.Module | None) -> dict[str, int]:
+    """Head counts from ``model.config`` (transformers or TinyGPT names), for ``partition.adam_mini``."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    out = {}
+    for key, names in {
+        "n_heads": ("n_heads", "num_attention_heads", "n_head"),
+        "n_kv_heads": ("n_kv_heads", "num_key_value_heads"),
+        "head_dim": ("head_dim",),
+    }.items():
+        for attr in names:
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int):
+                out[key] = value
+                break
+    return out
+
+
+def _normalize_groups(params: Any) -> list[dict]:
+    """``named_parameters()`` or groups -> list of group dicts with ``(name, tensor)`` params."""
+    params = list(params)
+    if not params:
+        raise ValueError("AdamMini got an empty parameter list")
+    if isinstance(params[0], Mapping):
+        groups = [dict(g) for g in params]
+    else:
+        groups = [{"params": params}]
+    for g in groups:
+        items = g["params"]
+        items = [items] if isinstance(items, (torch.Tensor, tuple)) else list(items)
+        names = g.pop("param_names", None)
+        if names is not None:
+            if len(names) != len(items):
+                raise ValueError("param_names and params of a group differ in length")
+            items = list(zip(names, items, strict=True))
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(
+                    "AdamMini needs parameter names to find each tensor's blocks: pass "
+                    "model.named_parameters() or groups whose 'params' are (name, tensor) pairs "
+                    "(or carry a 'param_names' list)"
+                )
+        g["params"] = items
+    return groups
+
+
+class AdamMini(torch.optim.Optimizer):
+    """Adam-mini (Zhang et al. 2024, arXiv 2406.16793) on an explicit block partition.
+
+    Args:
+        params: ``model.named_parameters()`` or param groups whose ``"params"`` are
+            ``(name, tensor)`` pairs (or that carry ``"param_names"``), PyTorch's
+            named-parameter convention.
+        partition: a :class:`partition.Partition`, a path to its JSON, or None for
+            ``partition.adam_mini`` on these named parameters, with head counts read
+            from ``model.config`` (``model=``) or given as ``n_heads``/``n_kv_heads``/``head_dim``.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay).
+        decay_1d: apply weight decay to 1-D tensors (norm weights, biases) too.
+            Default False: they are never decayed. A group can override it.
+        maximize: ascend the objective.
+        momentum_dtype: None / "fp32" (momentum in the parameter's dtype) or "bf16":
+            momentum stored in bfloat16 with stochastic rounding (seeded by ``seed``).
+        nonfinite: "raise" | "skip" | "skip_blocks" | "ignore", what a NaN/Inf gradient
+            does (module docstring).
+        fused: None (the fused CPU kernel where it applies and builds), True (require
+            it), False (eager PyTorch only).
+        model, n_heads, n_kv_heads, head_dim: only for ``partition=None``.
+        seed: seed of the stochastic rounding of bf16 momentum.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        partition: partition_lib.Partition | str | os.PathLike | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        decay_1d: bool = False,
+        maximize: bool = False,
+        momentum_dtype: str | torch.dtype | None = None,
+        nonfinite: str = "raise",
+        fused: bool | None = None,
+        model: nn.Module | None = None,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        _check_hyper(lr, betas, eps, weight_decay)
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite={nonfinite!r}; use one of {NONFINITE}")
+        key = (
+            momentum_dtype
+            if not isinstance(momentum_dtype, torch.dtype)
+            else str(momentum_dtype).split(".")[-1]
+        )
+        if key not in _MOMENTUM_DTYPES:
+            raise ValueError(f"momentum_dtype={momentum_dtype!r}; use None, 'fp32' or 'bf16'")
+        self.momentum_dtype = _MOMENTUM_DTYPES[key]
+        self.nonfinite = nonfinite
+        self.seed = seed
+        self.skipped_steps = 0
+        self.skipped_blocks = 0
+        self._lib = None if fused is False else cpu_fused.load()
+        if fused and self._lib is None:
+            raise RuntimeError(
+                "fused=True but the CPU kernel could not be built (needs a C compiler with "
+                "OpenMP on PATH, and ADAM_MINI_LAB_NO_FUSED unset); use fused=None or False"
+            )
+        given = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
+        self._heads = {**_head_config(model), **{k: v for k, v in given.items() if v is not None}}
+        if isinstance(partition, (str, os.PathLike)):
+            partition = partition_lib.Partition.from_json(partition)
+        self._auto = partition is None
+        self.partition = partition
+        self._layouts: dict[torch.Tensor, BlockLayout] = {}
+        self._names: dict[torch.Tensor, str] = {}
+        self._fused_plan: dict[tuple, _FusedPlan] = {}
+        groups = _normalize_groups(params)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            decay_1d=decay_1d,
+            maximize=maximize,
+        )
+        super().__init__(groups, defaults)
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of ``(name, tensor)`` params; each name must be in the partition."""
+        group = _normalize_groups([param_group])[0]
+        _check_hyper(
+            group.get("lr", self.defaults["lr"]),
+            group.get("betas", self.defaults["betas"]),
+            group.get("eps", self.defaults["eps"]),
+            group.get("weight_decay", self.defaults["weight_decay"]),
+        )
+        named = group["params"]
+        for name, p in named:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
+            if p.is_complex():
+                raise TypeError(
+                    f"parameter {name!r} is complex ({p.dtype}); AdamMini's block means are defined "
+                    "for real tensors: optimize torch.view_as_real(p) as a real parameter instead"
+                )
+        part = self.partition
+        if self._auto:
+            new = partition_lib.adam_mini([(n, p) for n, p in named], **self._heads)
+            part = (
+                new if part is None else partition_lib.Partition([*part.tensors(), *new.tensors()])
+            )
+            self.partition = part
+        for name, p in named:
+            if name not in part:
+                raise partition_lib.PartitionError(
+                    f"tensor {name!r} is not in the partition; build the partition from the same "
+                    "model (e.g. partition.adam_mini(model)) or pass partition=None"
+                )
+            if tuple(part[name].shape) != tuple(p.shape):
+                raise partition_lib.PartitionError(
+                    f"tensor {name!r} has shape {tuple(p.shape)} but the partition says "
+                    f"{tuple(part[name].shape)}; rebuild the partition for this model"
+                )
+        layouts = {}
+        for name, p in named:
+            lo, hi, _ = distributed.row_range(p, name)
+            layouts[p] = layout_of(part[name], lo, hi)
+        super().add_param_group(group)
+        self._layouts.update(layouts)
+        self._names.update({p: n for n, p in named})
+        self._fused_plan.clear()
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, param: torch.Tensor, layout: BlockLayout) -> dict:
+        state = self.state[param]
+        if state:
+            return state
+        m_dtype = self.momentum_dtype or param.dtype
+        v_dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(
+            param, dtype=m_dtype, memory_format=torch.preserve_format
+        )
+        if layout.rule == "elements":
+            state["exp_avg_sq"] = torch.zeros_like(
+                param, dtype=v_dtype, memory_format=torch.preserve_format
+            )
+        else:
+            lo, hi = layout.v_range
+            v = torch.zeros(hi - lo, dtype=v_dtype, device=distributed.local(param).device)
+            state["exp_avg_sq"] = distributed.state_like(
+                param,
+                v,
+                layout.num_blocks if not layout.local_v else param.shape[0],
+                layout.local_v,
+            )
+        return state
+
+    def init_state(self) -> None:
+        """Allocate zero state for every parameter now (instead of at its first step).
+
+        For checkpoint loaders that fill existing tensors in place, e.g.
+        ``torch.distributed.checkpoint.load({"optim": opt.state_dict()}, ...)``.
+        """
+        for group in self.param_groups:
+            for param in group["params"]:
+                self._init_state(param, self._layouts[param])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""
+        super().load_state_dict(state_dict)
+        for param, state in self.state.items():
+            if "exp_avg" in state and self.momentum_dtype is not None:
+                state["exp_avg"] = state["exp_avg"].to(self.momentum_dtype)
+            if "step" in state:
+                state["step"] = state["step"].to(device="cpu", dtype=torch.float32)
+            if "exp_avg_sq" in state and param.dtype not in (torch.float32, torch.float64):
+                state["exp_avg_sq"] = state["exp_avg_sq"].float()
+
+    # ------------------------------------------------------------------- step
+    def _tasks(self) -> list[_Task]:
+        tasks = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse or param.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"parameter {self._names[param]!r} has a sparse gradient; AdamMini needs "
+                        "dense gradients (use nn.Embedding(sparse=False))"
+                    )
+                layout = self._layouts[param]
+                state = self._init_state(param, layout)
+                g = distributed.local(param.grad)
+                if group["maximize"]:
+                    g = -g
+                tasks.append(
+                    _Task(
+                        param, self._names[param], distributed.local(param), g, layout, group, state
+                    )
+                )
+        return tasks
+
+    def _fusable(self, t: _Task) -> bool:
+        m = t.state["exp_avg"]
+        dtypes_ok = t.g.dtype == t.p.dtype and (
+            m.dtype == t.p.dtype or (m.dtype == torch.bfloat16 and t.p.dtype == torch.float32)
+        )
+        return (
+            self._lib is not None
+            and not distributed.is_dtensor(t.param)
+            and t.p.device.type == "cpu"
+            and t.p.dtype in (torch.float32, torch.float64)
+            and dtypes_ok
+            and t.p.is_contiguous()
+            and t.g.is_contiguous()
+            and m.is_contiguous()
+            and t.layout.rule != "elements"
+            and t.layout.row_ids is None
+            and all(r.kind == "flat" for r in t.layout.runs)
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One Adam-mini step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step()
+        return loss
+
+    @torch.compiler.disable
+    def _step(self) -> None:
+        tasks = self._tasks()
+        if not tasks:
+            return
+        fused = [t for t in tasks if self._fusable(t)]
+        fused_ids = {id(t) for t in fused}
+        eager = [t for t in tasks if id(t) not in fused_ids]
+        mode = self.nonfinite
+        check = mode in ("raise", "skip")  # two passes: nothing changes before all sums are known
+
+        # Phase 1: block sums of g^2 of every tensor, before any state changes
+        # (in the one-pass modes the fused kernel does sums and update together).
+        plan = self._plan(fused) if fused else None
+        if plan is not None:
+            one_pass = cpu_fused.PHASE_BOTH
+            if mode == "skip_blocks":
+                one_pass |= cpu_fused.PHASE_SKIP_NONFINITE
+            self._run_fused(plan, fused, cpu_fused.PHASE_SUMS if check else one_pass)
+        sums = {id(t): block_sumsq(t.g, t.layout) for t in eager if t.layout.rule != "elements"}
+        bad = self._count_nonfinite(eager, sums, plan) if check else 0.0
+        meshes = [t.param.device_mesh for t in tasks if distributed.is_dtensor(t.param)]
+        if meshes:  # cut blocks add up their partial sums; every rank learns the NaN count
+            cut = [t for t in eager if t.layout.cut]
+            bad = distributed.all_reduce_sums(
+                [sums[id(t)] for t in cut], [t.param.device_mesh for t in cut], meshes, bad
+            )
+        if check and bad:
+            names = self._nonfinite_names(tasks, fused, sums, plan)
+            if mode == "skip":
+                self.skipped_steps += 1
+                return
+            raise FloatingPointError(
+                f"non-finite gradient (NaN/Inf) in {names or 'a tensor on another rank'}; the "
+                "step was not taken and parameters and optimizer state are unchanged. Lower the "
+                "learning rate, clip gradients, or pass nonfinite='skip' to skip such steps"
+            )
+
+        # Phase 2: the update.
+        if plan is not None and check:
+            self._run_fused(plan, fused, cpu_fused.PHASE_UPDATE)
+        for t in eager:
+            if mode == "skip_blocks":
+                self._guarded_update(t, sums.get(id(t)))
+            else:
+                self._eager_update(t, sums.get(id(t)))
+        if mode == "skip_blocks":
+            skipped = self._count_nonfinite(eager, sums, plan)
+            if skipped:
+                self.skipped_blocks += int(skipped)
+                names = self._nonfinite_names(tasks, fused, sums, plan)
+                warnings.warn(
+                    f"non-finite gradient (NaN/Inf) in {names}: {int(skipped)} blocks (entries of "
+                    "'elements' tensors) were left unchanged, all others stepped",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+    @staticmethod
+    def _count_nonfinite(eager: list[_Task], sums: dict, plan: _FusedPlan | None) -> float:
+        """Non-finite block sums (and entries of ``elements`` gradients) on this rank."""
+        checked = [*sums.values(), *([plan.sums] if plan is not None else [])]
+        checked += [t.g for t in eager if t.layout.rule == "elements"]
+        return float(torch.stack([(~torch.isfinite(c)).sum().cpu() for c in checked]).sum())
+
+    def _guarded_update(self, t: _Task, sums: torch.Tensor | None) -> None:
+        """``_eager_update``, then the blocks with a non-finite sum get their old p, m, v back.
+
+        The copies are made only for a tensor that has such a block (the rare path).
+        """
+        bad = ~torch.isfinite(sums if sums is not None else t.g)
+        if not bool(bad.any()):
+            self._eager_update(t, sums)
+            return
+        m = distributed.local(t.state["exp_avg"])
+        v = distributed.local(t.state["exp_avg_sq"])
+        old = (t.p.clone(), m.clone(), v.clone())
+        self._eager_update(t, sums)
+        if sums is None:  # elements: entry by entry
+            entry_bad = bad
+        else:
+            lo, _ = t.layout.v_range
+            marks = torch.zeros_like(t.p, dtype=torch.float32)
+            apply_update_(marks, torch.ones_like(marks), bad.float(), t.layout)
+            entry_bad = marks > 0
+        t.p.copy_(torch.where(entry_bad, old[0], t.p))
+        m.copy_(torch.where(entry_bad, old[1], m))
+        v.copy_(torch.where(bad.view(-1) if sums is not None else bad, old[2].view_as(v), v))
+
+    def _nonfinite_names(
+        self, tasks: list[_Task], fused: list[_Task], sums: dict, plan: _FusedPlan | None
+    ) -> list[str]:
+        """Names of the tensors whose local gradient has a NaN/Inf (for the error message)."""
+        fused_sums = {}
+        if plan is not None:
+            fused_sums = {
+                id(t): plan.sums[a:b] for t, (a, b) in zip(fused, plan.ranges, strict=True)
+            }
+        names = []
+        for t in tasks:
+            values = sums.get(id(t), fused_sums.get(id(t), t.g))
+            if not bool(torch.isfinite(values).all()):
+                names.append(t.name)
+        return names
+
+    def _hyper(self, t: _Task) -> Hyper:
+        group = t.group
+        decay = group["weight_decay"] if (t.param.ndim > 1 or group["decay_1d"]) else 0.0
+        b1, b2 = group["betas"]
+        return Hyper(group["lr"], b1, b2, group["eps"], decay, float(t.state["step"]))
+
+    def _eager_update(self, t: _Task, sums: torch.Tensor | None) -> None:
+        t.state["step"] += 1
+        h = self._hyper(t)
+        m = distributed.local(t.state["exp_avg"])
+        v = distributed.local(t.state["exp_avg_sq"])
+        lowp = m.dtype != t.p.dtype and self.momentum_dtype is not None
+        if t.layout.rule == "elements" and not lowp:
+            adamw_update_(t.p, t.g.to(t.p.dtype), m, v, h)
+            return
+        gen = None
+        if lowp:
+            gen = torch.Generator(device=t.p.device)
+            gen.manual_seed(self._rounding_key(t.name, h.step))
+        if t.layout.rule == "elements":
+            if h.weight_decay != 0:
+                t.p.mul_(1 - h.lr * h.weight_decay)
+            m32 = lowp_momentum_(m, t.g, h.beta1, gen)
+            v.mul_(h.beta2).addcmul_(t.g, t.g, value=1 - h.beta2)
+            denom = (v.sqrt() / h.bias_correction2_sqrt).add_(h.eps)
+            t.p.addcdiv_(m32.to(t.p.dtype), denom, value=-h.step_size)
+            return
+        mean = mean_square(sums, t.layout)
+        if lowp:
+            v.mul_(h.beta2).add_(mean.to(v.dtype), alpha=1 - h.beta2)
+            if h.weight_decay != 0:
+                t.p.mul_(1 - h.lr * h.weight_decay)
+            m_used = lowp_momentum_(m, t.g, h.beta1, gen)
+        else:
+            update_moments_(t.p, t.g, m, v, mean, h)
+            m_used = m
+        apply_update_(t.p, m_used, block_scale(v, h), t.layout)
+
+    # ------------------------------------------------------------ fused path
+    def _plan(self, fused: list[_Task]) -> _FusedPlan:
+        """The chunk table of the fused kernel for this set of tensors (cached)."""
+        key = tuple(id(t.param) for t in fused)
+        plan = self._fused_plan.get(key)
+        if plan is None:
+            rows, ranges, pos = [], [], 0
+            for i, t in enumerate(fused):
+                lo, hi = t.layout.v_range
+                rows += cpu_fused.chunks_of(i, t.layout.runs, lo, pos - lo)
+                ranges.append((pos, pos + hi - lo))
+                pos += hi - lo
+            chunks = torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
+            plan = _FusedPlan(chunks, torch.zeros(pos, dtype=torch.float64), tuple(ranges))
+            self._fused_plan[key] = plan
+        return plan
+
+    def _run_fused(self, plan: _FusedPlan, fused: list[_Task], phase: int) -> None:
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(fused):
+            b1, b2 = t.group["betas"]
+            key = (t.p.dtype, t.state["exp_avg"].dtype, b1, b2, t.group["eps"])
+            groups.setdefault(key, []).append(i)
+        ptrs = torch.zeros(len(fused), 5, dtype=torch.int64)
+        hyper = torch.zeros(len(fused), 4, dtype=torch.float64)
+        for i, t in enumerate(fused):
+            rows = [
+                t.p.data_ptr(),
+                t.g.data_ptr(),
+                t.state["exp_avg"].data_ptr(),
+                t.state["exp_avg_sq"].data_ptr(),
+                0,
+            ]
+            if phase & cpu_fused.PHASE_UPDATE:
+                t.state["step"] += 1
+                h = self._hyper(t)
+                rows[4] = self._rounding_key(t.name, h.step)
+                hyper[i] = torch.tensor(
+                    [1 - h.lr * h.weight_decay, -h.step_size, h.bias_correction2_sqrt, 1.0],
+                    dtype=torch.float64,
+                )
+            ptrs[i] = torch.tensor(rows)
+        chunks = plan.chunks
+        for (dtype, m_dtype, b1, b2, eps), idx in groups.items():
+            sel = (
+                chunks if len(groups) == 1 else chunks[torch.isin(chunks[:, 0], torch.tensor(idx))]
+            )
+            cpu_fused.run_kernel(
+                self._lib,
+                dtype,
+                m_dtype,
+                sel.contiguous(),
+                ptrs,
+                hyper,
+                plan.sums,
+                b1,
+                b2,
+                eps,
+                phase,
+            )
+
+    def _rounding_key(self, name: str, step: float) -> int:
+        """32-bit seed of the stochastic rounding of one tensor at one step (reproducible)."""
+        return zlib.crc32(f"{self.seed}:{int(step)}:{name}".encode())
+
+
+def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("lr as a tensor must have one element")
+    if not float(lr) >= 0.0:
+        raise ValueError(f"lr={lr} is invalid: the learning rate must be >= 0")
+    if len(tuple(betas)) != 2:
+        raise ValueError(f"betas={betas} must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"betas[{i}]={b} is invalid: each beta must be in [0, 1)")
+    if not float(eps) >= 0.0:
+        raise ValueError(f"eps={eps} is invalid: eps must be >= 0")
+    if not float(weight_decay) >= 0.0:
+        raise ValueError(f"weight_decay={weight_decay} is invalid: it must be >= 0")

@@ -1,0 +1,129 @@
+"""Block coupling (exact and Hutchinson) and blockwise spectra."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import partition
+from hessian import HessianOperator, block_coupling, blockwise_spectra, spectral_density
+from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+
+
+def flat_partition(sizes: list[int]) -> partition.Partition:
+    """One 1-D tensor per block, so a dense matrix's flat order is the block order."""
+    return partition.Partition(
+        partition.TensorBlocks(f"t{i}", (s,), "tensor", {}) for i, s in enumerate(sizes)
+    )
+
+
+def block_diag(sizes: list[int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    H = np.zeros((n, n))
+    o = 0
+    for s in sizes:
+        B = rng.standard_normal((s, s))
+        H[o : o + s, o : o + s] = B + B.T
+        o += s
+    return H
+
+
+def test_exact_planted_block_diagonal_has_r_diag_one():
+    sizes = [3, 5, 4, 6]
+    H = block_diag(sizes)
+    part = flat_partition(sizes)
+    cp = block_coupling(H, part, exact=True, seed=0, progress=False)
+    assert cp.exact and cp.stderr is None
+    assert cp.r_diag == pytest.approx(1.0, abs=1e-15)
+    ref = partition.BlockCoupling.from_dense(part, H)
+    assert np.allclose(cp.mass, ref.mass, rtol=1e-12)
+    # a random relabelling of the same entries destroys the structure
+    assert cp.r_diag_null < 0.6
+    # the estimate also finds r_diag = 1: off-diagonal probes see exact zeros
+    est = block_coupling(H, part, num_samples=4, seed=0, progress=False)
+    assert est.r_diag == pytest.approx(1.0, abs=1e-12)
+    assert np.allclose(np.trace(est.mass) / est.mass.sum(), 1.0)
+
+
+def test_hutchinson_is_unbiased_on_a_dense_matrix():
+    sizes = [2, 3, 4]
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((9, 9))
+    H = B + B.T
+    part = flat_partition(sizes)
+    exact = block_coupling(H, part, exact=True, progress=False).mass
+    runs = np.stack([block_coupling(H, part, num_samples=2, seed=s, progress=False).mass
+                     for s in range(400)])
+    se = runs.std(axis=0, ddof=1) / np.sqrt(len(runs))
+    z = (runs.mean(axis=0) - exact) / se
+    assert np.abs(z).max() < 4 and np.mean(np.abs(z) > 3) < 0.1
+
+
+@pytest.fixture(scope="module")
+def gpt_hessian():
+    cfg = TinyGPTConfig(vocab_size=11, context=4, n_layer=1, d_model=8, n_heads=2,
+                        n_kv_heads=1, d_ff=16, init_std=0.3)
+    model = TinyGPT(cfg, seed=1).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 11, (3, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g)
+    return model, HessianOperator(model, lm_loss, (x, y), mode="forward")
+
+
+def test_tinygpt_hutchinson_within_three_sigma_of_exact(gpt_hessian):
+    model, H = gpt_hessian
+    part = partition.by_tensor(model)
+    exact = block_coupling(H, part, exact=True, seed=0, progress=False)
+    D = H.to_dense().numpy()
+    assert np.allclose(exact.mass, partition.BlockCoupling.from_dense(part, D).mass, rtol=1e-10)
+    est = block_coupling(H, part, num_samples=24, seed=3, progress=False)
+    assert not est.exact and est.num_samples == 24
+    live = est.stderr > 0
+    z = np.abs(est.mass - exact.mass)[live] / est.stderr[live]
+    # squared-norm estimates of small blocks are heavy-tailed: allow a few 3-sigma misses
+    assert np.mean(z > 3) < 0.05 and z.max() < 6
+    assert np.allclose(est.mass[~live], exact.mass[~live], atol=1e-12)
+    # the null (expected r_diag of a random equal-size partition) matches the exact permutation
+    assert est.r_diag_null == pytest.approx(exact.r_diag_null, rel=0.3)
+    assert exact.r_diag > exact.r_diag_null
+
+
+def test_blockwise_spectra_match_dense_diagonal_blocks(gpt_hessian):
+    model, H = gpt_hessian
+    D = H.to_dense().numpy()
+    names = ["blocks.0.attn.k_proj.weight", "ln_f.weight"]
+    out = blockwise_spectra(H, names, num_probes=2, num_steps=32, seed=0, progress=False)
+    assert list(out) == names
+    for name in names:
+        idx = H.select(name).numpy()
+        ref = np.linalg.eigvalsh(D[np.ix_(idx, idx)])
+        sd = out[name]
+        assert sd.dimension == len(idx)
+        assert np.allclose(sd.weights.sum(axis=1), 1.0)
+        if len(idx) <= 32:  # the Krylov space becomes invariant: every node is an eigenvalue
+            live = sd.weights[0] > 1e-12
+            gaps = np.abs(sd.nodes[0][live][:, None] - ref[None, :]).min(axis=1)
+            assert gaps.max() < 1e-8
+        else:  # the extreme Ritz values converge to the extreme eigenvalues
+            assert abs(sd.nodes[0].max() - ref.max()) < 1e-6
+
+
+def test_blockwise_spectra_agree_with_slq_on_the_restricted_operator(gpt_hessian):
+    model, H = gpt_hessian
+    part = partition.by_tensor(model)
+    out = blockwise_spectra(H, part, num_probes=1, num_steps=5, seed=0, progress=False)
+    assert list(out) == part.block_labels()
+    name = part.names[3]
+    sub = spectral_density(H.restrict(name), num_probes=1, num_steps=5, seed=0, progress=False)
+    label = part.block_labels()[3]
+    assert out[label].dimension == sub.dimension
+    assert np.isclose(out[label].weights.sum(), 1.0)
+    assert np.all(np.isfinite(out[label].nodes))
+
+
+def test_partition_must_cover_the_operator(gpt_hessian):
+    model, H = gpt_hessian
+    part = partition.Partition([partition.by_tensor(model)["ln_f.weight"]])
+    with pytest.raises(ValueError, match="cover exactly H.params"):
+        block_coupling(H, part, progress=False)

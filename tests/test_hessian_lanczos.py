@@ -1,0 +1,113 @@
+"""Lanczos against numpy.linalg.eigvalsh on known, clustered and degenerate spectra and TinyGPT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+
+from hessian import HessianOperator, lanczos
+from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+
+N = 120
+
+
+def planted(eigs: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((len(eigs), len(eigs))))
+    A = (Q * eigs) @ Q.T
+    return (A + A.T) / 2
+
+
+SPECTRA = {
+    "known": np.linspace(-3.0, 10.0, N),
+    "clustered": np.r_[10 + 1e-5 * np.arange(4), 5 + 1e-3 * np.arange(40), np.linspace(-1, 1, N - 44)],
+    "degenerate": np.r_[[9.0, 9.0, 9.0, 4.0, 4.0], np.linspace(-2.0, 3.0, N - 5)],
+}
+
+
+def expected(ref: np.ndarray, which: str, k: int) -> np.ndarray:
+    return {
+        "LA": ref[::-1][:k],
+        "SA": ref[:k],
+        "LM": ref[np.argsort(-np.abs(ref), kind="stable")][:k],
+        "BE": np.sort(np.r_[ref[: k // 2], ref[len(ref) - (k - k // 2) :]]),
+    }[which]
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+def test_matches_eigvalsh(name, which):
+    A = planted(SPECTRA[name])
+    ref = np.linalg.eigvalsh(A)
+    block = 3 if name == "degenerate" else 1
+    res = lanczos(A, k=5, which=which, tol=1e-11, seed=1, block_size=block, progress=False)
+    assert np.abs(res.values - expected(ref, which, 5)).max() < 1e-8
+    V = res.vectors.numpy()
+    assert np.abs(V.T @ V - np.eye(5)).max() < 1e-10
+    true = np.linalg.norm(A @ V - V * res.values, axis=0)
+    assert np.allclose(res.residuals, true, rtol=1e-6, atol=1e-14)
+    assert res.converged.all()
+    assert res.num_matvecs <= res.num_steps * block + 5
+
+
+def test_residuals_are_true_even_when_not_converged():
+    A = planted(SPECTRA["known"])
+    res = lanczos(A, k=3, max_iter=8, tol=1e-12, progress=False)
+    V = res.vectors.numpy()
+    true = np.linalg.norm(A @ V - V * res.values, axis=0)
+    assert np.allclose(res.residuals, true, rtol=1e-10)
+    assert not res.converged.all()
+    assert res.num_matvecs == 8 + 3
+
+
+def test_accepts_every_operator_kind():
+    A = planted(SPECTRA["known"])
+    top = np.linalg.eigvalsh(A)[-2:][::-1]
+
+    class Fn:
+        shape = A.shape
+
+        def __call__(self, v):
+            return A @ np.asarray(v)
+
+    kinds = [A, torch.as_tensor(A), scipy.sparse.linalg.aslinearoperator(A), Fn()]
+    for op in kinds:
+        res = lanczos(op, k=2, tol=1e-11, progress=False)
+        assert np.abs(res.values - top).max() < 1e-8
+
+
+def test_tinygpt_dense_hessian():
+    cfg = TinyGPTConfig(vocab_size=11, context=4, n_layer=1, d_model=8, n_heads=2,
+                        n_kv_heads=1, d_ff=16, init_std=0.3)
+    model = TinyGPT(cfg, seed=0).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 11, (3, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g)
+    H = HessianOperator(model, lm_loss, (x, y), mode="forward")
+    D = H.to_dense().numpy()
+    ref = np.linalg.eigvalsh((D + D.T) / 2)
+    for which in ("LA", "SA"):
+        res = lanczos(D, k=4, which=which, tol=1e-10, seed=0, progress=False)
+        assert np.abs(res.values - expected(ref, which, 4)).max() < 1e-8
+        V = res.vectors.numpy()
+        assert np.abs(V.T @ V - np.eye(4)).max() < 1e-10
+        assert np.allclose(res.residuals, np.linalg.norm(D @ V - V * res.values, axis=0),
+                           rtol=1e-6, atol=1e-13)
+    # the matrix-free operator takes the same steps as its dense matrix
+    a = lanczos(H, k=2, max_iter=12, seed=3, progress=False)
+    b = lanczos(D, k=2, max_iter=12, seed=3, progress=False)
+    assert np.abs(a.values - b.values).max() < 1e-10
+    assert np.abs(a.residuals - b.residuals).max() < 1e-10
+
+
+def test_bad_arguments():
+    A = planted(SPECTRA["known"])
+    with pytest.raises(ValueError, match="which"):
+        lanczos(A, k=2, which="XX", progress=False)
+    with pytest.raises(ValueError, match="k must be"):
+        lanczos(A, k=0, progress=False)
+    with pytest.raises(ValueError, match="square"):
+        lanczos(np.zeros((3, 4)), k=1, progress=False)
+    with pytest.raises(TypeError, match="linear operator"):
+        lanczos("nope", k=1, progress=False)

@@ -1,0 +1,297 @@
+"""HessianOperator: products against an independent dense reference, views, data, errors.
+
+The dense reference is ``torch.func.jacfwd(torch.func.grad(f))`` of the concatenated-data loss
+on a flat parameter vector (not ``torch.func.hessian``, which is wrong through LayerNorm).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacfwd
+
+import partition
+from hessian import ForwardModeError, HessianOperator, NonDeterministicError
+from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+
+F64 = torch.float64
+
+
+class LNMLP(nn.Module):
+    def __init__(self, d_in: int = 5, width: int = 6, d_out: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, width)
+        self.ln = nn.LayerNorm(width)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(width, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(torch.tanh(self.ln(self.fc1(x)))))
+
+
+def ce_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def dense_reference(model, loss_fn, batch, names=None) -> torch.Tensor:
+    """jacfwd(grad(f)) of the loss on one (concatenated) batch, flat in ``names`` order."""
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(named) if names is None else names
+    shapes = [named[n].shape for n in names]
+    sizes = [named[n].numel() for n in names]
+
+    def f(flat):
+        pieces = dict(zip(names, [t.reshape(s) for t, s in zip(flat.split(sizes), shapes)]))
+        params = {**named, **pieces}
+        return loss_fn(lambda *a: functional_call(model, params, a), batch)
+
+    flat0 = torch.cat([named[n].reshape(-1) for n in names])
+    return jacfwd(grad(f))(flat0)
+
+
+def mlp_problem(seed: int = 0, n: int = 8):
+    torch.manual_seed(seed)
+    model = LNMLP().double()
+    X = torch.randn(n, 5, dtype=F64)
+    y = torch.randint(0, 3, (n,))
+    return model, X, y
+
+
+def gpt_problem(seed: int = 0):
+    cfg = TinyGPTConfig(
+        vocab_size=13, context=5, n_layer=1, d_model=8, n_heads=2, n_kv_heads=1, d_ff=16,
+        init_std=0.3,
+    )
+    model = TinyGPT(cfg, seed=seed).double()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 13, (4, 5), generator=g)
+    y = torch.randint(0, 13, (4, 5), generator=g)
+    return model, x, y
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    model, x, y = gpt_problem()
+    D = dense_reference(model, lm_loss, (x, y))
+    return model, x, y, D
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse", "auto"])
+def test_mlp_layernorm_products_match_dense(mode):
+    model, X, y = mlp_problem()
+    D = dense_reference(model, ce_loss, (X, y))
+    assert torch.allclose(D, D.T, atol=1e-12), "reference must be symmetric"
+    H = HessianOperator(model, ce_loss, (X, y), mode=mode)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(H.shape[0], generator=g, dtype=F64)
+    V = torch.randn(H.shape[0], 5, generator=g, dtype=F64)
+    assert (H @ v - D @ v).abs().max() < 1e-10
+    assert (H.matmat(V) - D @ V).abs().max() < 1e-10
+    dense = H.to_dense(chunk=7)
+    assert (dense - D).abs().max() < 1e-10
+    assert (dense - dense.T).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_tinygpt_products_match_dense(gpt, mode):
+    model, x, y, D = gpt
+    assert (D - D.T).abs().max() < 1e-10
+    H = HessianOperator(model, lm_loss, (x, y), mode=mode)
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(H.shape[0], generator=g, dtype=F64)
+    V = torch.randn(H.shape[0], 4, generator=g, dtype=F64)
+    assert (H @ v - D @ v).abs().max() < 1e-10
+    assert (H.matmat(V) - D @ V).abs().max() < 1e-10
+
+
+def test_dict_vectors_and_scipy(gpt):
+    model, x, y, D = gpt
+    H = HessianOperator(model, lm_loss, (x, y), mode="forward")
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(H.shape[0], generator=g, dtype=F64)
+    vd = H._to_dict(v)
+    out = H @ vd
+    assert set(out) == set(H.params)
+    assert (H._to_flat(out) - D @ v).abs().max() < 1e-10
+    Vd = H._to_dict(torch.stack([v, 2 * v], 1))
+    out2 = H.matmat(Vd)
+    assert (H._to_flat(out2, 2)[:, 1] - 2 * D @ v).abs().max() < 1e-10
+    S = H.to_scipy()
+    assert abs(S.matvec(v.numpy()) - (D @ v).numpy()).max() < 1e-10
+
+
+def test_params_subset_is_the_submatrix(gpt):
+    model, x, y, D = gpt
+    names = ["blocks.0.ln_1.weight", "blocks.0.attn.k_proj.weight"]
+    H = HessianOperator(model, lm_loss, (x, y), params=names, mode="reverse")
+    assert H.params == tuple(names)
+    full = HessianOperator(model, lm_loss, (x, y), mode="reverse")
+    idx = full.select(names)
+    assert (H.to_dense() - D[idx][:, idx]).abs().max() < 1e-10
+
+
+def test_linear_regression_closed_form():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(11, 4, generator=g, dtype=F64)
+    y = torch.randn(11, generator=g, dtype=F64)
+    model = nn.Linear(4, 1, bias=False).double()
+    H = HessianOperator(model, lambda m, b: ((m(b[0])[:, 0] - b[1]) ** 2).mean(), (X, y))
+    assert (H.to_dense() - 2 / 11 * X.T @ X).abs().max() < 1e-12
+
+
+def test_logistic_regression_closed_form():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(13, 3, generator=g, dtype=F64)
+    y = torch.randint(0, 2, (13,), generator=g).double()
+    model = nn.Linear(3, 1, bias=False).double()
+    nn.init.normal_(model.weight, generator=g)
+
+    def loss(m, b):
+        return nn.functional.binary_cross_entropy_with_logits(m(b[0])[:, 0], b[1])
+
+    p = torch.sigmoid(X @ model.weight.detach()[0])
+    exact = X.T @ torch.diag(p * (1 - p)) @ X / 13
+    for mode in ("forward", "reverse"):
+        H = HessianOperator(model, loss, (X, y), mode=mode)
+        assert (H.to_dense() - exact).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ragged_batches_equal_concatenated(reduction):
+    model, X, y = mlp_problem(n=8)
+    batches = [(X[:3], y[:3]), (X[3:7], y[3:7]), (X[7:], y[7:])]
+    Hr = HessianOperator(model, ce_loss, batches, reduction=reduction).to_dense()
+    Hc = HessianOperator(model, ce_loss, (X, y), reduction=reduction).to_dense()
+    assert (Hr - Hc).abs().max() < 1e-12
+    scale = 8.0 if reduction == "sum" else 1.0
+    assert (Hc - scale * dense_reference(model, ce_loss, (X, y))).abs().max() < 1e-10
+    # a one-shot generator and a batch_size_fn give the same
+    Hg = HessianOperator(model, ce_loss, iter(batches), reduction=reduction,
+                         batch_size_fn=lambda b: len(b[1]))
+    assert (Hg.to_dense() - Hc).abs().max() < 1e-12
+
+
+def test_restrict_matches_dense_slices(gpt):
+    model, x, y, D = gpt
+    H = HessianOperator(model, lm_loss, (x, y), mode="forward")
+    off = {n: o for n, o in zip(H.params, torch.cumsum(torch.tensor([0] + [
+        H.param_shapes[n].numel() for n in H.params]), 0).tolist())}
+
+    def flat(name, index):
+        shape = H.param_shapes[name]
+        return (torch.arange(shape.numel()).reshape(shape)[index].reshape(-1) + off[name]).sort()[0]
+
+    q, fc_in, ln = "blocks.0.attn.q_proj.weight", "blocks.0.mlp.fc_in.weight", "ln_f.weight"
+    cases = [
+        ("tok_emb.weight", ln, flat("tok_emb.weight", ...), flat(ln, ...)),
+        ({fc_in: 3}, {q: (slice(None), 2)}, flat(fc_in, 3), flat(q, (slice(None), 2))),
+        ({q: slice(4, 8)}, {q: slice(0, 4)}, flat(q, slice(4, 8)), flat(q, slice(0, 4))),
+    ]
+    for a, b, ia, ib in cases:
+        Hab = H.restrict(a, b)
+        assert Hab.shape == (len(ia), len(ib))
+        dense_ab = Hab.to_dense()
+        assert (dense_ab - D[ia][:, ib]).abs().max() < 1e-10
+        assert (H.restrict(b, a).to_dense() - dense_ab.T).abs().max() < 1e-10
+        assert (Hab.T.to_dense() - dense_ab.T).abs().max() < 1e-10
+    # partition blocks: heads of q_proj (global ids), rows of fc_in
+    part = partition.Partition([
+        partition.TensorBlocks(n, tuple(H.param_shapes[n]), "tensor", {}) for n in H.params
+        if n not in (q, fc_in)
+    ] + [
+        partition.TensorBlocks(q, tuple(H.param_shapes[q]), "heads", {"head_dim": 4}),
+        partition.TensorBlocks(fc_in, tuple(H.param_shapes[fc_in]), "rows", {}),
+    ])
+    head1 = part.offset(q) + 1
+    row5 = part.offset(fc_in) + 5
+    Hab = H.restrict(head1, [row5, row5 + 1], partition=part)
+    ia = flat(q, slice(4, 8))
+    ib = torch.cat([flat(fc_in, 5), flat(fc_in, 6)])
+    assert (Hab.to_dense() - D[ia][:, ib]).abs().max() < 1e-10
+
+
+def test_wrong_shapes_name_the_expected_shape():
+    model, X, y = mlp_problem()
+    H = HessianOperator(model, ce_loss, (X, y))
+    n = H.shape[0]
+    with pytest.raises(ValueError, match=rf"\({n},\)"):
+        H @ torch.zeros(n + 1)
+    with pytest.raises(ValueError, match=rf"\({n}, k\)"):
+        H.matmat(torch.zeros(n - 1, 2))
+    bad = {k: torch.zeros(2) for k in H.params}
+    with pytest.raises(ValueError, match="fc1.weight.*must have shape \\(6, 5\\)"):
+        H @ bad
+    with pytest.raises(ValueError, match="missing"):
+        H @ {"fc1.weight": torch.zeros(6, 5)}
+    with pytest.raises(KeyError, match="unknown parameter"):
+        HessianOperator(model, ce_loss, (X, y), params=["nope"])
+
+
+def test_dropout_in_train_mode_is_refused():
+    torch.manual_seed(0)
+    model = LNMLP(dropout=0.3).double()
+    X, y = torch.randn(6, 5, dtype=F64), torch.randint(0, 3, (6,))
+    H = HessianOperator(model, ce_loss, (X, y))
+    with pytest.raises(NonDeterministicError, match="drop.*eval"):
+        H @ torch.zeros(H.shape[0])
+    model.eval()
+    H = HessianOperator(model, ce_loss, (X, y))
+    H @ torch.zeros(H.shape[0])
+    model.train()
+    H = HessianOperator(model, ce_loss, (X, y), check_determinism=False)
+    H @ torch.zeros(H.shape[0])
+
+
+def test_functional_dropout_is_caught_by_the_repeat_check():
+    model, X, y = mlp_problem()
+
+    def noisy(m, b):
+        return nn.functional.cross_entropy(nn.functional.dropout(m(b[0]), 0.5, True), b[1])
+
+    with pytest.raises(NonDeterministicError, match="changed between two evaluations"):
+        H = HessianOperator(model, noisy, (X, y))
+        H @ torch.zeros(H.shape[0])
+
+
+def test_shuffled_data_is_refused():
+    model, X, y = mlp_problem(n=12)
+    ds = torch.utils.data.TensorDataset(X, y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    H = HessianOperator(model, ce_loss, loader)
+    with pytest.raises(NonDeterministicError, match="shuffle"):
+        H @ torch.zeros(H.shape[0])
+    fixed = torch.utils.data.DataLoader(ds, batch_size=5, shuffle=False)
+    Hf = HessianOperator(model, ce_loss, fixed)
+    assert (Hf.to_dense() - HessianOperator(model, ce_loss, (X, y)).to_dense()).abs().max() < 1e-12
+
+
+def test_forward_mode_error_names_module_and_fix():
+    class NoJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * x.cos()
+
+    class Odd(nn.Module):
+        def forward(self, x):
+            return NoJvp.apply(x)
+
+    model = nn.Sequential(nn.Linear(3, 4), Odd(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,))
+    H = HessianOperator(model, ce_loss, (X, y), mode="forward")
+    with pytest.raises(ForwardModeError, match=r"(?s)module '1'.*mode='reverse'.*eager"):
+        H @ torch.zeros(H.shape[0])
+    Hr = HessianOperator(model, ce_loss, (X, y), mode="reverse")
+    Hr @ torch.zeros(H.shape[0])
+    Ha = HessianOperator(model, ce_loss, (X, y), mode="auto")
+    with pytest.warns(RuntimeWarning, match="uses 'reverse'"):
+        Ha @ torch.zeros(H.shape[0])
+    assert Ha.chosen_modes == {"matvec": "reverse"}

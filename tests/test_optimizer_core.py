@@ -1,0 +1,478 @@
+"""AdamMini: exactness against AdamW and the reference adam-mini, fast paths vs the reference loop."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import optimizer
+import partition
+from optimizer import cpu_fused
+from optimizer.kernels import Hyper, adamw_update_, reference_update_
+from partition import Partition, TensorBlocks
+
+pytestmark = pytest.mark.filterwarnings("ignore::partition.PartitionWarning")  # Sequential names
+
+FUSED_MODES = [False] + ([None] if cpu_fused.load() is not None else [])
+
+
+def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=64,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def lm_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    opt.zero_grad()
+    model(x, labels=x).loss.backward()
+    opt.step()
+
+
+def tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_elements_partition_is_adamw_bitwise():
+    model = tiny_llama(torch.float32)
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    opt_a = optimizer.AdamMini(
+        ours.named_parameters(), partition.elements(ours), lr=1e-2, weight_decay=0.1, decay_1d=True
+    )
+    opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(5):
+        lm_step(ours, opt_a, tokens(step))
+        lm_step(theirs, opt_b, tokens(step))
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert torch.equal(opt_a.state[a]["exp_avg_sq"], opt_b.state[b]["exp_avg_sq"]), name
+
+
+@pytest.mark.parametrize("fused", FUSED_MODES)
+def test_matches_reference_adam_mini_1_1_1(fused):
+    """Same partition as adam-mini 1.1.1 on a GQA Llama with weight decay: <= 1e-6 after 10 steps."""
+    from adam_mini import Adam_mini
+
+    model = tiny_llama(torch.float64)
+    part = partition.adam_mini(model)
+    assert part["model.layers.0.self_attn.k_proj.weight"].rule == "heads"
+    assert part["model.layers.0.self_attn.k_proj.weight"].num_blocks == 2  # GQA: n_kv_heads
+    assert part["model.embed_tokens.weight"].rule == "rows"
+    assert part["model.norm.weight"].rule == "tensor"
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    opt_a = optimizer.AdamMini(
+        ours.named_parameters(), part, lr=1e-2, weight_decay=0.1, fused=fused
+    )
+    opt_b = Adam_mini(
+        theirs.named_parameters(),
+        lr=1e-2,
+        weight_decay=0.1,
+        dim=32,
+        n_heads=4,
+        n_kv_heads=2,
+        verbose=False,
+    )
+    for step in range(10):
+        lm_step(ours, opt_a, tokens(step))
+        lm_step(theirs, opt_b, tokens(step))
+    worst = max(
+        ((a - b).abs() / b.abs()).max().item()
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True)
+    )
+    assert worst <= 1e-6
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(ours.parameters(), model.parameters(), strict=True)
+    )
+    assert moved > 1e-3  # the comparison is not vacuous
+
+
+def rule_zoo() -> tuple[dict[str, torch.Tensor], Partition]:
+    """One tensor per rule (and shape variants), float64."""
+    shapes = {
+        "norm": ((7,), "tensor", {}),
+        "emb": ((9, 6), "rows", {}),
+        "q": ((12, 5), "heads", {"head_dim": 4}),
+        "qb": ((12,), "heads", {"head_dim": 3}),
+        "conv": ((6, 3, 2, 2), "rows", {}),
+        "mat": ((6, 4), "tensor", {}),
+        "cols": ((5, 7), "columns", {}),
+        "qkv_r": (
+            (14, 3),
+            "fused_heads",
+            {"head_dim": 2, "sections": [4, 4, 6], "orientation": "rows"},
+        ),
+        "qkv_c": (
+            (3, 14),
+            "fused_heads",
+            {"head_dim": 2, "sections": [4, 4, 6], "orientation": "columns"},
+        ),
+        "groups": ((6, 3), "row_groups", {"groups": [1, 0, 1, 2, 0, 2]}),
+        "bias": ((5,), "elements", {}),
+    }
+    gen = torch.Generator().manual_seed(0)
+    params = {
+        n: torch.randn(s, generator=gen, dtype=torch.float64) for n, (s, _, _) in shapes.items()
+    }
+    part = Partition(TensorBlocks(n, s, r, p) for n, (s, r, p) in shapes.items())
+    return params, part
+
+
+def reference_run(params, part, grads, lr=0.05, betas=(0.9, 0.95), eps=1e-8, wd=0.1):
+    """The readable loop of optimizer.kernels, one tensor at a time."""
+    params = {n: p.clone() for n, p in params.items()}
+    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {
+        n: torch.zeros_like(p)
+        if part[n].rule == "elements"
+        else torch.zeros(part[n].num_blocks, dtype=p.dtype)
+        for n, p in params.items()
+    }
+    for t, g in enumerate(grads, start=1):
+        for n, p in params.items():
+            h = Hyper(lr, betas[0], betas[1], eps, wd if p.ndim > 1 else 0.0, float(t))
+            if part[n].rule == "elements":
+                adamw_update_(p, g[n], m[n], v[n], h)
+            else:
+                reference_update_(p, g[n], m[n], v[n], part[n].local_index(), h)
+    return params, v
+
+
+@pytest.mark.parametrize("fused", FUSED_MODES)
+@pytest.mark.parametrize("nonfinite", ["raise", "ignore"])
+def test_fast_paths_match_reference_loop(fused, nonfinite):
+    init, part = rule_zoo()
+    gen = torch.Generator().manual_seed(1)
+    grads = [
+        {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in init.items()}
+        for _ in range(4)
+    ]
+    expect, expect_v = reference_run(init, part, grads)
+    params = {n: nn.Parameter(p.clone()) for n, p in init.items()}
+    opt = optimizer.AdamMini(
+        list(params.items()),
+        part,
+        lr=0.05,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        fused=fused,
+        nonfinite=nonfinite,
+    )
+    for g in grads:
+        for n, p in params.items():
+            p.grad = g[n].clone()
+        opt.step()
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), expect[n], rtol=1e-12, atol=1e-14, msg=n)
+        torch.testing.assert_close(
+            opt.state[p]["exp_avg_sq"], expect_v[n], rtol=1e-12, atol=0, msg=n
+        )
+
+
+def test_state_layout():
+    init, part = rule_zoo()
+    params = {n: nn.Parameter(p.clone()) for n, p in init.items()}
+    opt = optimizer.AdamMini(list(params.items()), part)
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for n, p in params.items():
+        st = opt.state[p]
+        assert st["exp_avg"].shape == p.shape and st["exp_avg"].dtype == p.dtype
+        expect = p.shape if part[n].rule == "elements" else (part[n].num_blocks,)
+        assert st["exp_avg_sq"].shape == expect, n
+        assert st["step"].item() == 1.0 and st["step"].dtype == torch.float32
+
+
+def test_state_memory_is_half_of_adamw():
+    model = tiny_llama(torch.float32)
+    part = partition.adam_mini(model)
+    sb = optimizer.state_bytes(model, part)
+    opt = optimizer.AdamMini(model.named_parameters(), part)
+    lm_step(model, opt, tokens())
+    real = sum(t.nbytes for st in opt.state.values() for t in st.values())
+    assert sb.total == int(sb) == real
+    adamw = torch.optim.AdamW(model.parameters())
+    adamw.step()
+    assert sb.adamw_total == sum(t.nbytes for st in adamw.state.values() for t in st.values())
+    with torch.device("meta"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        big = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=512,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                intermediate_size=1376,
+                vocab_size=8192,
+            )
+        )
+    meta = optimizer.state_bytes(big)
+    assert meta.ratio <= 0.501
+    low = optimizer.state_bytes(big, momentum_dtype="bf16")
+    assert 0.74 <= (meta.total - low.total) / meta.adamw_total * 4 <= 1.01  # ~25% of AdamW saved
+
+
+def test_auto_partition_reads_model_config_and_json_path(tmp_path):
+    model = tiny_llama()
+    part = partition.adam_mini(model)
+    auto = optimizer.AdamMini(model.named_parameters(), model=model)
+    assert auto.partition == part
+    part.to_json(tmp_path / "p.json")
+    from_file = optimizer.AdamMini(model.named_parameters(), tmp_path / "p.json")
+    assert from_file.partition == part
+
+
+def train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        lm_step(model, opt, tokens(step))
+
+
+@pytest.mark.parametrize("momentum_dtype", [None, "bf16"])
+def test_resume_from_state_dict_is_bitwise(momentum_dtype):
+    model = tiny_llama(torch.float32)
+    straight = copy.deepcopy(model)
+    opt = optimizer.AdamMini(
+        straight.named_parameters(), lr=1e-2, model=model, momentum_dtype=momentum_dtype
+    )
+    train(straight, opt, 6)
+
+    first = copy.deepcopy(model)
+    opt1 = optimizer.AdamMini(
+        first.named_parameters(), lr=1e-2, model=model, momentum_dtype=momentum_dtype
+    )
+    train(first, opt1, 3)
+    saved_opt, saved_model = copy.deepcopy(opt1.state_dict()), copy.deepcopy(first.state_dict())
+    resumed = tiny_llama(torch.float32, seed=5)
+    resumed.load_state_dict(saved_model)
+    opt2 = optimizer.AdamMini(
+        resumed.named_parameters(), lr=1e-2, model=model, momentum_dtype=momentum_dtype
+    )
+    opt2.load_state_dict(saved_opt)
+    for p in resumed.parameters():
+        expect = torch.bfloat16 if momentum_dtype else torch.float32
+        assert opt2.state[p]["exp_avg"].dtype == expect
+    train(resumed, opt2, 3, start=3)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def quad_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def quad_loss(model: nn.Module) -> torch.Tensor:
+    x = torch.linspace(-1, 1, 20, dtype=next(model.parameters()).dtype).reshape(5, 4)
+    return model(x).square().mean()
+
+
+def test_groups_scheduler_closure_zero_grad_add_param_group():
+    model = quad_model()
+    named = list(model.named_parameters())
+    opt = optimizer.AdamMini([{"params": named[:2], "lr": 0.02}], lr=0.5, n_heads=1)
+    opt.add_param_group({"params": named[2:], "lr": 0.04})
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 0.04]
+    assert opt.param_groups[1]["param_names"] == ["2.weight", "2.bias"]
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    losses = []
+
+    def closure():
+        opt.zero_grad()
+        loss = quad_loss(model)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.0025, 0.005]
+    assert losses[-1] < losses[0]
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+    # the same run by hand: two single-group optimizers whose lr we set ourselves
+    ref = quad_model()
+    rnamed = list(ref.named_parameters())
+    part = opt.partition
+    a = optimizer.AdamMini(rnamed[:2], part)
+    b = optimizer.AdamMini(rnamed[2:], part)
+    for k in range(3):
+        for o in (a, b):
+            o.zero_grad()
+        quad_loss(ref).backward()
+        for o, lr in ((a, 0.02), (b, 0.04)):
+            o.param_groups[0]["lr"] = lr * 0.5**k
+            o.step()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_maximize_equals_minimizing_the_negative():
+    up, down = quad_model(), quad_model()
+    opt_up = optimizer.AdamMini(
+        up.named_parameters(), lr=0.05, maximize=True, weight_decay=0.1, n_heads=1
+    )
+    opt_down = optimizer.AdamMini(down.named_parameters(), lr=0.05, weight_decay=0.1, n_heads=1)
+    for _ in range(3):
+        for model, opt, sign in ((up, opt_up, -1.0), (down, opt_down, 1.0)):
+            opt.zero_grad()
+            (sign * quad_loss(model)).backward()
+            opt.step()
+    for p, q in zip(up.parameters(), down.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_weight_decay_skips_1d_tensors_unless_asked():
+    for decay_1d, moved in ((False, False), (True, True)):
+        model = quad_model()
+        bias = model[0].bias.detach().clone()
+        opt = optimizer.AdamMini(
+            model.named_parameters(), lr=0.1, weight_decay=0.5, decay_1d=decay_1d, n_heads=1
+        )
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # only the decay moves p
+        opt.step()
+        assert (not torch.equal(model[0].bias, bias)) == moved
+        torch.testing.assert_close(model[0].bias, bias * (0.95 if moved else 1.0))
+
+
+def test_bad_input_fails_early_with_names():
+    model = quad_model()
+    with pytest.raises(TypeError, match="named_parameters"):
+        optimizer.AdamMini(model.parameters())
+    with pytest.raises(TypeError, match="complex"):
+        optimizer.AdamMini([("z", nn.Parameter(torch.zeros(3, dtype=torch.complex64)))], n_heads=1)
+    part = partition.adam_mini(quad_model(), n_heads=1)
+    wrong = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
+    with pytest.raises(partition.PartitionError, match="0.weight"):
+        optimizer.AdamMini(wrong.named_parameters(), part)
+    with pytest.raises(partition.PartitionError, match="extra.weight"):
+        optimizer.AdamMini(
+            [*model.named_parameters(), ("extra.weight", nn.Parameter(torch.zeros(2, 2)))], part
+        )
+    for kwargs, what in (
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (1.0, 0.9)}, "betas"),
+        ({"betas": (0.9, -0.1)}, "betas"),
+        ({"eps": -1e-8}, "eps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"nonfinite": "maybe"}, "nonfinite"),
+        ({"momentum_dtype": "fp8"}, "momentum_dtype"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            optimizer.AdamMini(model.named_parameters(), part, **kwargs)
+    emb = nn.Embedding(5, 3, sparse=True)
+    opt = optimizer.AdamMini(emb.named_parameters(), n_heads=1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+@pytest.mark.parametrize("fused", FUSED_MODES)
+def test_nonfinite_gradients_leave_state_untouched(fused):
+    model = quad_model()
+    opt = optimizer.AdamMini(model.named_parameters(), lr=0.1, fused=fused, n_heads=1)
+    quad_loss(model).backward()
+    opt.step()
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model[2].weight.grad[1, 0] = float("nan")
+    model[0].bias.grad[0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"0\.bias.*2\.weight|2\.weight.*0\.bias"):
+        opt.step()
+    after = (model.state_dict(), opt.state_dict())
+    for key, value in before[0].items():
+        assert torch.equal(value, after[0][key])
+    for idx, st in before[1]["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, after[1]["state"][idx][key])
+    opt.nonfinite = "skip"
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before[0].items())
+    opt.nonfinite = "ignore"
+    opt.step()
+    assert torch.isnan(model[2].weight).any()
+
+
+def test_bf16_momentum_stochastic_rounding_is_unbiased_and_trains():
+    from optimizer.kernels import stochastic_round_to_bf16
+
+    x = torch.full((200_000,), 1.0 + 2**-10, dtype=torch.float32)  # between two bf16 values
+    r = stochastic_round_to_bf16(x, torch.Generator().manual_seed(0)).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0078125}
+    assert abs(r.mean().item() - x[0].item()) < 2e-5
+    losses = {}
+    for dtype in (None, "bf16"):
+        model = quad_model().float()
+        opt = optimizer.AdamMini(model.named_parameters(), lr=0.02, momentum_dtype=dtype, n_heads=1)
+        for _ in range(60):
+            opt.zero_grad()
+            loss = quad_loss(model)
+            loss.backward()
+            opt.step()
+        losses[dtype] = loss.item()
+        if dtype:
+            assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in model.parameters())
+    assert losses["bf16"] < 0.2 * quad_loss(quad_model()).item()
+    assert abs(losses["bf16"] - losses[None]) < 0.1 * losses[None] + 1e-4
+
+
+def test_no_warning_on_plain_use():
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = optimizer.AdamMini(model.named_parameters(), model=model)
+        lm_step(model, opt, tokens())
+
+
+@pytest.mark.parametrize("fused", FUSED_MODES)
+def test_bf16_momentum_rounding_is_unbiased_in_every_path(fused):
+    """beta1 = 0 makes m = g exactly; g sits 1/8 of the way between two bf16 values."""
+    shape = (64, 2048)
+    w = nn.Parameter(torch.zeros(shape))
+    opt = optimizer.AdamMini(
+        [("w", w)],
+        Partition([TensorBlocks("w", shape, "rows", {})]),
+        betas=(0.0, 0.999),
+        momentum_dtype="bf16",
+        fused=fused,
+    )
+    w.grad = torch.full(shape, 1.0 + 2**-10)
+    opt.step()
+    m = opt.state[w]["exp_avg"].float()
+    assert set(m.unique().tolist()) == {1.0, 1.0078125}
+    assert abs(m.mean().item() - (1.0 + 2**-10)) < 2e-5
+    w.grad = torch.full(shape, float("inf"))
+    opt.nonfinite = "ignore"
+    opt.step()
+    assert not torch.isfinite(opt.state[w]["exp_avg"]).any()  # lerp(m, inf, 1) is nan, as in torch
+
+
+def test_bf16_fused_and_eager_paths_agree_to_bf16_precision():
+    runs = []
+    for fused in FUSED_MODES:
+        model = tiny_llama(torch.float32)
+        opt = optimizer.AdamMini(
+            model.named_parameters(), lr=1e-2, model=model, momentum_dtype="bf16", fused=fused
+        )
+        train(model, opt, 4)
+        runs.append(list(model.parameters()))
+    for a, b in zip(runs[0], runs[-1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)

@@ -1,0 +1,166 @@
+"""AdamMini under torch.distributed on the CPU (gloo, 2 processes): FSDP2, DCP and DDP.
+
+One spawn runs every case to keep the suite fast. Rule zoo sharded on dim 0 over
+2 ranks: ``q`` (12 rows, head_dim 4) has its head 1 cut by the shard boundary,
+``emb`` (9 rows) is sharded 5/4, norms, columns, fused heads and row groups span
+both ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import optimizer
+from partition import Partition, TensorBlocks
+
+pytestmark = pytest.mark.distributed
+
+SHAPES = {
+    "norm": ((7,), "tensor", {}),
+    "emb": ((9, 6), "rows", {}),
+    "q": ((12, 5), "heads", {"head_dim": 4}),
+    "cols": ((5, 7), "columns", {}),
+    "qkv": ((14, 3), "fused_heads", {"head_dim": 2, "sections": [4, 4, 6], "orientation": "rows"}),
+    "groups": ((6, 3), "row_groups", {"groups": [1, 0, 1, 2, 0, 2]}),
+    "bias": ((5,), "elements", {}),
+}
+STEPS, SAVE_AT = 5, 3
+HYPER = dict(lr=0.05, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class Zoo(nn.Module):
+    """One parameter per rule; a smooth nonconvex loss of all of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        for name, (shape, _, _) in SHAPES.items():
+            self.register_parameter(
+                name, nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64))
+            )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return sum(
+            (torch.sin(p * (i + 1) * t) + 0.3 * p.square()).sum()
+            for i, p in enumerate(self.parameters())
+        )
+
+
+def zoo_partition() -> Partition:
+    return Partition(TensorBlocks(n, s, r, p) for n, (s, r, p) in SHAPES.items())
+
+
+def step_input(k: int) -> torch.Tensor:
+    return torch.tensor(0.5 + 0.1 * k, dtype=torch.float64)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, batch=None) -> None:
+    for k in steps:
+        opt.zero_grad()
+        model(step_input(k)).backward() if batch is None else batch(model, k).backward()
+        opt.step()
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc_in = nn.Linear(6, 8, dtype=torch.float64)
+        self.fc_out = nn.Linear(8, 3, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(torch.tanh(self.fc_in(x)))
+
+
+def ddp_batch(model: nn.Module, k: int, rank: int | None = None, world: int = 2) -> torch.Tensor:
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    if rank is not None:
+        x = x.chunk(world)[rank]
+    return model(x).square().mean()
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mesh = init_device_mesh("cpu", (world,))
+    part = zoo_partition()
+    result = {}
+
+    model = Zoo()
+    fully_shard(model, mesh=mesh)
+    opt = optimizer.AdamMini(model.named_parameters(), part, **HYPER)
+    train(model, opt, range(SAVE_AT))
+    ckpt = os.path.join(out, "ckpt")
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=ckpt)
+    train(model, opt, range(SAVE_AT, STEPS))
+    result["fsdp"] = {n: p.full_tensor() for n, p in model.named_parameters()}
+    result["q_v"] = opt.state[model.q]["exp_avg_sq"].full_tensor()
+    result["emb_v_local"] = opt.state[model.emb]["exp_avg_sq"].to_local().clone()
+
+    resumed = Zoo()
+    fully_shard(resumed, mesh=mesh)
+    opt2 = optimizer.AdamMini(resumed.named_parameters(), part, **HYPER)
+    opt2.init_state()
+    state = {"model": resumed.state_dict(), "optim": opt2.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)
+    opt2.load_state_dict(state["optim"])
+    train(resumed, opt2, range(SAVE_AT, STEPS))
+    result["resumed"] = {n: p.full_tensor() for n, p in resumed.named_parameters()}
+
+    ddp = DDP(Tiny())
+    opt3 = optimizer.AdamMini(ddp.named_parameters(), **HYPER, n_heads=1)
+    train(ddp, opt3, range(STEPS), batch=lambda m, k: ddp_batch(m, k, rank, world))
+    result["ddp"] = {
+        n.removeprefix("module."): p.detach().clone() for n, p in ddp.named_parameters()
+    }
+    if rank == 0:
+        torch.save(result, os.path.join(out, "result.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.filterwarnings("ignore::partition.PartitionWarning")
+def test_fsdp2_dcp_and_ddp_match_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+
+    model = Zoo()
+    opt = optimizer.AdamMini(model.named_parameters(), zoo_partition(), **HYPER)
+    train(model, opt, range(STEPS))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(
+            result["fsdp"][name], p.detach(), rtol=1e-12, atol=1e-14, msg=name
+        )
+        assert torch.equal(result["resumed"][name], result["fsdp"][name]), name
+    torch.testing.assert_close(result["q_v"], opt.state[model.q]["exp_avg_sq"], rtol=1e-12, atol=0)
+    assert result["q_v"].shape == (3,)  # replicated: one entry per head, head 1 cut by the shard
+    torch.testing.assert_close(
+        result["emb_v_local"], opt.state[model.emb]["exp_avg_sq"][:5], rtol=1e-12, atol=0
+    )
+
+    tiny = Tiny()
+    opt = optimizer.AdamMini(tiny.named_parameters(), **HYPER, n_heads=1)
+    train(tiny, opt, range(STEPS), batch=ddp_batch)
+    for name, p in tiny.named_parameters():
+        torch.testing.assert_close(
+            result["ddp"][name], p.detach(), rtol=1e-12, atol=1e-14, msg=name
+        )

@@ -1,0 +1,31 @@
+"""``adam-mini-lab memory``: the table against the paper's Llama 2-7B figures."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from lab import memory
+
+
+def test_memory_command_matches_paper_llama2_7b(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    memory.add_parser(parser.add_subparsers())
+    out = tmp_path / "mem.md"
+    args = parser.parse_args(["memory", "--models", "GPT-2 125M", "Llama 2-7B", "--out", str(out)])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() in printed
+    rows = {r.model: r for r in memory.memory_rows(["Llama 2-7B"])}
+    llama = rows["Llama 2-7B"]
+    adamw, mini = memory.PAPER["Llama 2-7B"]
+    assert llama.adamw / memory.GB == pytest.approx(adamw, rel=1e-3)
+    assert llama.adam_mini / memory.GB == pytest.approx(mini, rel=1e-3)
+    assert llama.ratio <= 0.501
+    assert "| Llama 2-7B | 6,738.4M |" in printed and "| 53.91 | 26.96 |" in printed
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="GPT-3"):
+        memory.memory_rows(["GPT-3"])
