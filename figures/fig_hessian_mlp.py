@@ -3,8 +3,8 @@
 Top row: the hidden-layer Hessian d²L/dW1² (W1 = fc1.weight, m neurons × d inputs, rows
 neuron-major so each d×d diagonal block is one neuron) at initialisation, half-way and at the
 end of full-batch Adam training on Gaussian data with uniformly random labels (the paper's
-setup has m=8, d=C=500; we use d=100 so that the dense block stays cheap). Bottom row: the same block at initialisation for C = 10, 100, 1000
-classes. Titles give r_diag, the share of squared Frobenius mass inside the per-neuron blocks.
+setup has m=8, d=C=500; we use d=100 so that the dense block stays cheap). Bottom row: the
+same block at initialisation for C = 10, 100, 1000 classes. Titles give r_diag, the share of squared Frobenius mass inside the per-neuron blocks.
 
     python figures/fig_hessian_mlp.py [--quick] [--out DIR]
 """
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     caption(
         fig,
         f"OneHiddenMLP (ReLU, no bias; the paper uses d=500, we use d={s.d} to keep the exact "
-        "Hessian cheap), cross-entropy on n={s.n} Gaussian inputs with uniformly "
+        f"Hessian cheap), cross-entropy on n={s.n} Gaussian inputs with uniformly "
         f"random labels, float64, exact Hessian from {s.m * s.d} Hessian-vector products "
         f"(hessian.HessianOperator). Only the W1-W1 block (m·d = {s.m * s.d} parameters) is "
         "shown: the W2 rows are blocks of m entries each, too small to see at this scale. "

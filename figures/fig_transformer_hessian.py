@@ -27,41 +27,35 @@ from lab.models import TinyGPT, TinyGPTConfig, lm_loss
 from lab.train import WarmupCosine, train
 
 NAME = "fig_transformer_hessian"
-CONFIG = TinyGPTConfig(vocab_size=256, context=16, n_layer=1, d_model=16, n_heads=4)
+FULL = TinyGPTConfig(vocab_size=256, context=16, n_layer=1, d_model=16, n_heads=4)
+SMALL = TinyGPTConfig(vocab_size=256, context=8, n_layer=1, d_model=8, n_heads=2)
 
-# (title, parameter name, block rule, entries per block)
-MODULES = [
-    ("query", "blocks.0.attn.q_proj.weight", "head", CONFIG.hd * CONFIG.d_model),
-    ("key", "blocks.0.attn.k_proj.weight", "head", CONFIG.hd * CONFIG.d_model),
-    ("value", "blocks.0.attn.v_proj.weight", "output neuron", CONFIG.d_model),
-    ("attention output", "blocks.0.attn.o_proj.weight", "output neuron", CONFIG.d_model),
-    ("MLP in (fc_in)", "blocks.0.mlp.fc_in.weight", "output neuron", CONFIG.d_model),
-    ("MLP out (fc_out)", "blocks.0.mlp.fc_out.weight", "output neuron", CONFIG.ff),
-]
-SHAPES = {
-    "blocks.0.attn.q_proj.weight": (CONFIG.n_heads * CONFIG.hd, CONFIG.d_model),
-    "blocks.0.attn.k_proj.weight": (CONFIG.kv_heads * CONFIG.hd, CONFIG.d_model),
-    "blocks.0.attn.v_proj.weight": (CONFIG.kv_heads * CONFIG.hd, CONFIG.d_model),
-    "blocks.0.attn.o_proj.weight": (CONFIG.d_model, CONFIG.n_heads * CONFIG.hd),
-    "blocks.0.mlp.fc_in.weight": (CONFIG.ff, CONFIG.d_model),
-    "blocks.0.mlp.fc_out.weight": (CONFIG.d_model, CONFIG.ff),
-}
+
+def modules(c: TinyGPTConfig) -> list[tuple[str, str, str, int]]:
+    """(title, parameter, block rule, entries per block) of the matrices of layer 0."""
+    return [
+        ("query", "blocks.0.attn.q_proj.weight", "head", c.hd * c.d_model),
+        ("key", "blocks.0.attn.k_proj.weight", "head", c.hd * c.d_model),
+        ("value", "blocks.0.attn.v_proj.weight", "output neuron", c.d_model),
+        ("attention output", "blocks.0.attn.o_proj.weight", "output neuron", c.n_heads * c.hd),
+        ("MLP in (fc_in)", "blocks.0.mlp.fc_in.weight", "output neuron", c.d_model),
+        ("MLP out (fc_out)", "blocks.0.mlp.fc_out.weight", "output neuron", c.ff),
+    ]
 
 
 def module_hessians(
-    steps: int, batch_size: int, seed: int, progress: bool
-) -> tuple[dict[str, np.ndarray], float]:
-    """Dense per-module Hessians (float64) after ``steps`` AdamW steps; also the val loss."""
+    c: TinyGPTConfig, steps: int, batch_size: int, seed: int, progress: bool
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]], float]:
+    """Dense per-module Hessians (float64) after ``steps`` AdamW steps, shapes, val loss."""
     corpus = Corpus.stdlib()
-    torch.manual_seed(seed)
-    model = TinyGPT(CONFIG, seed=seed)
+    model = TinyGPT(c, seed=seed)
     res = train(
         lambda: model,
         lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0),
         corpus,
         steps=steps,
         batch_size=16,
-        context=CONFIG.context,
+        context=c.context,
         schedule=WarmupCosine(steps, warmup_steps=steps // 10, min_ratio=1.0),
         eval_every=steps,
         seed=seed,
@@ -69,26 +63,28 @@ def module_hessians(
         name="warm-up",
     )
     model = model.double()
-    batch = corpus.batch(
-        "train", batch_size, CONFIG.context, torch.Generator().manual_seed(seed + 7)
-    )
-    out = {}
-    for _, name, _, _ in tqdm(MODULES, desc="Hessians", disable=not progress, leave=False):
+    batch = corpus.batch("train", batch_size, c.context, torch.Generator().manual_seed(seed + 7))
+    out, shapes = {}, {}
+    for _, name, _, _ in tqdm(modules(c), desc="Hessians", disable=not progress, leave=False):
         H = hessian.HessianOperator(model, lm_loss, batch, params=[name])
         out[name] = H.to_dense().detach().numpy()
-    return out, res.final_val_loss
+        shapes[name] = tuple(H.param_shapes[name])
+    return out, shapes, res.final_val_loss
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parse_args(__doc__.splitlines()[0], argv)
     set_style()
-    steps, batch_size = (5, 4) if args.quick else (100, 64)
-    hessians, val_loss = module_hessians(steps, batch_size, args.seed, not args.no_progress)
+    c = SMALL if args.quick else FULL
+    steps, batch_size = (5, 2) if args.quick else (100, 64)
+    hessians, shapes, val_loss = module_hessians(
+        c, steps, batch_size, args.seed, not args.no_progress
+    )
     rng = np.random.default_rng(args.seed)
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 9.4))
     fig.subplots_adjust(hspace=0.3, wspace=0.1, top=0.88, bottom=0.04)
-    for ax, (title, name, rule, size) in zip(axes.flat, MODULES, strict=True):
+    for ax, (title, name, rule, size) in zip(axes.flat, modules(c), strict=True):
         H = hessians[name]
         n = H.shape[0]
         ids = np.arange(n) // size
@@ -99,20 +95,20 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             f"r_diag = {block_mass_share(H, ids):.2f}  (random blocks: {null:.2f})",
             fontsize=10,
         )
-        shape = "×".join(map(str, SHAPES[name]))
+        shape = "×".join(map(str, shapes[name]))
         ax.set_xlabel(f"{name}  ({shape}, row-major)", fontsize=7)
     cbar = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.02)
     cbar.set_label("log10 |∂²L/∂w_i∂w_j|")
     fig.suptitle(
-        "Hessian of each weight matrix of a tiny transformer (d_model 16, 4 heads): "
+        f"Hessian of each weight matrix of a tiny transformer (d_model {c.d_model}, {c.n_heads} heads): "
         "dense blocks per head (query, key) and per output neuron (value, output, MLP)",
         y=0.97,
     )
     caption(
         fig,
-        f"TinyGPT, 1 layer, context {CONFIG.context}, byte-level Python-stdlib text; "
+        f"TinyGPT, 1 layer, context {c.context}, MLP width {c.ff}, byte-level Python-stdlib text; "
         f"{steps} AdamW steps (lr 3e-3, val loss {val_loss:.2f}) then the exact Hessian in "
-        f"float64 on one batch of {batch_size}×{CONFIG.context} tokens (hessian.HessianOperator, "
+        f"float64 on one batch of {batch_size}×{c.context} tokens (hessian.HessianOperator, "
         "one matrix per module, cross-module blocks not shown). r_diag = Σ_a ||H_aa||²_F / "
         "||H||²_F; 'random blocks' scores a random partition with the same block sizes.",
     )

@@ -67,7 +67,7 @@ def block_types(config: TinyGPTConfig, token: int, layers: Sequence[int] = (0,))
     The blocks are those of the Adam-mini principle: a head of the query and key, an output
     neuron (row) of value, attention output and the MLP matrices, the row of ``token`` in the
     token embedding and the output layer, position 0 of the position embedding, and a whole
-    LayerNorm weight.
+    LayerNorm weight (no output-layer row when it is tied to the embedding).
     """
     hd = config.hd
     groups: dict[str, Any] = {}
@@ -86,8 +86,9 @@ def block_types(config: TinyGPTConfig, token: int, layers: Sequence[int] = (0,))
     groups |= {
         f"token embedding row {shown}": {"tok_emb.weight": token},
         "position embedding row 0": {"pos_emb.weight": 0},
-        f"output layer row {shown}": {"lm_head.weight": token},
     }
+    if not config.tie_weights:
+        groups[f"output layer row {shown}"] = {"lm_head.weight": token}
     return groups
 
 

@@ -82,7 +82,9 @@ DEFAULT = ReproduceConfig(
     seed=0,
 )
 QUICK = ReproduceConfig(
-    model=TinyGPTConfig(vocab_size=256, context=16, n_layer=1, d_model=16, n_heads=4),
+    model=TinyGPTConfig(
+        vocab_size=256, context=8, n_layer=1, d_model=8, n_heads=2, tie_weights=True
+    ),
     hessian_warmup_steps=20,
     hessian_batches=1,
     hessian_batch_size=2,
@@ -90,10 +92,10 @@ QUICK = ReproduceConfig(
     threshold=0.05,
     spectra_probes=1,
     spectra_steps=8,
-    steps=60,
+    steps=40,
     batch_size=8,
     lr=1e-2,
-    eval_every=20,
+    eval_every=10,
     eval_batches=2,
     seed=0,
 )
@@ -404,6 +406,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per optimizer")
     p.add_argument("--seed", type=int, default=None, help="seed of the whole run (default 0)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for the tests (~30 s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the fastest for these tiny models, and steady on a "
+        "busy machine)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=main)
 
@@ -419,6 +428,9 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.seed is not None:
         config = replace(config, seed=args.seed)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     result = run(config, args.out, progress=not args.no_progress)
     print(
         f"wrote {result.out / 'report.md'}, {result.out / 'partition.json'} and figures/ "

@@ -152,7 +152,7 @@ def reference_run(params, part, grads, lr=0.05, betas=(0.9, 0.95), eps=1e-8, wd=
 
 
 @pytest.mark.parametrize("fused", FUSED_MODES)
-@pytest.mark.parametrize("nonfinite", ["raise", "ignore"])
+@pytest.mark.parametrize("nonfinite", ["raise", "skip_blocks", "ignore"])
 def test_fast_paths_match_reference_loop(fused, nonfinite):
     init, part = rule_zoo()
     gen = torch.Generator().manual_seed(1)
@@ -386,7 +386,9 @@ def test_bad_input_fails_early_with_names():
 @pytest.mark.parametrize("fused", FUSED_MODES)
 def test_nonfinite_gradients_leave_state_untouched(fused):
     model = quad_model()
-    opt = optimizer.AdamMini(model.named_parameters(), lr=0.1, fused=fused, n_heads=1)
+    opt = optimizer.AdamMini(
+        model.named_parameters(), lr=0.1, fused=fused, n_heads=1, nonfinite="raise"
+    )
     quad_loss(model).backward()
     opt.step()
     before = copy.deepcopy((model.state_dict(), opt.state_dict()))
@@ -476,3 +478,70 @@ def test_bf16_fused_and_eager_paths_agree_to_bf16_precision():
         runs.append(list(model.parameters()))
     for a, b in zip(runs[0], runs[-1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("fused", FUSED_MODES)
+def test_skip_blocks_steps_finite_blocks_and_keeps_the_rest(fused):
+    init, part = rule_zoo()
+
+    def run(mode):
+        params = {n: nn.Parameter(p.clone()) for n, p in init.items()}
+        opt = optimizer.AdamMini(
+            list(params.items()), part, lr=0.05, weight_decay=0.1, fused=fused, nonfinite=mode
+        )
+        gen = torch.Generator().manual_seed(3)
+        for k in range(2):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if k == 1:
+                params["emb"].grad[2, 1] = float("nan")  # row block 2 of emb
+                params["q"].grad[5, 0] = float("inf")  # head 1 of q (rows 4-7)
+                params["bias"].grad[3] = float("nan")  # one entry of an elements tensor
+                before = {
+                    n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+                    for n, p in params.items()
+                }
+            opt.step()
+        return params, opt, before
+
+    with pytest.warns(RuntimeWarning, match="emb.*q|q.*emb"):
+        params, opt, before = run("skip_blocks")
+    assert opt.skipped_blocks == 3
+    ref, ref_opt, _ = run("ignore")
+    bad_entries = {
+        "emb": (slice(2, 3), slice(None)),
+        "q": (slice(4, 8), slice(None)),
+        "bias": (slice(3, 4),),
+    }
+    bad_v = {"emb": [2], "q": [1], "bias": [3]}
+    for n, p in params.items():
+        keep = torch.zeros(p.shape, dtype=torch.bool)
+        if n in bad_entries:
+            keep[bad_entries[n]] = True
+        old_p, old_state = before[n]
+        assert torch.equal(p.detach()[keep], old_p[keep]), n
+        assert torch.equal(opt.state[p]["exp_avg"][keep], old_state["exp_avg"][keep]), n
+        torch.testing.assert_close(p.detach()[~keep], ref[n].detach()[~keep], rtol=0, atol=0, msg=n)
+        v, v_ref, v_old = (
+            opt.state[p]["exp_avg_sq"],
+            ref_opt.state[ref[n]]["exp_avg_sq"],
+            old_state["exp_avg_sq"],
+        )
+        vmask = torch.zeros(v.shape, dtype=torch.bool).view(-1)
+        vmask[bad_v.get(n, [])] = True
+        vmask = vmask.view(v.shape)
+        assert torch.equal(v[vmask], v_old[vmask]) and torch.equal(v[~vmask], v_ref[~vmask]), n
+        assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["exp_avg"]).all(), n
+
+
+def test_param_names_groups_and_fused_true_without_kernel(monkeypatch):
+    model = quad_model()
+    names, tensors = zip(*model.named_parameters(), strict=True)
+    part = partition.by_rows(model)
+    opt = optimizer.AdamMini([{"params": list(tensors), "param_names": list(names)}], part, lr=0.1)
+    assert opt.param_groups[0]["param_names"] == list(names)
+    opt.init_state()
+    assert all(opt.state[p]["step"].item() == 0 for p in tensors)
+    monkeypatch.setattr(optimizer.adam_mini.cpu_fused, "load", lambda: None)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        optimizer.AdamMini(model.named_parameters(), part, fused=True)

@@ -1,0 +1,72 @@
+"""Argument handling of ``AdamMini``: named param groups, head counts, hyperparameter ranges."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def head_config(model: nn.Module | None) -> dict[str, int]:
+    """Head counts from ``model.config`` (transformers or TinyGPT names), for ``partition.adam_mini``."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    out = {}
+    for key, names in {
+        "n_heads": ("n_heads", "num_attention_heads", "n_head"),
+        "n_kv_heads": ("n_kv_heads", "num_key_value_heads"),
+        "head_dim": ("head_dim",),
+    }.items():
+        for attr in names:
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int):
+                out[key] = value
+                break
+    return out
+
+
+def normalize_groups(params: Any) -> list[dict]:
+    """``named_parameters()`` or groups -> list of group dicts with ``(name, tensor)`` params."""
+    params = list(params)
+    if not params:
+        raise ValueError("AdamMini got an empty parameter list")
+    if isinstance(params[0], Mapping):
+        groups = [dict(g) for g in params]
+    else:
+        groups = [{"params": params}]
+    for g in groups:
+        items = g["params"]
+        items = [items] if isinstance(items, (torch.Tensor, tuple)) else list(items)
+        names = g.pop("param_names", None)
+        if names is not None:
+            if len(names) != len(items):
+                raise ValueError("param_names and params of a group differ in length")
+            items = list(zip(names, items, strict=True))
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(
+                    "AdamMini needs parameter names to find each tensor's blocks: pass "
+                    "model.named_parameters() or groups whose 'params' are (name, tensor) pairs "
+                    "(or carry a 'param_names' list)"
+                )
+        g["params"] = items
+    return groups
+
+
+def check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("lr as a tensor must have one element")
+    if not float(lr) >= 0.0:
+        raise ValueError(f"lr={lr} is invalid: the learning rate must be >= 0")
+    if len(tuple(betas)) != 2:
+        raise ValueError(f"betas={betas} must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"betas[{i}]={b} is invalid: each beta must be in [0, 1)")
+    if not float(eps) >= 0.0:
+        raise ValueError(f"eps={eps} is invalid: eps must be >= 0")
+    if not float(weight_decay) >= 0.0:
+        raise ValueError(f"weight_decay={weight_decay} is invalid: it must be >= 0")

@@ -1,0 +1,69 @@
+"""Every figure script runs in --quick mode and writes a PNG and a PDF (to a tmp folder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIGURES = Path(__file__).resolve().parents[1] / "figures"
+SCRIPTS = sorted(p.stem for p in FIGURES.glob("fig_*.py"))
+
+
+def _load(name: str):
+    if str(FIGURES) not in sys.path:
+        sys.path.insert(0, str(FIGURES))
+    spec = importlib.util.spec_from_file_location(f"figures_{name}", FIGURES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_all_expected_scripts_exist() -> None:
+    assert set(SCRIPTS) >= {
+        "fig_hessian_mlp",
+        "fig_transformer_hessian",
+        "fig_blockwise_spectra",
+        "fig_quadratic",
+        "fig_training_curves",
+        "fig_memory_table",
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_quick_mode_writes_png_and_pdf(name: str, tmp_path: Path) -> None:
+    paths = _load(name).main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    png, pdf = tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"
+    assert png in paths and pdf in paths
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert not list(tmp_path.glob(".*.tmp")), "temp files of the atomic writes were left behind"
+
+
+def test_runs_as_a_script_and_defaults_next_to_itself(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(FIGURES / "fig_quadratic.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fig_quadratic.png").exists()
+    common = _load("_common")
+    assert common.parse_args("x", []).out == FIGURES
+
+
+def test_block_mass_share_against_a_hand_computed_matrix() -> None:
+    import numpy as np
+
+    from lab.experiments_plots import block_mass_share, pooled_abs
+
+    H = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]])
+    # blocks {0, 1} and {2}: diagonal mass 4 + 1 + 1 + 9 + 16 = 31 of 33
+    assert block_mass_share(H, np.array([0, 0, 1])) == pytest.approx(31 / 33)
+    A, s = pooled_abs(np.arange(16.0).reshape(4, 4), max_pixels=2)
+    assert s == 2 and A[0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4)

@@ -1,0 +1,104 @@
+"""`adam-mini-lab reproduce --quick` writes the report, partition.json and the figures."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import hessian
+import partition
+from lab.cli import main
+from lab.experiments import block_share
+from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+from lab.reproduce import QUICK
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reproduce")
+    threads = torch.get_num_threads()  # reproduce sets --threads (default 1): restore it
+    try:
+        argv = ["reproduce", "--quick", "--out", str(path), "--no-progress", "--seed", "1"]
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return path
+
+
+@pytest.mark.slow
+def test_writes_report_partition_and_figures(out: Path) -> None:
+    for name in ("report.md", "partition.json", "results.json"):
+        assert (out / name).stat().st_size > 0
+    for fig in ("coupling", "blockwise_spectra", "training_curves"):
+        assert (out / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
+        assert (out / image).exists(), image
+    assert len(list((out / "curves").glob("*.csv"))) == 3
+
+
+@pytest.mark.slow
+def test_partition_fits_the_trained_model(out: Path) -> None:
+    part = partition.Partition.from_json(out / "partition.json")
+    part.check(TinyGPT(QUICK.model))
+    assert part.provenance["method"] == "greedy"
+    assert 0 < part.num_blocks <= partition.by_rows(TinyGPT(QUICK.model)).num_blocks
+
+
+@pytest.mark.slow
+def test_report_numbers_come_from_the_runs(out: Path) -> None:
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    names = [v["name"] for v in results["variants"]]
+    assert names == ["AdamW", "Adam-mini (derived)", "Adam-mini (paper rules)"]
+    for v in results["variants"]:
+        run = v["run"]
+        assert run["steps"] == QUICK.steps and run["seed"] == 1
+        assert run["final_val_loss"] == run["val_loss"][-1]
+        row = next(line for line in report.splitlines() if line.startswith(f"| {v['name']} |"))
+        assert f"{run['final_val_loss']:.4f}" in row
+        assert f"{v['v_entries']:,}" in row
+    adamw = results["variants"][0]
+    assert adamw["v_entries"] == results["hessian"]["num_params"]
+    assert adamw["state_bytes"] == adamw["run"]["optimizer_state_bytes"]  # predicted == allocated
+    derived = results["variants"][1]
+    assert derived["v_entries"] == results["hessian"]["derived_blocks"]
+    assert f"{results['hessian']['r_diag']:.3f}" in report
+
+
+def test_steps_and_seed_options_reach_the_config(monkeypatch) -> None:
+    seen = {}
+
+    def fake_run(config, out, progress=True):
+        seen.update(config=config, out=out)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("lab.reproduce.run", fake_run)
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--steps", "7", "--seed", "3", "--out", "x", "--threads", "2"])
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(threads)
+    assert seen["config"].steps == 7 and seen["config"].seed == 3 and str(seen["out"]) == "x"
+
+
+def test_block_share_matches_an_exact_coupling_of_the_coarse_partition() -> None:
+    """r_diag summed from the row masses == r_diag measured directly on the coarser partition."""
+    cfg = TinyGPTConfig(vocab_size=256, context=4, n_layer=1, d_model=4, n_heads=2)
+    model = TinyGPT(cfg, seed=0).double()
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith("blocks.0.")]
+    x = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(0))
+    H = hessian.HessianOperator(model, lm_loss, (x, x.roll(-1, 1)), params=[n for n, _ in named])
+    H = H.to_dense().detach()  # flat order = model order = the partitions' names order
+    rows = hessian.block_coupling(H, partition.by_rows(named), exact=True, progress=False)
+    for coarse in (partition.adam_mini(named, n_heads=2), partition.by_tensor(named)):
+        direct = hessian.block_coupling(H, coarse, exact=True, progress=False)
+        share = block_share(rows, coarse)
+        assert share.r_diag == pytest.approx(direct.r_diag, rel=1e-10)
+        assert share.num_blocks == coarse.num_blocks
+    with pytest.raises(ValueError, match="coarsening"):
+        block_share(direct, partition.by_rows(named))
