@@ -22,6 +22,7 @@ resolves multiplicities up to ``p``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,7 @@ def lanczos(
     block_size: int = 1,
     true_residuals: bool = True,
     progress: bool = True,
+    callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the symmetric ``op`` (see the module docstring).
 
@@ -83,6 +85,9 @@ def lanczos(
         true_residuals: recompute the final residuals with ``k`` extra products (else from the
             Lanczos relation).
         progress: tqdm progress bar.
+        callback: called after every step once ``k`` Ritz values exist, as
+            ``callback(num_matvecs, values, residual_estimates)`` (wanted pairs, Lanczos-relation
+            residuals), e.g. to record the convergence history.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -130,6 +135,8 @@ def lanczos(
                 want = _wanted(theta, k, which)
                 scale = max(np.abs(theta).max(), np.finfo(float).tiny)
                 done = int((res[want] <= tol * scale).sum())
+                if callback is not None:
+                    callback(num_matvecs, theta[want], res[want])
                 bar.set_postfix(converged=f"{done}/{k}")
                 if done == k:
                     bar.update(1)
