@@ -143,7 +143,9 @@ def blockwise_spectra(
     out = {}
     for label, idx in groups.items():
         width = min(num_steps, idx.numel())
-        mine = [quadrature(a, b, width) for (a, b), o in zip(runs, owner, strict=True) if o == label]
+        mine = [
+            quadrature(a, b, width) for (a, b), o in zip(runs, owner, strict=True) if o == label
+        ]
         nodes, weights = zip(*mine, strict=True)
         out[label] = SpectralDensity(
             np.stack(nodes), np.stack(weights), int(idx.numel()), used // len(groups)
@@ -197,7 +199,9 @@ def _groups(A: Operator, blocks: Any) -> dict[str, torch.Tensor]:
     elif isinstance(blocks, Sequence) and not isinstance(blocks, str):
         items = [(name, name) for name in blocks]
     else:
-        raise TypeError("blocks must be a Partition, a {label: selector} mapping or a list of names")
+        raise TypeError(
+            "blocks must be a Partition, a {label: selector} mapping or a list of names"
+        )
     out = {}
     for label, spec in items:
         if isinstance(spec, torch.Tensor) and not hasattr(A, "select"):

@@ -7,8 +7,9 @@ For :math:`f(\theta)` and a tangent :math:`v`, both modes return :math:`H v = \n
   tangent, so the primal forward and backward are shared.
 * ``"reverse"`` (reverse-over-reverse, double backward): :math:`Hv = \nabla_\theta
   \langle \nabla f(\theta), v\rangle`, ``torch.autograd.grad`` with ``create_graph=True`` and a
-  second ``torch.autograd.grad``. Many vectors at once: ``is_grads_batched=True`` (a vmap over
-  the second backward), or one backward per vector on the retained graph.
+  second ``torch.autograd.grad``. Many vectors at once: one forward and one first backward, then
+  one second backward per vector on the retained graph (measured faster on CPU than
+  ``is_grads_batched=True``, which vmaps the second backward).
 
 Both are built on ``grad``, never on ``torch.func.jacrev``: differentiating ``jacrev`` again gives
 a wrong Hessian through the native LayerNorm (see DESIGN.md, "Pitfalls").
@@ -65,27 +66,20 @@ def hvp_reverse(f: LossFn, params: Params, tangents: Params, batched: bool) -> P
             hv = torch.autograd.grad(gl, leaves, grad_outputs=tl, allow_unused=True)
             return {n: (h if h is not None else o) for n, h, o in zip(names, hv, outs, strict=True)}
         k = tl[0].shape[0]
-        try:
-            hv = torch.autograd.grad(
-                gl, leaves, grad_outputs=tl, allow_unused=True, is_grads_batched=True
+        cols = [
+            torch.autograd.grad(
+                gl,
+                leaves,
+                grad_outputs=[t[i] for t in tl],
+                allow_unused=True,
+                retain_graph=i < k - 1,
             )
-        except (RuntimeError, NotImplementedError) as err:
-            _warn_loop("reverse", err)
-            cols = []
-            for i in range(k):
-                cols.append(
-                    torch.autograd.grad(
-                        gl,
-                        leaves,
-                        grad_outputs=[t[i] for t in tl],
-                        allow_unused=True,
-                        retain_graph=i < k - 1,
-                    )
-                )
-            hv = [
-                None if cols[0][j] is None else torch.stack([c[j] for c in cols])
-                for j in range(len(leaves))
-            ]
+            for i in range(k)
+        ]
+        hv = [
+            None if cols[0][j] is None else torch.stack([c[j] for c in cols])
+            for j in range(len(leaves))
+        ]
         return {n: (h if h is not None else o) for n, h, o in zip(names, hv, outs, strict=True)}
 
 

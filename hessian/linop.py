@@ -45,7 +45,9 @@ class Operator:
         """``H @ v`` for a flat ``v`` of shape ``(n,)``."""
         v = _as_tensor(v, self.dtype, self.device)
         if v.shape != (self.shape[1],):
-            raise ValueError(f"matvec expects a vector of shape ({self.shape[1]},), got {tuple(v.shape)}")
+            raise ValueError(
+                f"matvec expects a vector of shape ({self.shape[1]},), got {tuple(v.shape)}"
+            )
         return self._matmat(v[:, None])[:, 0]
 
     def __matmul__(self, v: Any) -> Any:
@@ -129,7 +131,10 @@ class _CallableOperator(Operator):
         self.device = torch.device("cpu")
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        cols = [torch.as_tensor(np.asarray(self.fn(V[:, i])), dtype=self.dtype) for i in range(V.shape[1])]
+        cols = [
+            torch.as_tensor(np.asarray(self.fn(V[:, i])), dtype=self.dtype)
+            for i in range(V.shape[1])
+        ]
         return torch.stack(cols, dim=1)
 
 
@@ -142,7 +147,9 @@ def as_operator(op: Any) -> Operator:
     if isinstance(op, LinearOperator):
         return _ScipyOperator(op)
     if hasattr(op, "toarray") and hasattr(op, "shape"):
-        return _ScipyOperator(LinearOperator(op.shape, matvec=op.dot, matmat=op.dot, dtype=op.dtype))
+        return _ScipyOperator(
+            LinearOperator(op.shape, matvec=op.dot, matmat=op.dot, dtype=op.dtype)
+        )
     if callable(op) and hasattr(op, "shape"):
         return _CallableOperator(op, op.shape)
     raise TypeError(

@@ -246,7 +246,9 @@ class HessianOperator(Operator):
             "{name: index} dict, block ids with partition=, or flat indices"
         )
 
-    def restrict(self, blocks_a: Any, blocks_b: Any = None, partition: Any = None) -> RestrictedOperator:
+    def restrict(
+        self, blocks_a: Any, blocks_b: Any = None, partition: Any = None
+    ) -> RestrictedOperator:
         """The sub-operator :math:`H_{ab}` (rows ``a``, columns ``b``; ``b`` defaults to ``a``).
 
         ``blocks_a`` and ``blocks_b`` are selectors as in :meth:`select`, e.g.
@@ -338,7 +340,10 @@ class HessianOperator(Operator):
         if self.check_determinism and not self._batches.is_fixed:
             again = [fingerprint(b) for b in self._batches]
             if again != prints:
-                first = next((i for i, (a, b) in enumerate(zip(prints, again)) if a != b), len(prints))
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(prints, again, strict=False)) if a != b),
+                    len(prints),
+                )
                 raise NonDeterministicError(_DATA_MSG.format(i=first))
             self._prints = prints
         if self.check_determinism:

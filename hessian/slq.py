@@ -149,7 +149,9 @@ def _apply_embedded(
     outs = []
     for s in range(0, len(vecs), chunk):
         V = torch.zeros(n, min(chunk, len(vecs) - s), dtype=A.dtype, device=A.device)
-        for c, (v, sup) in enumerate(zip(vecs[s : s + chunk], supports[s : s + chunk], strict=True)):
+        for c, (v, sup) in enumerate(
+            zip(vecs[s : s + chunk], supports[s : s + chunk], strict=True)
+        ):
             if sup is None:
                 V[:, c] = v
             else:

@@ -54,8 +54,9 @@ def test_hutchinson_is_unbiased_on_a_dense_matrix():
     H = B + B.T
     part = flat_partition(sizes)
     exact = block_coupling(H, part, exact=True, progress=False).mass
-    runs = np.stack([block_coupling(H, part, num_samples=2, seed=s, progress=False).mass
-                     for s in range(400)])
+    runs = np.stack(
+        [block_coupling(H, part, num_samples=2, seed=s, progress=False).mass for s in range(400)]
+    )
     se = runs.std(axis=0, ddof=1) / np.sqrt(len(runs))
     z = (runs.mean(axis=0) - exact) / se
     assert np.abs(z).max() < 4 and np.mean(np.abs(z) > 3) < 0.1
@@ -63,8 +64,16 @@ def test_hutchinson_is_unbiased_on_a_dense_matrix():
 
 @pytest.fixture(scope="module")
 def gpt_hessian():
-    cfg = TinyGPTConfig(vocab_size=11, context=4, n_layer=1, d_model=8, n_heads=2,
-                        n_kv_heads=1, d_ff=16, init_std=0.3)
+    cfg = TinyGPTConfig(
+        vocab_size=11,
+        context=4,
+        n_layer=1,
+        d_model=8,
+        n_heads=2,
+        n_kv_heads=1,
+        d_ff=16,
+        init_std=0.3,
+    )
     model = TinyGPT(cfg, seed=1).double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 11, (3, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g)

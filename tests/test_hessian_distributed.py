@@ -40,8 +40,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for reduction in ("mean", "sum"):
             H = HessianOperator(model, loss_fn, shards[rank], reduction=reduction, mode="reverse")
             torch.save(
-                {"matmat": H.matmat(V), "matvec": H @ V[:, 0], "dense": H.to_dense(),
-                 "num_samples": H.num_samples},
+                {
+                    "matmat": H.matmat(V),
+                    "matvec": H @ V[:, 0],
+                    "dense": H.to_dense(),
+                    "num_samples": H.num_samples,
+                },
                 os.path.join(out_dir, f"{reduction}_{rank}.pt"),
             )
     finally:

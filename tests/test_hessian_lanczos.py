@@ -22,7 +22,9 @@ def planted(eigs: np.ndarray, seed: int = 0) -> np.ndarray:
 
 SPECTRA = {
     "known": np.linspace(-3.0, 10.0, N),
-    "clustered": np.r_[10 + 1e-5 * np.arange(4), 5 + 1e-3 * np.arange(40), np.linspace(-1, 1, N - 44)],
+    "clustered": np.r_[
+        10 + 1e-5 * np.arange(4), 5 + 1e-3 * np.arange(40), np.linspace(-1, 1, N - 44)
+    ],
     "degenerate": np.r_[[9.0, 9.0, 9.0, 4.0, 4.0], np.linspace(-2.0, 3.0, N - 5)],
 }
 
@@ -79,8 +81,16 @@ def test_accepts_every_operator_kind():
 
 
 def test_tinygpt_dense_hessian():
-    cfg = TinyGPTConfig(vocab_size=11, context=4, n_layer=1, d_model=8, n_heads=2,
-                        n_kv_heads=1, d_ff=16, init_std=0.3)
+    cfg = TinyGPTConfig(
+        vocab_size=11,
+        context=4,
+        n_layer=1,
+        d_model=8,
+        n_heads=2,
+        n_kv_heads=1,
+        d_ff=16,
+        init_std=0.3,
+    )
     model = TinyGPT(cfg, seed=0).double()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 11, (3, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g)
@@ -92,8 +102,9 @@ def test_tinygpt_dense_hessian():
         assert np.abs(res.values - expected(ref, which, 4)).max() < 1e-8
         V = res.vectors.numpy()
         assert np.abs(V.T @ V - np.eye(4)).max() < 1e-10
-        assert np.allclose(res.residuals, np.linalg.norm(D @ V - V * res.values, axis=0),
-                           rtol=1e-6, atol=1e-13)
+        assert np.allclose(
+            res.residuals, np.linalg.norm(D @ V - V * res.values, axis=0), rtol=1e-6, atol=1e-13
+        )
     # the matrix-free operator takes the same steps as its dense matrix
     a = lanczos(H, k=2, max_iter=12, seed=3, progress=False)
     b = lanczos(D, k=2, max_iter=12, seed=3, progress=False)

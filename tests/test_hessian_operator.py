@@ -43,7 +43,7 @@ def dense_reference(model, loss_fn, batch, names=None) -> torch.Tensor:
     sizes = [named[n].numel() for n in names]
 
     def f(flat):
-        pieces = dict(zip(names, [t.reshape(s) for t, s in zip(flat.split(sizes), shapes)]))
+        pieces = {n: t.reshape(s) for n, t, s in zip(names, flat.split(sizes), shapes, strict=True)}
         params = {**named, **pieces}
         return loss_fn(lambda *a: functional_call(model, params, a), batch)
 
@@ -61,7 +61,13 @@ def mlp_problem(seed: int = 0, n: int = 8):
 
 def gpt_problem(seed: int = 0):
     cfg = TinyGPTConfig(
-        vocab_size=13, context=5, n_layer=1, d_model=8, n_heads=2, n_kv_heads=1, d_ff=16,
+        vocab_size=13,
+        context=5,
+        n_layer=1,
+        d_model=8,
+        n_heads=2,
+        n_kv_heads=1,
+        d_ff=16,
         init_std=0.3,
     )
     model = TinyGPT(cfg, seed=seed).double()
@@ -168,16 +174,17 @@ def test_ragged_batches_equal_concatenated(reduction):
     scale = 8.0 if reduction == "sum" else 1.0
     assert (Hc - scale * dense_reference(model, ce_loss, (X, y))).abs().max() < 1e-10
     # a one-shot generator and a batch_size_fn give the same
-    Hg = HessianOperator(model, ce_loss, iter(batches), reduction=reduction,
-                         batch_size_fn=lambda b: len(b[1]))
+    Hg = HessianOperator(
+        model, ce_loss, iter(batches), reduction=reduction, batch_size_fn=lambda b: len(b[1])
+    )
     assert (Hg.to_dense() - Hc).abs().max() < 1e-12
 
 
 def test_restrict_matches_dense_slices(gpt):
     model, x, y, D = gpt
     H = HessianOperator(model, lm_loss, (x, y), mode="forward")
-    off = {n: o for n, o in zip(H.params, torch.cumsum(torch.tensor([0] + [
-        H.param_shapes[n].numel() for n in H.params]), 0).tolist())}
+    sizes = [H.param_shapes[n].numel() for n in H.params]
+    off = dict(zip(H.params, [sum(sizes[:i]) for i in range(len(sizes))], strict=True))
 
     def flat(name, index):
         shape = H.param_shapes[name]
@@ -197,13 +204,17 @@ def test_restrict_matches_dense_slices(gpt):
         assert (H.restrict(b, a).to_dense() - dense_ab.T).abs().max() < 1e-10
         assert (Hab.T.to_dense() - dense_ab.T).abs().max() < 1e-10
     # partition blocks: heads of q_proj (global ids), rows of fc_in
-    part = partition.Partition([
-        partition.TensorBlocks(n, tuple(H.param_shapes[n]), "tensor", {}) for n in H.params
-        if n not in (q, fc_in)
-    ] + [
-        partition.TensorBlocks(q, tuple(H.param_shapes[q]), "heads", {"head_dim": 4}),
-        partition.TensorBlocks(fc_in, tuple(H.param_shapes[fc_in]), "rows", {}),
-    ])
+    part = partition.Partition(
+        [
+            partition.TensorBlocks(n, tuple(H.param_shapes[n]), "tensor", {})
+            for n in H.params
+            if n not in (q, fc_in)
+        ]
+        + [
+            partition.TensorBlocks(q, tuple(H.param_shapes[q]), "heads", {"head_dim": 4}),
+            partition.TensorBlocks(fc_in, tuple(H.param_shapes[fc_in]), "rows", {}),
+        ]
+    )
     head1 = part.offset(q) + 1
     row5 = part.offset(fc_in) + 5
     Hab = H.restrict(head1, [row5, row5 + 1], partition=part)
@@ -258,8 +269,9 @@ def test_functional_dropout_is_caught_by_the_repeat_check():
 def test_shuffled_data_is_refused():
     model, X, y = mlp_problem(n=12)
     ds = torch.utils.data.TensorDataset(X, y)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     H = HessianOperator(model, ce_loss, loader)
     with pytest.raises(NonDeterministicError, match="shuffle"):
         H @ torch.zeros(H.shape[0])

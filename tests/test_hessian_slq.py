@@ -51,8 +51,10 @@ def test_probes_batched_equal_one_at_a_time():
 
 
 def test_slq_trace_is_unbiased():
-    ests = [spectral_density(A, num_probes=2, num_steps=6, seed=s, progress=False).trace_estimate()
-            for s in range(150)]
+    ests = [
+        spectral_density(A, num_probes=2, num_steps=6, seed=s, progress=False).trace_estimate()
+        for s in range(150)
+    ]
     ests = np.array(ests)
     se = ests.std(ddof=1) / np.sqrt(len(ests))
     assert abs(ests.mean() - np.trace(A)) < 3 * se
@@ -81,8 +83,10 @@ def test_trace_estimators_are_unbiased(method):
 
 def test_hutchpp_beats_hutchinson_on_a_low_rank_dominated_matrix():
     B = planted(np.r_[np.full(4, 100.0), np.linspace(0, 1, 60)], seed=3)
-    errs = {m: np.std([trace(B, method=m, num_matvecs=24, seed=s).estimate for s in range(60)])
-            for m in ("hutchinson", "hutchpp")}
+    errs = {
+        m: np.std([trace(B, method=m, num_matvecs=24, seed=s).estimate for s in range(60)])
+        for m in ("hutchinson", "hutchpp")
+    }
     assert errs["hutchpp"] < 0.2 * errs["hutchinson"]
 
 
