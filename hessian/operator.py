@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -388,7 +387,7 @@ class HessianOperator(Operator):
             return hvp_forward(f, p, v, batched)
         except (RuntimeError, NotImplementedError) as err:
             if is_forward_ad_error(err):
-                raise self._forward_error(batch, err) from err
+                raise self._forward_error(err) from err
             raise
 
     def _mode_for(self, v: dict, batched: bool) -> str:
@@ -415,19 +414,15 @@ class HessianOperator(Operator):
         """The modes ``auto`` picked: ``{"matvec": ..., "matmat": ...}`` once used."""
         return {("matmat" if b else "matvec"): m for b, m in self._chosen.items()}
 
-    def _forward_error(self, batch: Any, err: BaseException) -> ForwardModeError:
-        where = _module_at_failure(self.model, lambda: self._hvp_raw_forward(batch))
+    def _forward_error(self, err: BaseException) -> ForwardModeError:
+        where = _module_from_traceback(self.model, err)
         place = f"in module {where!r}" if where else "in the backward pass"
         first = str(err).strip().splitlines()[0]
         return ForwardModeError(
-            f"an operation {place} has no forward-mode (jvp) rule: {first}. Fix: use "
+            f"an operation {place} has no forward-mode (jvp) rule: {first} Fix: use "
             "mode='reverse' (double backward), or for transformers models build them with "
             "attn_implementation='eager' (fused SDPA kernels have no forward-mode rule on CPU)"
         )
-
-    def _hvp_raw_forward(self, batch: Any) -> None:
-        p = self._primal()
-        hvp_forward(self._loss(batch), p, {n: torch.zeros_like(t) for n, t in p.items()}, False)
 
 
 class RestrictedOperator(Operator):
@@ -480,33 +475,17 @@ def _check_modules(model: nn.Module) -> None:
         )
 
 
-def _module_at_failure(model: nn.Module, fn: Callable[[], None]) -> str | None:
-    """Run ``fn`` with hooks on every module; the innermost module running when it raised."""
-    stack: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        handles.append(
-            m.register_forward_pre_hook(
-                lambda mod, args, n=name: stack.append(n or type(mod).__name__)
-            )
-        )
-        handles.append(m.register_forward_hook(lambda mod, args, out: stack.pop()))
-    try:
-        with _quiet():
-            fn()
-    except Exception:  # noqa: BLE001 - we only want where it fails
-        return stack[-1] if stack else None
-    finally:
-        for h in handles:
-            h.remove()
-    return None
-
-
-@contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+def _module_from_traceback(model: nn.Module, err: BaseException) -> str | None:
+    """Name of the innermost submodule of ``model`` whose ``forward`` is on ``err``'s traceback."""
+    names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
 
 
 def _cumsum0(xs: Sequence[int]) -> list[int]:

@@ -164,6 +164,8 @@ def plot_curves(ax: plt.Axes, runs: Sequence[Any], labels: Sequence[str] | None 
             label=label,
             color=COLORS.get(run.name),
         )
+    lo = min(min(run.val_loss) for run in runs)
+    ax.set_ylim(lo - 0.05, lo + 1.0)  # the first evaluation (untrained, ~log 256) is off the top
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats / byte)")
     ax.legend(fontsize=8)

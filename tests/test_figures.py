@@ -18,6 +18,7 @@ def _load(name: str):
         sys.path.insert(0, str(FIGURES))
     spec = importlib.util.spec_from_file_location(f"figures_{name}", FIGURES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 

@@ -307,3 +307,28 @@ def test_forward_mode_error_names_module_and_fix():
     with pytest.warns(RuntimeWarning, match="uses 'reverse'"):
         Ha @ torch.zeros(H.shape[0])
     assert Ha.chosen_modes == {"matvec": "reverse"}
+
+
+def test_transformers_sdpa_error_names_attention_and_eager_fix():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=8,
+        n_head=2,
+        n_positions=4,
+        vocab_size=11,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(0))
+
+    def loss(m, b):
+        logits = m(input_ids=b[0]).logits
+        return nn.functional.cross_entropy(logits.reshape(-1, 11), b[1].reshape(-1))
+
+    H = HessianOperator(model, loss, (x, x), mode="forward")
+    with pytest.raises(ForwardModeError, match=r"(?s)h\.0\.attn.*attn_implementation='eager'"):
+        H @ torch.zeros(H.shape[0])
