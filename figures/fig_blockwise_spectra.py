@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     batch = corpus.batch("train", b, t, torch.Generator().manual_seed(args.seed + 17))
     common = int(torch.bincount(batch[0].reshape(-1), minlength=cfg.vocab_size).argmax())
     groups = block_types(cfg, common, sorted({0, cfg.n_layer - 1}))
-    H = hessian.HessianOperator(model, lm_loss, batch)
+    H = hessian.HessianOperator(model, lm_loss, batch, mode="reverse")
     spectra = hessian.blockwise_spectra(
         H, groups, num_probes=s["probes"], num_steps=s["lanczos"], seed=args.seed, progress=progress
     )

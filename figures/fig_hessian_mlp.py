@@ -44,7 +44,9 @@ QUICK = Sizes(d=16, m=4, C=16, n=128, steps=20, sweep=(4, 16, 64))
 
 def hidden_hessian(model: OneHiddenMLP, data: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
     """Dense d²L/d(fc1.weight)² (m·d × m·d), float64, from Hessian-vector products."""
-    H = hessian.HessianOperator(model, classification_loss, data, params=["fc1.weight"])
+    H = hessian.HessianOperator(
+        model, classification_loss, data, params=["fc1.weight"], mode="reverse"
+    )
     return H.to_dense(chunk=64).detach().cpu().numpy()
 
 

@@ -30,7 +30,7 @@ from lab.train import WarmupCosine, atomic_write_text, train
 
 NAME = "fig_training_curves"
 FULL = dict(steps=1000, seeds=(0, 1, 2), grid=(3e-3, 1e-2, 2e-2), equal_lr=1e-2)
-SMALL = dict(steps=30, seeds=(0, 1), grid=(3e-3, 1e-2), equal_lr=1e-2)
+SMALL = dict(steps=20, seeds=(0, 1), grid=(3e-3, 1e-2), equal_lr=1e-2)
 
 
 def derived_partition(c: ReproduceConfig, corpus: Corpus, seed: int, progress: bool):

@@ -66,7 +66,7 @@ def module_hessians(
     batch = corpus.batch("train", batch_size, c.context, torch.Generator().manual_seed(seed + 7))
     out, shapes = {}, {}
     for _, name, _, _ in tqdm(modules(c), desc="Hessians", disable=not progress, leave=False):
-        H = hessian.HessianOperator(model, lm_loss, batch, params=[name])
+        H = hessian.HessianOperator(model, lm_loss, batch, params=[name], mode="reverse")
         out[name] = H.to_dense().detach().numpy()
         shapes[name] = tuple(H.param_shapes[name])
     return out, shapes, res.final_val_loss
@@ -82,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     )
     rng = np.random.default_rng(args.seed)
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 9.4))
-    fig.subplots_adjust(hspace=0.3, wspace=0.1, top=0.88, bottom=0.04)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 9.0))
+    fig.subplots_adjust(hspace=0.35, wspace=0.15, top=0.86, bottom=0.04, left=0.03, right=0.86)
     for ax, (title, name, rule, size) in zip(axes.flat, modules(c), strict=True):
         H = hessians[name]
         n = H.shape[0]
@@ -91,17 +91,18 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         null = block_mass_share(H, rng.permutation(ids))
         im = log_heatmap(ax, H, list(range(size, n, size)))
         ax.set_title(
-            f"{title}: {n // size} blocks by {rule}\n"
+            f"{title}\n{n // size} blocks, one per {rule}\n"
             f"r_diag = {block_mass_share(H, ids):.2f}  (random blocks: {null:.2f})",
-            fontsize=10,
+            fontsize=9,
         )
         shape = "×".join(map(str, shapes[name]))
         ax.set_xlabel(f"{name}  ({shape}, row-major)", fontsize=7)
-    cbar = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.02)
+    cbar = fig.colorbar(im, cax=fig.add_axes((0.89, 0.25, 0.015, 0.5)))
     cbar.set_label("log10 |∂²L/∂w_i∂w_j|")
     fig.suptitle(
-        f"Hessian of each weight matrix of a tiny transformer (d_model {c.d_model}, {c.n_heads} heads): "
-        "dense blocks per head (query, key) and per output neuron (value, output, MLP)",
+        f"Hessian of each weight matrix of a tiny transformer (d_model {c.d_model}, {c.n_heads} "
+        "heads)\nthe paper's blocks: one per head (query, key), one per output neuron (value, "
+        "attention output, MLP)",
         y=0.97,
     )
     caption(
