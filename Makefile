@@ -26,7 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_hessian.py --write-readme
+	$(BIN)/python benchmarks/bench_optimizer.py --write
 
 figures: $(STAMP)
 	for f in figures/fig_*.py; do $(BIN)/python $$f || exit 1; done
