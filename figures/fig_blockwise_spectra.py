@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     )
     fig.suptitle(
         "Blockwise Hessian spectra of a small GPT: eigenvalue density of one diagonal block "
-        "of each type (x: eigenvalue, y: density)",
+        "of each type (x: eigenvalue, y: density, log scale over 5 decades)",
         y=0.995,
     )
     caption(

@@ -135,16 +135,23 @@ def plot_coupling(ax: plt.Axes, mass: np.ndarray, names: Sequence[str], counts: 
 
 
 def plot_spectra(axes: np.ndarray, spectra: Mapping[str, Any]) -> None:
-    """One small panel per block: the SLQ density (Gaussian-smoothed) against the eigenvalue."""
+    """One small panel per block: the SLQ density (Gaussian-smoothed, log scale) vs the eigenvalue."""
     for ax, (label, sd) in zip(axes.flat, spectra.items(), strict=False):
         nodes = np.asarray(sd.nodes)
         lo, hi = float(nodes.min()), float(nodes.max())
         pad = 0.05 * (hi - lo) + 1e-12
         grid = np.linspace(lo - pad, hi + pad, 400)
         sigma = max((hi - lo) / 60, 1e-12)
-        ax.fill_between(grid, sd.smooth(grid, sigma), color="#4c72b0", alpha=0.6, lw=0)
+        density = sd.smooth(grid, sigma)
+        top = float(density.max())
+        ax.fill_between(
+            grid, np.maximum(density, 1e-5 * top), 1e-5 * top, color="#4c72b0", alpha=0.6, lw=0
+        )
+        ax.set_yscale("log")
+        ax.set_ylim(1e-5 * top, 2 * top)
         ax.set_title(f"{label}\n({sd.dimension} params)", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.set_yticks([], minor=True)
         ax.set_yticks([])
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
     for ax in list(axes.flat)[len(spectra) :]:

@@ -27,6 +27,7 @@ Example
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -165,8 +166,6 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 def atomic_write_rows(path: str | os.PathLike[str], rows: Sequence[Sequence[Any]]) -> Path:
     """CSV version of :func:`atomic_write_text`."""
-    import io
-
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return atomic_write_text(path, buf.getvalue())
