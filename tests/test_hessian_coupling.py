@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from problems import tiny_gpt_problem
 
 import partition
 from hessian import HessianOperator, block_coupling, blockwise_spectra, spectral_density
-from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+from lab.models import lm_loss
 
 
 def flat_partition(sizes: list[int]) -> partition.Partition:
@@ -64,19 +64,7 @@ def test_hutchinson_is_unbiased_on_a_dense_matrix():
 
 @pytest.fixture(scope="module")
 def gpt_hessian():
-    cfg = TinyGPTConfig(
-        vocab_size=11,
-        context=4,
-        n_layer=1,
-        d_model=8,
-        n_heads=2,
-        n_kv_heads=1,
-        d_ff=16,
-        init_std=0.3,
-    )
-    model = TinyGPT(cfg, seed=1).double()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, 11, (3, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g)
+    model, (x, y) = tiny_gpt_problem(seed=1)
     return model, HessianOperator(model, lm_loss, (x, y), mode="forward")
 
 

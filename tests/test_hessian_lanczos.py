@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
+from problems import tiny_gpt_problem
 
 from hessian import HessianOperator, lanczos
-from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+from lab.models import lm_loss
 
 N = 120
 
@@ -81,19 +82,7 @@ def test_accepts_every_operator_kind():
 
 
 def test_tinygpt_dense_hessian():
-    cfg = TinyGPTConfig(
-        vocab_size=11,
-        context=4,
-        n_layer=1,
-        d_model=8,
-        n_heads=2,
-        n_kv_heads=1,
-        d_ff=16,
-        init_std=0.3,
-    )
-    model = TinyGPT(cfg, seed=0).double()
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, 11, (3, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g)
+    model, (x, y) = tiny_gpt_problem(seed=0)
     H = HessianOperator(model, lm_loss, (x, y), mode="forward")
     D = H.to_dense().numpy()
     ref = np.linalg.eigvalsh((D + D.T) / 2)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import tiny_gpt_problem
 from torch import nn
 from torch.func import functional_call, grad, jacfwd
 
 import partition
 from hessian import ForwardModeError, HessianOperator, NonDeterministicError
-from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+from lab.models import lm_loss
 
 F64 = torch.float64
 
@@ -59,27 +60,9 @@ def mlp_problem(seed: int = 0, n: int = 8):
     return model, X, y
 
 
-def gpt_problem(seed: int = 0):
-    cfg = TinyGPTConfig(
-        vocab_size=13,
-        context=5,
-        n_layer=1,
-        d_model=8,
-        n_heads=2,
-        n_kv_heads=1,
-        d_ff=16,
-        init_std=0.3,
-    )
-    model = TinyGPT(cfg, seed=seed).double()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 13, (4, 5), generator=g)
-    y = torch.randint(0, 13, (4, 5), generator=g)
-    return model, x, y
-
-
 @pytest.fixture(scope="module")
 def gpt():
-    model, x, y = gpt_problem()
+    model, (x, y) = tiny_gpt_problem(vocab_size=13, context=5, batch=4)
     D = dense_reference(model, lm_loss, (x, y))
     return model, x, y, D
 
