@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         f"block-diagonal, {1 / s.m:.3f} = no structure). Adam lr 1e-3, full batch, "
         f"{s.steps} steps; seed {args.seed}.",
     )
-    return save_figure(fig, NAME, args.out)
+    return save_figure(fig, NAME, args.out, dpi=100)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def derived_partition(c: ReproduceConfig, corpus: Corpus, seed: int, progress: b
     model = TinyGPT(c.model, seed=seed)
     train(
         lambda: model,
-        lambda m: torch.optim.AdamW(m.parameters(), lr=c.lr, betas=(0.9, 0.95)),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=0.0),
         corpus,
         steps=c.hessian_warmup_steps,
         batch_size=c.batch_size,

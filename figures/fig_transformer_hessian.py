@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         "one matrix per module, cross-module blocks not shown). r_diag = Σ_a ||H_aa||²_F / "
         "||H||²_F; 'random blocks' scores a random partition with the same block sizes.",
     )
-    return save_figure(fig, NAME, args.out)
+    return save_figure(fig, NAME, args.out, dpi=100)
 
 
 if __name__ == "__main__":

@@ -331,7 +331,7 @@ def render(r: ReproduceResult) -> str:
         "training": f"{c.steps} steps, batch {c.batch_size}×{m.context} tokens, lr {c.lr:g} "
         f"(warmup {c.steps // 20} + cosine to 10%), betas {BETAS}, weight decay {WEIGHT_DECAY} "
         f"on matrices, grad clip 1.0, seed {c.seed}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        "machine": f"{platform.machine()}, torch threads: {torch.get_num_threads()}, "
         f"torch {torch.__version__}",
         "wall time": f"Hessian {r.seconds['hessian']:.0f} s (coupling {s.seconds_coupling:.0f} s, "
         f"spectra {s.seconds_spectra:.0f} s), training {r.seconds['training']:.0f} s, "
