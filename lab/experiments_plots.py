@@ -6,6 +6,7 @@ Style, one colour per optimizer, atomic PNG+PDF saving, log-|H| heatmaps, block 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,8 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "matplotlib.pyplot" not in sys.modules:  # headless Agg, unless a notebook chose its backend
+    matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
