@@ -18,7 +18,7 @@ import numpy as np
 from _common import caption, parse_args, save_figure, set_style
 
 from lab.memory import GB, MODELS, PAPER, markdown, memory_rows
-from lab.train import atomic_write_text
+from partition.io import write_text
 
 NAME = "fig_memory_table"
 QUICK_MODELS = ["GPT-2 125M", "Llama 2-7B"]
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         "the step counter. Diamonds: the paper's numbers, for the models it reports them for.",
     )
     paths = save_figure(fig, NAME, args.out)
-    paths.append(atomic_write_text(Path(args.out) / f"{NAME}.md", markdown(rows)))
+    paths.append(write_text(Path(args.out) / f"{NAME}.md", markdown(rows)))
     return paths
 
 

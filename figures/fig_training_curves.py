@@ -26,7 +26,8 @@ from lab.data import Corpus
 from lab.experiments import measure_structure, train_variants
 from lab.models import TinyGPT
 from lab.reproduce import DEFAULT, QUICK, ReproduceConfig
-from lab.train import WarmupCosine, atomic_write_text, train
+from lab.train import WarmupCosine, train
+from partition.io import write_text
 
 NAME = "fig_training_curves"
 FULL = dict(steps=1000, seeds=(0, 1, 2), grid=(3e-3, 1e-2, 2e-2), equal_lr=1e-2)
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         }
         for k, r in runs.items()
     ]
-    paths.append(atomic_write_text(Path(args.out) / f"{NAME}.json", json.dumps(data, indent=1)))
+    paths.append(write_text(Path(args.out) / f"{NAME}.json", json.dumps(data, indent=1)))
     return paths
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
+
+from partition.io import atomic_path
 
 __all__ = ["gaussian_classification", "Corpus", "default_cache_dir", "DEFAULT_MAX_BYTES"]
 
@@ -89,15 +90,8 @@ def _stdlib_files(exclude: Sequence[str]) -> tuple[Path, list[tuple[str, int]]]:
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     """Write ``array`` as .npy to a temp file next to ``path``, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 class Corpus:

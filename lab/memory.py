@@ -9,17 +9,15 @@ GB means 1e9 bytes, as in the paper's Table 1.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import optimizer
+from partition.io import write_text
 
 GB = 1e9
 
@@ -113,20 +111,12 @@ def markdown(rows: list[MemoryRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     """Print the table; write it to ``args.out`` when given."""
     table = markdown(memory_rows(args.models))
     print(table, end="")
     if args.out:
-        _write_atomic(Path(args.out), table)
+        write_text(args.out, table)
         print(f"wrote {args.out}")
     return 0
 

@@ -42,7 +42,8 @@ from lab.experiments import (
     train_variants,
 )
 from lab.models import TinyGPT, TinyGPTConfig
-from lab.train import WarmupCosine, atomic_write_text, train
+from lab.train import WarmupCosine, train
+from partition.io import write_text
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,8 @@ def run(
     _figures(structure, variants, out / "figures")
     seconds["total"] = time.perf_counter() - t0
     result = ReproduceResult(config, structure, shares, variants, warm.final_val_loss, seconds, out)
-    atomic_write_text(out / "results.json", json.dumps(_results_dict(result), indent=2))
-    atomic_write_text(out / "report.md", render(result))
+    write_text(out / "results.json", json.dumps(_results_dict(result), indent=2))
+    write_text(out / "report.md", render(result))
     return result
 
 

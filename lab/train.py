@@ -33,7 +33,6 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -43,6 +42,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from partition.io import write_text
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -128,7 +129,7 @@ class TrainResult:
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_dict` as JSON (atomic)."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        return write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def save_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write the curves as CSV: ``step,lr,train_loss,val_loss`` (val empty between evals)."""
@@ -149,27 +150,11 @@ class TrainResult:
         return cls(**fields)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_write_rows(path: str | os.PathLike[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """CSV version of :func:`atomic_write_text`."""
+    """CSV version of :func:`write_text`."""
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+    return write_text(path, buf.getvalue())
 
 
 def _default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

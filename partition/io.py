@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,20 +146,36 @@ def dumps(data: Any) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def write_json(data: Any, path: str | Path) -> None:
-    """Write ``data`` as JSON atomically: a temporary file in the same directory, then ``os.replace``."""
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path``.
+
+    Nothing is written half-way: a reader sees the old file or the whole new one. The file gets
+    the permissions a plain ``open`` would give (0666 less the umask), not ``mkstemp``'s 0600.
+    The parent folder is created when missing.
+    """
     path = Path(path)
-    text = dumps(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write ``data`` as partition-format JSON atomically (:func:`atomic_path`)."""
+    write_text(path, dumps(data))

@@ -91,8 +91,12 @@ def test_tinygpt_products_match_dense(gpt, mode):
     g = torch.Generator().manual_seed(2)
     v = torch.randn(H.shape[0], generator=g, dtype=F64)
     V = torch.randn(H.shape[0], 4, generator=g, dtype=F64)
-    assert (H @ v - D @ v).abs().max() < 1e-10
-    assert (H.matmat(V) - D @ V).abs().max() < 1e-10
+    Hv, HV = H @ v, H.matmat(V)
+    assert (Hv - D @ v).abs().max() < 1e-10
+    assert (HV - D @ V).abs().max() < 1e-10
+    # products are plain numbers, detached from the model's autograd graph (numpy() works)
+    assert not Hv.requires_grad and not HV.requires_grad
+    assert not H.to_dense(chunk=16).requires_grad
 
 
 def test_dict_vectors_and_scipy(gpt):

@@ -271,3 +271,13 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
         partition.by_tensor({"w": torch.empty(2)}).to_json(path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["p.json"]
+
+
+def test_written_file_has_ordinary_permissions(tmp_path):
+    """The atomic write must not leave mkstemp's 0600 mode or a temporary file behind."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "part.json"
+    partition.by_tensor({"w": torch.empty(2, 3)}).to_json(path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["part.json"]
