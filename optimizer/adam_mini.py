@@ -502,25 +502,30 @@ class AdamMini(torch.optim.Optimizer):
             b1, b2 = t.group["betas"]
             key = (t.p.dtype, t.state["exp_avg"].dtype, b1, b2, t.group["eps"])
             groups.setdefault(key, []).append(i)
-        ptrs = torch.zeros(len(fused), 5, dtype=torch.int64)
-        hyper = torch.zeros(len(fused), 4, dtype=torch.float64)
-        for i, t in enumerate(fused):
-            rows = [
-                t.p.data_ptr(),
-                t.g.data_ptr(),
-                t.state["exp_avg"].data_ptr(),
-                t.state["exp_avg_sq"].data_ptr(),
-                0,
-            ]
+        # One small tensor each for the pointers and the per-tensor scalars (built from lists:
+        # a torch.tensor per parameter per step costs more than the kernel's smaller tensors).
+        ptr_rows, hyper_rows = [], []
+        for t in fused:
+            m = t.state["exp_avg"]
+            key, hyper_row = 0, [0.0, 0.0, 0.0, 0.0]
             if phase & cpu_fused.PHASE_UPDATE:
                 t.state["step"] += 1
                 h = self._hyper(t)
-                rows[4] = self._rounding_key(t.name, h.step)
-                hyper[i] = torch.tensor(
-                    [1 - h.lr * h.weight_decay, -h.step_size, h.bias_correction2_sqrt, 1.0],
-                    dtype=torch.float64,
-                )
-            ptrs[i] = torch.tensor(rows)
+                if m.dtype != t.p.dtype:  # stochastic rounding of low-precision momentum
+                    key = self._rounding_key(t.name, h.step)
+                hyper_row = [1 - h.lr * h.weight_decay, -h.step_size, h.bias_correction2_sqrt, 1.0]
+            ptr_rows.append(
+                [
+                    t.p.data_ptr(),
+                    t.g.data_ptr(),
+                    m.data_ptr(),
+                    t.state["exp_avg_sq"].data_ptr(),
+                    key,
+                ]
+            )
+            hyper_rows.append(hyper_row)
+        ptrs = torch.tensor(ptr_rows, dtype=torch.int64)
+        hyper = torch.tensor(hyper_rows, dtype=torch.float64)
         chunks = plan.chunks
         for (dtype, m_dtype, b1, b2, eps), idx in groups.items():
             sel = (
