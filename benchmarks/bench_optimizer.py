@@ -52,9 +52,10 @@ NOTES = [
     "read `g` twice (6 accesses) and cost one more pass. The kernel's per-entry arithmetic is the "
     "eager path's (same ops and order, no FMA contraction beyond ATen's `lerp`); tests hold both "
     "against the readable reference loop in float64.",
-    "- The machine was shared with other jobs while measured: multi-threaded figures suffer most "
-    "from it (OpenMP barriers of AdamW's kernel wait for descheduled threads), so the 1-thread "
-    "column is the cleaner comparison.",
+    "- Run-to-run spread: on this 2-core machine the ratios move by about +-10% between runs "
+    "(AdamW fused took 14.6 to 19.8 ms with 2 threads in three runs on a quiet machine); on a "
+    "machine busy with other jobs, multi-threaded OpenMP figures suffer most (barriers wait for "
+    "descheduled threads), and the 1-thread column is the steadier comparison.",
     "- bf16 momentum uses stochastic rounding (a counter-based hash of step, tensor and index in the "
     "fused kernel; a seeded generator in the eager path), so a run is reproducible and resumes "
     "bitwise. It halves the momentum: state 25% of AdamW's.",
@@ -174,8 +175,7 @@ def report(rounds: int, steps: int, seeds: list[int], threads: list[int], comman
         "## Optimizer",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while "
-        f"measured), torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "Step time on the CPU, transformers Llama from config (hidden 512, 8 layers, 8 heads, 4 kv heads, "
         f"intermediate 1376, vocab 8192; 31.6M float32 parameters, weight decay 0.1), median over {rounds} "
