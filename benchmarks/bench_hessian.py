@@ -267,8 +267,8 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         f"Command: `{command}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} torch thread(s), "
         f"torch {torch.__version__}, float32. Total time {seconds:.0f} s. Medians over "
-        f"{args.repeats} interleaved repeats; the 2 cores were shared with other work, so single "
-        "ratios carry noise of roughly +-20%.",
+        f"{args.repeats} interleaved repeats; single ratios move by roughly +-20% "
+        "between runs on this 2-core machine (compare the two runs in the git history).",
         "",
         "Time of one HVP, and per vector of a 16-vector `matmat`, as a multiple of one gradient "
         "(forward + backward). Targets: HVP <= 2.5x, matmat per vector <= 1.0x.",
@@ -367,8 +367,8 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         "tangent-backward units), and every further vector of a `matmat` still costs about 6 units "
         "(2x a gradient): batching shares only the primal pass. So ~3x per HVP and ~2x per batched "
         "vector are where these runs land; our reverse mode is the same algorithm as the "
-        "PyHessian-style peer, and their gap is within the noise of a shared machine.",
-        "- `matmat` beats a loop of single products: per vector it costs 1.9x (GPT-2, reverse: one "
+        "PyHessian-style peer, and their gap is within run-to-run noise.",
+        "- `matmat` beats a loop of single products: per vector it costs about 2x (GPT-2, reverse: one "
         "forward and first backward, then one second backward per vector) against 3.0x for a single "
         'HVP; `mode="auto"` times both modes and keeps the faster one for each kind of call.',
         "- GPT-2 uses vocab 2048 (not 50257) so the run takes minutes on 2 shared cores; with "

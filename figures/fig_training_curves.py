@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 
 import partition
 from lab.data import Corpus
-from lab.experiments import measure_structure, train_variants
+from lab.experiments import train_variants
 from lab.models import TinyGPT
-from lab.reproduce import DEFAULT, QUICK, ReproduceConfig
-from lab.train import WarmupCosine, train
+from lab.reproduce import DEFAULT, QUICK, ReproduceConfig, warm_up_and_measure
 from partition.io import write_text
 
 NAME = "fig_training_curves"
@@ -36,35 +35,8 @@ SMALL = dict(steps=20, seeds=(0, 1), grid=(3e-3, 1e-2), equal_lr=1e-2)
 
 def derived_partition(c: ReproduceConfig, corpus: Corpus, seed: int, progress: bool):
     """The partition ``reproduce`` would derive for this model (same measurement settings)."""
-    model = TinyGPT(c.model, seed=seed)
-    train(
-        lambda: model,
-        lambda m: torch.optim.AdamW(m.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=0.0),
-        corpus,
-        steps=c.hessian_warmup_steps,
-        batch_size=c.batch_size,
-        context=c.model.context,
-        schedule=WarmupCosine(c.hessian_warmup_steps, c.hessian_warmup_steps // 10, 1.0),
-        eval_every=c.hessian_warmup_steps,
-        seed=seed,
-        progress=progress,
-        name="warm-up",
-    )
-    gen = torch.Generator().manual_seed(seed + 17)
-    batches = [
-        corpus.batch("train", c.hessian_batch_size, c.model.context, gen)
-        for _ in range(c.hessian_batches)
-    ]
-    return measure_structure(
-        model,
-        batches,
-        num_samples=c.coupling_samples,
-        threshold=c.threshold,
-        spectra_probes=1,
-        spectra_steps=2,
-        seed=seed,
-        progress=progress,
-    ).derived
+    _, _, structure = warm_up_and_measure(c, corpus, seed=seed, spectra=(1, 2), progress=progress)
+    return structure.derived
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

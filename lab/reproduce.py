@@ -42,7 +42,7 @@ from lab.experiments import (
     train_variants,
 )
 from lab.models import TinyGPT, TinyGPTConfig
-from lab.train import WarmupCosine, train
+from lab.train import TrainResult, WarmupCosine, train
 from partition.io import write_text
 
 
@@ -115,6 +115,55 @@ class ReproduceResult:
     out: Path
 
 
+def warm_up_and_measure(
+    config: ReproduceConfig,
+    corpus: Corpus,
+    *,
+    seed: int,
+    spectra: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> tuple[TinyGPT, TrainResult, StructureResult]:
+    """Step 1 of the loop: train a fresh TinyGPT briefly with AdamW, then measure its Hessian.
+
+    ``spectra`` overrides ``(spectra_probes, spectra_steps)`` of ``config`` (callers that only
+    need the derived partition pass a cheap pair). Returns the warmed-up model, its warm-up run
+    and the measured structure.
+    """
+    model = TinyGPT(config.model, seed=seed)
+    steps = config.hessian_warmup_steps
+    warm = train(
+        lambda: model,
+        _adamw(config.lr),
+        corpus,
+        steps=steps,
+        batch_size=config.batch_size,
+        context=config.model.context,
+        schedule=WarmupCosine(steps, steps // 10, 1.0),
+        eval_every=steps,
+        eval_batches=config.eval_batches,
+        seed=seed,
+        name="warm-up for the Hessian",
+        progress=progress,
+    )
+    gen = torch.Generator().manual_seed(seed + 17)
+    batches = [
+        corpus.batch("train", config.hessian_batch_size, config.model.context, gen)
+        for _ in range(config.hessian_batches)
+    ]
+    probes, lanczos_steps = spectra or (config.spectra_probes, config.spectra_steps)
+    structure = measure_structure(
+        model,
+        batches,
+        num_samples=config.coupling_samples,
+        threshold=config.threshold,
+        spectra_probes=probes,
+        spectra_steps=lanczos_steps,
+        seed=seed,
+        progress=progress,
+    )
+    return model, warm, structure
+
+
 def run(
     config: ReproduceConfig, out: str | os.PathLike[str], progress: bool = True
 ) -> ReproduceResult:
@@ -126,35 +175,8 @@ def run(
     corpus = Corpus.stdlib()
 
     # 1. measure the Hessian of a briefly trained model
-    model = TinyGPT(config.model, seed=config.seed)
-    warm = train(
-        lambda: model,
-        _adamw(config.lr),
-        corpus,
-        steps=config.hessian_warmup_steps,
-        batch_size=config.batch_size,
-        context=config.model.context,
-        schedule=WarmupCosine(config.hessian_warmup_steps, config.hessian_warmup_steps // 10, 1.0),
-        eval_every=config.hessian_warmup_steps,
-        eval_batches=config.eval_batches,
-        seed=config.seed,
-        name="warm-up for the Hessian",
-        progress=progress,
-    )
-    gen = torch.Generator().manual_seed(config.seed + 17)
-    batches = [
-        corpus.batch("train", config.hessian_batch_size, config.model.context, gen)
-        for _ in range(config.hessian_batches)
-    ]
-    structure = measure_structure(
-        model,
-        batches,
-        num_samples=config.coupling_samples,
-        threshold=config.threshold,
-        spectra_probes=config.spectra_probes,
-        spectra_steps=config.spectra_steps,
-        seed=config.seed,
-        progress=progress,
+    model, warm, structure = warm_up_and_measure(
+        config, corpus, seed=config.seed, progress=progress
     )
     seconds["hessian"] = time.perf_counter() - t0
 
