@@ -260,6 +260,11 @@ def run(args) -> dict:
     return results
 
 
+def table_row(label: str, cells: list[str]) -> str:
+    """One markdown table row: the label, then one cell per model."""
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
 def markdown(results: dict, args, command: str, seconds: float) -> str:
     lines = [
         "## Hessian engine",
@@ -275,25 +280,19 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         "",
     ]
     titles = list(results)
-    lines.append("| contender | " + " | ".join(titles) + " |")
+    lines.append(table_row("contender", titles))
     lines.append("|---|" + "---|" * len(titles))
     names = list(next(iter(results.values()))["ratios"])
     for name in names:
-        row = [f"{results[t]['ratios'][name]:.2f}x" for t in titles]
         label = name.replace(f"{args.vectors} vectors", f"{args.vectors} vectors, per vector")
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append(table_row(label, [f"{results[t]['ratios'][name]:.2f}x" for t in titles]))
     lines.append(
-        "| one gradient (seconds) | "
-        + " | ".join(f"{results[t]['gradient_seconds']:.4f}" for t in titles)
-        + " |"
-    )
-    lines.append(
-        '| `mode="auto"` picks | '
-        + " | ".join(
-            ", ".join(f"{k}: {v}" for k, v in results[t]["auto_picks"].items()) for t in titles
+        table_row(
+            "one gradient (seconds)", [f"{results[t]['gradient_seconds']:.4f}" for t in titles]
         )
-        + " |"
     )
+    picks = [", ".join(f"{k}: {v}" for k, v in results[t]["auto_picks"].items()) for t in titles]
+    lines.append(table_row('`mode="auto"` picks', picks))
     lines += [
         "",
         f"Operator products for the top-5 (largest-magnitude) eigenvalues to {args.rtol:g} relative "
@@ -306,57 +305,41 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         "deflated power iteration for eigenvalues 1-4 (eigenvalue 5 left out). "
         "Reference: the same Lanczos run continued to tol 1e-8. The eigenvalue runs use a float64 copy of the model. Target: >= 5x fewer.",
         "",
-        "| | " + " | ".join(titles) + " |",
+        table_row("", titles),
         "|---|" + "---|" * len(titles),
     ]
     e = {t: results[t]["eigen"] for t in titles}
-    lines.append(
-        "| ours: products | " + " | ".join(str(e[t]["ours_matvecs"]) for t in titles) + " |"
-    )
-    lines.append(
-        "| ours: max relative error | "
-        + " | ".join(f"{e[t]['ours_max_rel_error']:.1e}" for t in titles)
-        + " |"
-    )
-    lines.append(
-        "| power iteration: products (per eigenvalue) | "
-        + " | ".join(
-            f"{'>=' if not e[t]['power_reached'] else ''}{e[t]['power_matvecs']} ({', '.join(map(str, e[t]['power_counts']))})"
+
+    def capped(t: str) -> str:
+        return "" if e[t]["power_reached"] else ">="
+
+    def projected(t: str) -> int:
+        return projected_power(e[t]["reference"], args.rtol)
+
+    rows = {
+        "ours: products": [str(e[t]["ours_matvecs"]) for t in titles],
+        "ours: max relative error": [f"{e[t]['ours_max_rel_error']:.1e}" for t in titles],
+        "power iteration: products (per eigenvalue)": [
+            f"{capped(t)}{e[t]['power_matvecs']} ({', '.join(map(str, e[t]['power_counts']))})"
             for t in titles
-        )
-        + " |"
-    )
-    lines.append(
-        "| power iteration: max relative error | "
-        + " | ".join(f"{e[t]['power_max_rel_error']:.1e}" for t in titles)
-        + " |"
-    )
-    lines.append(
-        "| ratio (power / ours) | "
-        + " | ".join(
-            f"{'>=' if not e[t]['power_reached'] else ''}{e[t]['power_matvecs'] / e[t]['ours_matvecs']:.1f}x"
-            for t in titles
-        )
-        + " |"
-    )
-    lines.append(
-        "| power iteration: projected products, eigenvalues 1-4 | "
-        + " | ".join(f"~{projected_power(e[t]['reference'], args.rtol)}" for t in titles)
-        + " |"
-    )
-    lines.append(
-        "| ratio (projected power / ours) | "
-        + " | ".join(
-            f"~{projected_power(e[t]['reference'], args.rtol) / e[t]['ours_matvecs']:.0f}x"
-            for t in titles
-        )
-        + " |"
-    )
-    lines.append(
-        "| top-5 eigenvalues (reference) | "
-        + " | ".join(", ".join(f"{x:.4g}" for x in e[t]["reference"]) for t in titles)
-        + " |"
-    )
+        ],
+        "power iteration: max relative error": [
+            f"{e[t]['power_max_rel_error']:.1e}" for t in titles
+        ],
+        "ratio (power / ours)": [
+            f"{capped(t)}{e[t]['power_matvecs'] / e[t]['ours_matvecs']:.1f}x" for t in titles
+        ],
+        "power iteration: projected products, eigenvalues 1-4": [
+            f"~{projected(t)}" for t in titles
+        ],
+        "ratio (projected power / ours)": [
+            f"~{projected(t) / e[t]['ours_matvecs']:.0f}x" for t in titles
+        ],
+        "top-5 eigenvalues (reference)": [
+            ", ".join(f"{x:.4g}" for x in e[t]["reference"]) for t in titles
+        ],
+    }
+    lines += [table_row(label, cells) for label, cells in rows.items()]
     lines += [
         "",
         "Notes:",
@@ -369,7 +352,7 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         "vector are where these runs land; our reverse mode is the same algorithm as the "
         "PyHessian-style peer, and their gap is within run-to-run noise.",
         "- `matmat` beats a loop of single products: per vector it costs about 2x (GPT-2, reverse: one "
-        "forward and first backward, then one second backward per vector) against 3.0x for a single "
+        "forward and first backward, then one second backward per vector) against about 3.2x for a single "
         'HVP; `mode="auto"` times both modes and keeps the faster one for each kind of call.',
         "- GPT-2 uses vocab 2048 (not 50257) so the run takes minutes on 2 shared cores; with "
         "vocab 50257 one gradient took about 4 s here.",
