@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import Operator, as_operator, check_square
-from hessian.slq import SpectralDensity, multi_lanczos, quadrature
+from hessian.linop import Operator, as_operator, check_square, rademacher
+from hessian.slq import SpectralDensity, check_counts, multi_lanczos, quadrature
 from partition import BlockCoupling, Partition
 
 
@@ -79,21 +79,24 @@ def block_coupling(
     total_sq = torch.zeros(B, B, dtype=torch.float64)
     diag_sum = torch.zeros(n, dtype=torch.float64)
     diag_sq = torch.zeros(n, dtype=torch.float64)
-    chunks = [(s, min(B, s + chunk)) for s in range(0, B, chunk)]
+    chunks = []  # (lo, hi, entries of blocks lo..hi-1, their column in the probe matrix)
+    for lo in range(0, B, chunk):
+        hi = min(B, lo + chunk)
+        rows = ((lab >= lo) & (lab < hi)).nonzero().reshape(-1)
+        chunks.append((lo, hi, rows, lab[rows] - lo))
     bar = tqdm(total=num_samples * len(chunks), desc="coupling", disable=not progress, leave=False)
     for _ in range(num_samples):
-        signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(A.dtype).to(A.device)
+        signs = rademacher((n,), gen, A.dtype, A.device)
         est = torch.zeros(B, B, dtype=torch.float64)
         d = torch.zeros(n, dtype=torch.float64)
-        for lo, hi in chunks:
-            rows = ((lab >= lo) & (lab < hi)).nonzero().reshape(-1)
+        for lo, hi, rows, cols in chunks:
             Z = torch.zeros(n, hi - lo, dtype=A.dtype, device=A.device)
-            Z[rows, lab[rows] - lo] = signs[rows]
+            Z[rows, cols] = signs[rows]
             Y = A.matmat(Z).double()
             est[:, lo:hi] = torch.zeros(B, hi - lo, dtype=torch.float64).index_add_(
                 0, labels, (Y * Y).cpu()
             )
-            d[rows.cpu()] = (signs[rows] * Y[rows, lab[rows] - lo]).double().cpu()
+            d[rows.cpu()] = (signs[rows] * Y[rows, cols]).double().cpu()
             bar.update(1)
         total += est
         total_sq += est * est
@@ -128,6 +131,7 @@ def blockwise_spectra(
     ``{label: selector}`` (selectors as in ``HessianOperator.select``, or flat index tensors), or
     a list of parameter names (each a block). All blocks and probes advance together.
     """
+    check_counts(num_probes, num_steps)
     A = as_operator(op)
     check_square(A)
     groups = _groups(A, blocks)
@@ -135,8 +139,7 @@ def blockwise_spectra(
     starts, supports, owner = [], [], []
     for label, idx in groups.items():
         for _ in range(num_probes):
-            z = torch.randint(0, 2, (idx.numel(),), generator=gen).to(A.dtype) * 2 - 1
-            starts.append(z.to(A.device))
+            starts.append(rademacher((idx.numel(),), gen, A.dtype, A.device))
             supports.append(idx.to(A.device))
             owner.append(label)
     runs, used = multi_lanczos(A, starts, supports, num_steps, reorth, progress, "blockwise")

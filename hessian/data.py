@@ -17,7 +17,7 @@ import torch
 
 def is_single_batch(data: Any) -> bool:
     """True when ``data`` is one batch rather than an iterable of batches."""
-    if isinstance(data, torch.Tensor) or isinstance(data, dict):
+    if isinstance(data, (torch.Tensor, dict)):
         return True
     if isinstance(data, (tuple, list)):
         return len(data) > 0 and all(isinstance(x, torch.Tensor) for x in data)

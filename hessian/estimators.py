@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hessian.linop import Operator, as_operator, check_square
+from hessian.linop import Operator, as_operator, check_square, rademacher
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,17 @@ def trace(
     if method == "hutchinson":
         if num_matvecs < 2:
             raise ValueError("hutchinson needs num_matvecs >= 2 for a standard error")
-        Z = rademacher(n, num_matvecs, gen, A)
+        Z = _signs(n, num_matvecs, gen, A)
         samples = (Z * _apply(A, Z, chunk)).sum(0).double().cpu().numpy()
         return TraceEstimate(float(samples.mean()), _sem(samples), num_matvecs, method)
     if method == "hutchpp":
         third = num_matvecs // 3
         if third < 2:
             raise ValueError("hutchpp needs num_matvecs >= 6 (three thirds of at least 2)")
-        S = rademacher(n, third, gen, A)
+        S = _signs(n, third, gen, A)
         Q, _ = torch.linalg.qr(_apply(A, S, chunk))
         exact = float(torch.trace(Q.T @ _apply(A, Q, chunk)))
-        G = rademacher(n, num_matvecs - 2 * third, gen, A)
+        G = _signs(n, num_matvecs - 2 * third, gen, A)
         G = G - Q @ (Q.T @ G)
         samples = (G * _apply(A, G, chunk)).sum(0).double().cpu().numpy()
         return TraceEstimate(exact + float(samples.mean()), _sem(samples), num_matvecs, method)
@@ -74,17 +74,15 @@ def diagonal(op: Any, num_matvecs: int = 30, seed: int = 0, chunk: int = 64) -> 
     if num_matvecs < 2:
         raise ValueError("diagonal needs num_matvecs >= 2 for standard errors")
     gen = torch.Generator().manual_seed(seed)
-    Z = rademacher(n, num_matvecs, gen, A)
+    Z = _signs(n, num_matvecs, gen, A)
     samples = (Z * _apply(A, Z, chunk)).double().cpu().numpy()
     est = samples.mean(axis=1)
     err = samples.std(axis=1, ddof=1) / np.sqrt(num_matvecs)
     return DiagonalEstimate(est, err, num_matvecs)
 
 
-def rademacher(n: int, k: int, gen: torch.Generator, A: Operator) -> torch.Tensor:
-    """An ``(n, k)`` matrix of independent random signs in ``A``'s dtype and device."""
-    Z = torch.randint(0, 2, (n, k), generator=gen).to(A.dtype) * 2 - 1
-    return Z.to(A.device)
+def _signs(n: int, k: int, gen: torch.Generator, A: Operator) -> torch.Tensor:
+    return rademacher((n, k), gen, A.dtype, A.device)
 
 
 def _apply(A: Operator, V: torch.Tensor, chunk: int) -> torch.Tensor:

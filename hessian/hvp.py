@@ -26,8 +26,6 @@ from torch.func import grad, jvp, vmap
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
 
-MODES = ("forward", "reverse")
-
 
 def hvp_forward(f: LossFn, params: Params, tangents: Params, batched: bool) -> Params:
     """``H @ v`` by ``jvp(grad(f))``; with ``batched`` the tangents carry a leading vector axis."""
@@ -57,36 +55,37 @@ def hvp_reverse(f: LossFn, params: Params, tangents: Params, batched: bool) -> P
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         # Entries whose gradient does not depend on the parameters have a zero Hessian row.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        outs = [torch.zeros_like(tangents[n]) for n in names]
-        if not live:
-            return dict(zip(names, outs, strict=True))
-        gl = [grads[i] for i in live]
-        tl = [tangents[names[i]] for i in live]
-        if not batched:
-            hv = torch.autograd.grad(gl, leaves, grad_outputs=tl, allow_unused=True)
-            return {n: (h if h is not None else o) for n, h, o in zip(names, hv, outs, strict=True)}
-        k = tl[0].shape[0]
-        cols = [
-            torch.autograd.grad(
-                gl,
-                leaves,
-                grad_outputs=[t[i] for t in tl],
-                allow_unused=True,
-                retain_graph=i < k - 1,
-            )
-            for i in range(k)
-        ]
-        hv = [
-            None if cols[0][j] is None else torch.stack([c[j] for c in cols])
-            for j in range(len(leaves))
-        ]
-        return {n: (h if h is not None else o) for n, h, o in zip(names, hv, outs, strict=True)}
+        hv: list[torch.Tensor | None] = [None] * len(names)
+        if live:
+            gl = [grads[i] for i in live]
+            tl = [tangents[names[i]] for i in live]
+            if not batched:
+                hv = list(torch.autograd.grad(gl, leaves, grad_outputs=tl, allow_unused=True))
+            else:
+                k = tl[0].shape[0]
+                cols = [
+                    torch.autograd.grad(
+                        gl,
+                        leaves,
+                        grad_outputs=[t[i] for t in tl],
+                        allow_unused=True,
+                        retain_graph=i < k - 1,
+                    )
+                    for i in range(k)
+                ]
+                hv = [
+                    None if cols[0][j] is None else torch.stack([c[j] for c in cols])
+                    for j in range(len(leaves))
+                ]
+    return {
+        n: torch.zeros_like(tangents[n]) if h is None else h for n, h in zip(names, hv, strict=True)
+    }
 
 
 def is_forward_ad_error(err: BaseException) -> bool:
     """True when ``err`` says that an operation has no forward-mode (jvp) rule."""
     msg = str(err).lower()
-    return "forward ad" in msg or "forward-mode" in msg or "jvp" in msg and "not" in msg
+    return "forward ad" in msg or "forward-mode" in msg or ("jvp" in msg and "not" in msg)
 
 
 _warned: set[str] = set()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
+from tqdm.auto import tqdm
 
 
 class Operator:
@@ -56,10 +57,13 @@ class Operator:
 
     def to_dense(self, chunk: int | None = None) -> torch.Tensor:
         """The dense ``(m, n)`` matrix, built from ``H @ I`` in column chunks of ``chunk``."""
+        return self._dense(self.shape[1] if chunk is None else chunk)
+
+    def _dense(self, chunk: int, progress: bool = False) -> torch.Tensor:
         n = self.shape[1]
-        chunk = n if chunk is None else max(1, int(chunk))
+        chunk = max(1, int(chunk))
         cols = []
-        for start in range(0, n, chunk):
+        for start in tqdm(range(0, n, chunk), desc="to_dense", disable=not progress):
             stop = min(n, start + chunk)
             E = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
             E[torch.arange(start, stop), torch.arange(stop - start)] = 1
@@ -92,7 +96,7 @@ class DenseOperator(Operator):
     """A dense matrix as an :class:`Operator`."""
 
     def __init__(self, A: torch.Tensor | np.ndarray):
-        A = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A)
+        A = torch.as_tensor(A)
         if A.ndim != 2:
             raise ValueError(f"a dense operator needs a 2-D matrix, got shape {tuple(A.shape)}")
         if not A.is_floating_point():
@@ -163,6 +167,13 @@ def check_square(op: Operator) -> int:
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"this algorithm needs a square symmetric operator, got shape {op.shape}")
     return op.shape[0]
+
+
+def rademacher(
+    shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Independent random signs of ``shape``, drawn on the CPU from ``gen`` (device-independent)."""
+    return (torch.randint(0, 2, shape, generator=gen).to(dtype) * 2 - 1).to(device)
 
 
 def _as_tensor(v: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

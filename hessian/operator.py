@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from hessian import distributed
 from hessian.data import Batches, fingerprint, sample_count
@@ -112,14 +112,22 @@ class HessianOperator(Operator):
         if params is None:
             chosen = [n for n, p in named.items() if p.requires_grad]
         else:
-            wanted = [params] if isinstance(params, str) else list(params)
-            unknown = [n for n in wanted if n not in named]
+            wanted = {params} if isinstance(params, str) else set(params)
+            if not all(isinstance(n, str) for n in wanted):
+                raise KeyError(
+                    "params takes parameter names (str), not tensors: e.g. "
+                    "params=[n for n, p in model.named_parameters() if ...]"
+                )
+            unknown = sorted(wanted - set(named))
             if unknown:
+                near = {n: difflib.get_close_matches(n, named, 1) for n in unknown}
+                hint = "; ".join(f"{n!r} -> did you mean {m[0]!r}?" for n, m in near.items() if m)
                 raise KeyError(
                     f"unknown parameter name(s) {unknown}; the model has {list(named)[:8]}"
                     + (" ..." if len(named) > 8 else "")
+                    + (f" ({hint})" if hint else "")
                 )
-            chosen = [n for n in named if n in set(wanted)]
+            chosen = [n for n in named if n in wanted]
         if not chosen:
             raise ValueError("no parameters to differentiate: pass params=[names] or unfreeze some")
         tensors = [named[n] for n in chosen]
@@ -131,9 +139,9 @@ class HessianOperator(Operator):
             )
         self.params: tuple[str, ...] = tuple(chosen)
         self.param_shapes: dict[str, torch.Size] = {n: named[n].shape for n in chosen}
-        self._numels = [named[n].numel() for n in chosen]
-        self._offsets = dict(zip(chosen, _cumsum0(self._numels), strict=True))
-        n = sum(self._numels)
+        numels = [named[n].numel() for n in chosen]
+        self._offsets = dict(zip(chosen, _cumsum0(numels), strict=True))
+        n = sum(numels)
         self.shape = (n, n)
         self.dtype = tensors[0].dtype
         self.device = tensors[0].device
@@ -164,26 +172,16 @@ class HessianOperator(Operator):
         return super().__matmul__(v)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        k = V.shape[1]
-        if k == 1:
-            out = self._apply(self._to_dict(V[:, 0]), batched=False)
-            return self._to_flat(out)[:, None]
-        return self._to_flat(self._apply(self._to_dict(V), batched=True), k)
+        if V.shape[1] == 1:
+            return self._apply(self._to_dict(V[:, 0]), batched=False, flat=True)[:, None]
+        return self._apply(self._to_dict(V), batched=True, flat=True).T
 
     def to_dense(self, chunk: int | None = None) -> torch.Tensor:
         """The dense ``(n, n)`` Hessian from ``H @ I`` in column chunks (exact, in ``H.dtype``).
 
         For float64 build the model in float64 (``model.double()``).
         """
-        n = self.shape[0]
-        chunk = min(n, 256) if chunk is None else max(1, int(chunk))
-        cols = []
-        for start in tqdm(range(0, n, chunk), desc="to_dense", disable=not self.progress):
-            stop = min(n, start + chunk)
-            E = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
-            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            cols.append(self._matmat(E))
-        return torch.cat(cols, dim=1)
+        return self._dense(min(self.shape[0], 256) if chunk is None else chunk, self.progress)
 
     def _rmatmat_numpy(self, X: Any) -> Any:
         return self.to_scipy().matmat(X)
@@ -287,16 +285,11 @@ class HessianOperator(Operator):
 
     def _to_dict(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
-        for n, o, s in zip(self.params, _cumsum0(self._numels), self._numels, strict=True):
-            piece = v[o : o + s]
-            shape = self.param_shapes[n]
+        for n in self.params:
+            o, shape = self._offsets[n], self.param_shapes[n]
+            piece = v[o : o + shape.numel()]
             out[n] = piece.reshape(shape) if v.ndim == 1 else piece.T.reshape(v.shape[1], *shape)
         return out
-
-    def _to_flat(self, d: Mapping[str, torch.Tensor], k: int | None = None) -> torch.Tensor:
-        if k is None:
-            return torch.cat([d[n].reshape(-1) for n in self.params])
-        return torch.cat([d[n].reshape(k, -1) for n in self.params], dim=1).T
 
     def _loss(self, batch: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         module = self._module
@@ -335,7 +328,10 @@ class HessianOperator(Operator):
             if self.check_determinism and not self._batches.is_fixed:
                 prints.append(fingerprint(batch))
         if not counts:
-            raise ValueError("data holds no batch")
+            raise ValueError(
+                "data holds no batch: pass one batch or a non-empty iterable of batches (an "
+                "exhausted iterator or an empty DataLoader gives none)"
+            )
         if self.check_determinism and not self._batches.is_fixed:
             again = [fingerprint(b) for b in self._batches]
             if again != prints:
@@ -363,21 +359,32 @@ class HessianOperator(Operator):
                 "Call model.eval(), or pass check_determinism=False if this is intended"
             )
 
-    def _apply(self, v: dict[str, torch.Tensor], batched: bool) -> dict[str, torch.Tensor]:
+    def _apply(
+        self, v: dict[str, torch.Tensor], batched: bool, flat: bool = False
+    ) -> dict[str, torch.Tensor] | torch.Tensor:
+        """``H v`` as a dict, or with ``flat`` as the flat ``(n,)`` / ``(k, n)`` buffer it views."""
         self._prepare()
         mode = self._mode_for(v, batched)
         p = self._primal()
-        out = {n: torch.zeros_like(v[n]) for n in self.params}
+        k = next(iter(v.values())).shape[0] if batched else None
+        # accumulate into one flat buffer (the dict holds views of it): no cat, one all_reduce
+        buf = torch.zeros(
+            (self.shape[0],) if k is None else (k, self.shape[0]),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        out = {}
+        for n in self.params:
+            o, shape = self._offsets[n], self.param_shapes[n]
+            piece = buf[..., o : o + shape.numel()]
+            out[n] = piece.view(shape) if k is None else piece.view(k, *shape)
         for i, batch in self._iter_batches():
             hv = self._hvp(mode, batch, p, v, batched)
             w = self._weights[i]
             for n in self.params:
                 out[n].add_(hv[n], alpha=w)
-        if distributed.is_distributed():
-            k = next(iter(v.values())).shape[0] if batched else None
-            flat = distributed.all_reduce_sum(self._to_flat(out, k).contiguous())
-            out = self._to_dict(flat)
-        return out
+        distributed.all_reduce_sum(buf)
+        return buf if flat else out
 
     def _hvp(self, mode: str, batch: Any, p: dict, v: dict, batched: bool) -> dict:
         f = self._loss(batch)

@@ -24,7 +24,7 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import Operator, as_operator, check_square
+from hessian.linop import Operator, as_operator, check_square, rademacher
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,14 +63,23 @@ def spectral_density(
     progress: bool = True,
 ) -> SpectralDensity:
     """SLQ of ``op`` with ``num_probes`` Rademacher probes and ``num_steps`` Lanczos steps each."""
+    check_counts(num_probes, num_steps)
     A = as_operator(op)
     n = check_square(A)
     steps = min(int(num_steps), n)
     gen = torch.Generator().manual_seed(seed)
-    starts = [_rademacher(n, gen, A.dtype, A.device) for _ in range(num_probes)]
+    starts = [rademacher((n,), gen, A.dtype, A.device) for _ in range(num_probes)]
     runs, used = multi_lanczos(A, starts, [None] * num_probes, steps, reorth, progress, "slq")
     nodes, weights = zip(*(quadrature(a, b, steps) for a, b in runs), strict=True)
     return SpectralDensity(np.stack(nodes), np.stack(weights), n, used)
+
+
+def check_counts(num_probes: int, num_steps: int) -> None:
+    """A ValueError unless there is at least one probe and one Lanczos step."""
+    if num_probes < 1 or num_steps < 1:
+        raise ValueError(
+            f"SLQ needs num_probes >= 1 and num_steps >= 1, got {num_probes} and {num_steps}"
+        )
 
 
 def quadrature(alpha: np.ndarray, beta: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +113,13 @@ def multi_lanczos(
     limit = [min(num_steps, n if s is None else int(s.numel())) for s in supports]
     q = [s / torch.linalg.vector_norm(s) for s in starts]
     q_prev: list[torch.Tensor | None] = [None] * L
-    basis: list[list[torch.Tensor]] = [[x] for x in q]
+    # reorth: each probe's Lanczos vectors, rows of a preallocated (limit, size) matrix
+    basis = [
+        x.new_empty(max(1, lim) if reorth else 1, x.numel())
+        for x, lim in zip(q, limit, strict=True)
+    ]
+    for Qb, x in zip(basis, q, strict=True):
+        Qb[0] = x
     alphas: list[list[float]] = [[] for _ in range(L)]
     betas: list[list[float]] = [[] for _ in range(L)]
     active = list(range(L))
@@ -121,7 +136,7 @@ def multi_lanczos(
             if q_prev[i] is not None:
                 w = w - betas[i][-1] * q_prev[i]
             if reorth:
-                Qb = torch.stack(basis[i])
+                Qb = basis[i][: len(alphas[i]) + 1]
                 for _ in range(2):
                     w = w - Qb.T @ (Qb @ w)
             b = float(torch.linalg.vector_norm(w))
@@ -132,7 +147,7 @@ def multi_lanczos(
             betas[i].append(b)
             q_prev[i], q[i] = q[i], w / b
             if reorth:
-                basis[i].append(q[i])
+                basis[i][len(alphas[i])] = q[i]
             still.append(i)
         active = still
         bar.update(1)
@@ -158,8 +173,3 @@ def _apply_embedded(
                 V[sup, c] = v
         outs.append(A.matmat(V).to(A.dtype))
     return torch.cat(outs, dim=1)
-
-
-def _rademacher(n: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device):
-    z = torch.randint(0, 2, (n,), generator=gen).to(dtype) * 2 - 1
-    return z.to(device)
