@@ -378,11 +378,14 @@ class HessianOperator(Operator):
             o, shape = self._offsets[n], self.param_shapes[n]
             piece = buf[..., o : o + shape.numel()]
             out[n] = piece.view(shape) if k is None else piece.view(k, *shape)
-        for i, batch in self._iter_batches():
-            hv = self._hvp(mode, batch, p, v, batched)
-            w = self._weights[i]
-            for n in self.params:
-                out[n].add_(hv[n], alpha=w)
+        # no_grad: products are numbers; parameters outside ``params`` may still require grad,
+        # and the HVPs differentiate internally (torch.func and enable_grad ignore this context)
+        with torch.no_grad():
+            for i, batch in self._iter_batches():
+                hv = self._hvp(mode, batch, p, v, batched)
+                w = self._weights[i]
+                for n in self.params:
+                    out[n].add_(hv[n], alpha=w)
         distributed.all_reduce_sum(buf)
         return buf if flat else out
 

@@ -116,14 +116,18 @@ def test_dict_vectors_and_scipy(gpt):
     assert abs(S.matvec(v.numpy()) - (D @ v).numpy()).max() < 1e-10
 
 
-def test_params_subset_is_the_submatrix(gpt):
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_params_subset_is_the_submatrix(gpt, mode):
+    """The other parameters stay fixed (and still require grad: results must not track them)."""
     model, x, y, D = gpt
     names = ["blocks.0.ln_1.weight", "blocks.0.attn.k_proj.weight"]
-    H = HessianOperator(model, lm_loss, (x, y), params=names, mode="reverse")
+    H = HessianOperator(model, lm_loss, (x, y), params=names, mode=mode)
     assert H.params == tuple(names)
     full = HessianOperator(model, lm_loss, (x, y), mode="reverse")
     idx = full.select(names)
-    assert (H.to_dense() - D[idx][:, idx]).abs().max() < 1e-10
+    dense = H.to_dense()
+    assert not dense.requires_grad
+    assert (dense - D[idx][:, idx]).abs().max() < 1e-10
 
 
 def test_linear_regression_closed_form():
