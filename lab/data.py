@@ -212,7 +212,10 @@ class Corpus:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache / f"stdlib-py{version}-{max_bytes or 'all'}-{digest}.npy"
 
-        array = np.load(path) if path.exists() else None
+        try:
+            array = np.load(path) if path.exists() else None
+        except (OSError, ValueError, EOFError):  # an unreadable cache file is rebuilt
+            array = None
         from_cache = array is not None and array.dtype == np.uint8 and array.shape == (total,)
         if not from_cache:
             data = b"".join((root / name).read_bytes() for name in files)[:total]

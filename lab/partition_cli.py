@@ -134,10 +134,14 @@ def run_build(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> Partition:
     """The partition the arguments ask for, with the model source in its provenance."""
-    derived = args.rule == "derived"
-    model = load_model(args.model, meta=not derived)
-    if derived:
-        part = _derive(model, args)
+    model = load_model(args.model, meta=True)
+    if args.rule == "derived":
+        if not isinstance(model, TinyGPT | OneHiddenMLP):  # checked on meta: nothing allocated
+            raise PartitionError(
+                "--rule derived measures the Hessian of a TinyGPT or the one-hidden-layer MLP "
+                "('tinygpt', 'mlp' or a TinyGPT config file); transformers models are too large"
+            )
+        part = _derive(load_model(args.model, meta=False), args)
     elif args.rule == "adam-mini":
         part = partition.adam_mini(
             model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim
@@ -237,20 +241,14 @@ def _derive(model: nn.Module, args: argparse.Namespace) -> Partition:
         vocab = model.config.vocab_size
         data = (x % vocab, y % vocab)  # bytes folded into a smaller vocabulary
         loss = lm_loss
-    elif isinstance(model, OneHiddenMLP):
+    else:  # OneHiddenMLP (build checked the type)
         from lab.data import gaussian_classification
 
         d, c = model.fc1.in_features, model.fc2.out_features
-        data = gaussian_classification(max(args.batch_size, 4 * c), d, c, seed=args.seed)
+        X, y = gaussian_classification(max(args.batch_size, 4 * c), d, c, seed=args.seed)
+        data = (X.double(), y)  # the float32 draw, in float64 for the Hessian
         loss = classification_loss
-    else:
-        raise PartitionError(
-            "--rule derived measures the Hessian of a TinyGPT or the one-hidden-layer MLP "
-            "('tinygpt', 'mlp' or a TinyGPT config file); transformers models are too large"
-        )
     model = model.double()
-    if isinstance(data[0], torch.Tensor) and data[0].is_floating_point():
-        data = (data[0].double(), data[1])
     H = hessian.HessianOperator(model, loss, data)
     coupling = hessian.block_coupling(
         H, partition.by_rows(model), num_samples=args.num_samples, seed=args.seed,

@@ -82,23 +82,18 @@ DEFAULT = ReproduceConfig(
     eval_batches=16,
     seed=0,
 )
-QUICK = ReproduceConfig(
+QUICK = replace(  # only the sizes and budgets differ
+    DEFAULT,
     model=TinyGPTConfig(
         vocab_size=256, context=8, n_layer=1, d_model=8, n_heads=2, tie_weights=True
     ),
     hessian_warmup_steps=20,
-    hessian_batches=1,
     hessian_batch_size=2,
-    coupling_samples=2,
-    threshold=0.05,
-    spectra_probes=1,
     spectra_steps=8,
     steps=40,
     batch_size=8,
-    lr=1e-2,
     eval_every=10,
     eval_batches=2,
-    seed=0,
 )
 
 

@@ -230,6 +230,8 @@ def train(
         raise ValueError(f"steps={steps} must be >= 1")
     if eval_every < 1:
         raise ValueError(f"eval_every={eval_every} must be >= 1")
+    if eval_batches < 1:
+        raise ValueError(f"eval_batches={eval_batches} must be >= 1 (the val loss is their mean)")
     device = torch.device(device)
     schedule = schedule or WarmupCosine(steps, warmup_steps=steps // 20)
 

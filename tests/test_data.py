@@ -104,6 +104,9 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     np.save(first.cache_path, np.zeros(5, dtype=np.uint8))
     rebuilt = Corpus.stdlib(cache_dir=tmp_path, max_bytes=20_000)
     assert not rebuilt.from_cache and torch.equal(rebuilt.tokens, first.tokens)
+    first.cache_path.write_bytes(b"not an npy file")
+    rebuilt = Corpus.stdlib(cache_dir=tmp_path, max_bytes=20_000)
+    assert not rebuilt.from_cache and torch.equal(rebuilt.tokens, first.tokens)
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):

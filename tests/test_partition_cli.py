@@ -66,6 +66,12 @@ def test_errors_are_one_line_messages(argv, message, capsys):
     assert code != 0 and message in err and "Traceback" not in err
 
 
+def test_derived_refuses_transformers_models_before_building_them(capsys):
+    pytest.importorskip("transformers")
+    code, _, err = run(["--model", "llama2-7b", "--rule", "derived"], capsys)
+    assert code == 1 and "transformers models are too large" in err
+
+
 def test_show_rejects_bad_files(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "adam-mini-lab.partition", "version": 1, "tensors": [')
@@ -81,11 +87,6 @@ def test_unknown_tinygpt_config_field(tmp_path, capsys):
 
 
 def test_derived_on_a_tiny_mlp_config(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("hessian")
-    import hessian
-
-    if not hasattr(hessian, "block_coupling"):
-        pytest.skip("hessian.block_coupling is not available")
     from lab.models import OneHiddenMLP
 
     monkeypatch.setitem(

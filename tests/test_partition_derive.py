@@ -1,7 +1,5 @@
 """partition.derive recovers planted block structure from a BlockCoupling."""
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -125,14 +123,6 @@ def test_from_dense_matches_a_loop_over_entries():
     assert cp.r_diag == pytest.approx(np.trace(ref) / ref.sum())
 
 
-def _has_block_coupling():
-    try:
-        return hasattr(importlib.import_module("hessian"), "block_coupling")
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _has_block_coupling(), reason="hessian.block_coupling is not available")
 def test_one_hidden_layer_mlp_has_per_neuron_blocks(float64):
     import hessian
     from lab.data import gaussian_classification
@@ -150,7 +140,6 @@ def test_one_hidden_layer_mlp_has_per_neuron_blocks(float64):
     assert part.provenance["offdiag_max_tensor_after"] < 0.1
 
 
-@pytest.mark.skipif(not _has_block_coupling(), reason="hessian.block_coupling is not available")
 def test_tiny_gpt_query_and_key_blocks_never_span_heads(float64):
     import hessian
     from lab.models import TinyGPT, TinyGPTConfig, lm_loss

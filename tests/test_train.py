@@ -108,6 +108,21 @@ def test_schedule_sets_the_lr() -> None:
     assert res.lr == tuple(1e-2 * 0.5**t for t in range(6))
 
 
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"steps": 0}, "steps=0"),
+        ({"eval_every": 0}, "eval_every=0"),
+        ({"eval_batches": 0}, "eval_batches=0"),
+    ],
+)
+def test_bad_budgets_are_refused_before_training(kw, message) -> None:
+    args = {"steps": 3, "batch_size": 2, "context": 8, "progress": False} | kw
+    with pytest.raises(ValueError, match=message):
+        train(lambda: TinyGPT(CFG), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+              RecordingCorpus(), **args)  # fmt: skip
+
+
 def test_diverging_run_names_the_fix() -> None:
     with pytest.raises(FloatingPointError, match="lower the lr"):
         train(
