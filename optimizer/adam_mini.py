@@ -60,7 +60,7 @@ from torch import nn
 
 import partition as partition_lib
 from optimizer import cpu_fused, distributed
-from optimizer.groups import check_hyper, head_config, normalize_groups
+from optimizer.groups import check_hyper, head_config, momentum_dtype_of, normalize_groups
 from optimizer.kernels import (
     Hyper,
     adamw_update_,
@@ -74,13 +74,6 @@ from optimizer.kernels import (
 from optimizer.layout import BlockLayout, layout_of
 
 NONFINITE = ("raise", "skip", "skip_blocks", "ignore")
-_MOMENTUM_DTYPES = {
-    None: None,
-    "fp32": None,
-    "float32": None,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -153,14 +146,7 @@ class AdamMini(torch.optim.Optimizer):
         check_hyper(lr, betas, eps, weight_decay)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite={nonfinite!r}; use one of {NONFINITE}")
-        key = (
-            momentum_dtype
-            if not isinstance(momentum_dtype, torch.dtype)
-            else str(momentum_dtype).split(".")[-1]
-        )
-        if key not in _MOMENTUM_DTYPES:
-            raise ValueError(f"momentum_dtype={momentum_dtype!r}; use None, 'fp32' or 'bf16'")
-        self.momentum_dtype = _MOMENTUM_DTYPES[key]
+        self.momentum_dtype = momentum_dtype_of(momentum_dtype)
         self.nonfinite = nonfinite
         self.seed = seed
         self.skipped_steps = 0
@@ -179,6 +165,7 @@ class AdamMini(torch.optim.Optimizer):
         self.partition = partition
         self._layouts: dict[torch.Tensor, BlockLayout] = {}
         self._names: dict[torch.Tensor, str] = {}
+        self._fusable_layout: dict[torch.Tensor, bool] = {}  # static part of _fusable
         self._fused_plan: dict[tuple, _FusedPlan] = {}
         groups = normalize_groups(params)
         defaults = dict(
@@ -230,10 +217,20 @@ class AdamMini(torch.optim.Optimizer):
                 )
         layouts = {}
         for name, p in named:
-            lo, hi, _ = distributed.row_range(p, name)
+            lo, hi = distributed.row_range(p, name)
             layouts[p] = layout_of(part[name], lo, hi)
         super().add_param_group(group)
         self._layouts.update(layouts)
+        self._fusable_layout.update(
+            {
+                p: self._lib is not None
+                and not distributed.is_dtensor(p)
+                and layout.rule != "elements"
+                and layout.row_ids is None
+                and all(r.kind == "flat" for r in layout.runs)
+                for p, layout in layouts.items()
+            }
+        )
         self._names.update({p: n for n, p in named})
         self._fused_plan.clear()
 
@@ -309,22 +306,21 @@ class AdamMini(torch.optim.Optimizer):
         return tasks
 
     def _fusable(self, t: _Task) -> bool:
+        """Whether the fused CPU kernel can step ``t``: the layout part is cached per
+        parameter, the tensor part (dtype, device, contiguity) is checked every step."""
+        if not self._fusable_layout[t.param]:
+            return False
         m = t.state["exp_avg"]
         dtypes_ok = t.g.dtype == t.p.dtype and (
             m.dtype == t.p.dtype or (m.dtype == torch.bfloat16 and t.p.dtype == torch.float32)
         )
         return (
-            self._lib is not None
-            and not distributed.is_dtensor(t.param)
-            and t.p.device.type == "cpu"
+            t.p.device.type == "cpu"
             and t.p.dtype in (torch.float32, torch.float64)
             and dtypes_ok
             and t.p.is_contiguous()
             and t.g.is_contiguous()
             and m.is_contiguous()
-            and t.layout.rule != "elements"
-            and t.layout.row_ids is None
-            and all(r.kind == "flat" for r in t.layout.runs)
         )
 
     @torch.no_grad()
@@ -342,9 +338,9 @@ class AdamMini(torch.optim.Optimizer):
         tasks = self._tasks()
         if not tasks:
             return
-        fused = [t for t in tasks if self._fusable(t)]
-        fused_ids = {id(t) for t in fused}
-        eager = [t for t in tasks if id(t) not in fused_ids]
+        fused, eager = [], []
+        for t in tasks:
+            (fused if self._fusable(t) else eager).append(t)
         mode = self.nonfinite
         check = mode in ("raise", "skip")  # two passes: nothing changes before all sums are known
 
@@ -378,13 +374,13 @@ class AdamMini(torch.optim.Optimizer):
         # Phase 2: the update.
         if plan is not None and check:
             self._run_fused(plan, fused, cpu_fused.PHASE_UPDATE)
-        for t in eager:
-            if mode == "skip_blocks":
-                self._guarded_update(t, sums.get(id(t)))
-            else:
+        if mode != "skip_blocks":
+            for t in eager:
                 self._eager_update(t, sums.get(id(t)))
-        if mode == "skip_blocks":
-            skipped = self._count_nonfinite(eager, sums, plan)
+        else:
+            skipped = sum(self._guarded_update(t, sums.get(id(t))) for t in eager)
+            if plan is not None:
+                skipped += self._count_nonfinite([], {}, plan)
             if skipped:
                 self.skipped_blocks += int(skipped)
                 names = self._nonfinite_names(tasks, fused, sums, plan)
@@ -397,20 +393,33 @@ class AdamMini(torch.optim.Optimizer):
 
     @staticmethod
     def _count_nonfinite(eager: list[_Task], sums: dict, plan: _FusedPlan | None) -> float:
-        """Non-finite block sums (and entries of ``elements`` gradients) on this rank."""
+        """Non-finite block sums (and entries of ``elements`` gradients) on this rank.
+
+        A tensor is counted entry by entry only when its total is not finite (any NaN/Inf
+        entry makes the total NaN/Inf), so the common all-finite case reads each tensor once
+        with no temporary.
+        """
         checked = [*sums.values(), *([plan.sums] if plan is not None else [])]
         checked += [t.g for t in eager if t.layout.rule == "elements"]
-        return float(torch.stack([(~torch.isfinite(c)).sum().cpu() for c in checked]).sum())
+        return float(
+            sum(
+                int((~torch.isfinite(c)).sum())
+                for c in checked
+                if not bool(torch.isfinite(c.sum()))
+            )
+        )
 
-    def _guarded_update(self, t: _Task, sums: torch.Tensor | None) -> None:
+    def _guarded_update(self, t: _Task, sums: torch.Tensor | None) -> int:
         """``_eager_update``, then the blocks with a non-finite sum get their old p, m, v back.
 
         The copies are made only for a tensor that has such a block (the rare path).
+        Returns the number of such blocks (entries, for ``elements`` tensors).
         """
         bad = ~torch.isfinite(sums if sums is not None else t.g)
-        if not bool(bad.any()):
+        n_bad = int(bad.sum())
+        if not n_bad:
             self._eager_update(t, sums)
-            return
+            return 0
         m = distributed.local(t.state["exp_avg"])
         v = distributed.local(t.state["exp_avg_sq"])
         old = (t.p.clone(), m.clone(), v.clone())
@@ -424,6 +433,7 @@ class AdamMini(torch.optim.Optimizer):
         t.p.copy_(torch.where(entry_bad, old[0], t.p))
         m.copy_(torch.where(entry_bad, old[1], m))
         v.copy_(torch.where(bad.view(-1) if sums is not None else bad, old[2].view_as(v), v))
+        return n_bad
 
     def _nonfinite_names(
         self, tasks: list[_Task], fused: list[_Task], sums: dict, plan: _FusedPlan | None

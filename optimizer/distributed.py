@@ -40,14 +40,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def row_range(p: torch.Tensor, name: str) -> tuple[int, int, bool]:
-    """``(lo, hi, sharded)``: the rows of dim 0 this rank holds.
+def row_range(p: torch.Tensor, name: str) -> tuple[int, int]:
+    """``(lo, hi)``: the rows of dim 0 this rank holds.
 
     Raises:
         NotImplementedError: for meshes with more than one dim or shards on dims other than 0.
     """
     if not is_dtensor(p):
-        return 0, (p.shape[0] if p.ndim else 1), False
+        return 0, (p.shape[0] if p.ndim else 1)
     mesh, placements = p.device_mesh, p.placements
     if mesh.ndim != 1 or not all(isinstance(pl, (Shard, Replicate)) for pl in placements):
         raise NotImplementedError(
@@ -56,14 +56,14 @@ def row_range(p: torch.Tensor, name: str) -> tuple[int, int, bool]:
         )
     pl = placements[0]
     if isinstance(pl, Replicate):
-        return 0, (p.shape[0] if p.ndim else 1), False
+        return 0, (p.shape[0] if p.ndim else 1)
     if pl.dim != 0:
         raise NotImplementedError(
             f"parameter {name!r} is sharded on dim {pl.dim}; AdamMini needs dim-0 sharding (FSDP2)"
         )
     shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
     lo = offset[0] if shape[0] else 0
-    return lo, lo + shape[0], True
+    return lo, lo + shape[0]
 
 
 def state_like(

@@ -56,6 +56,23 @@ def normalize_groups(params: Any) -> list[dict]:
     return groups
 
 
+_MOMENTUM_DTYPES = {
+    None: None,
+    "fp32": None,
+    "float32": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def momentum_dtype_of(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``momentum_dtype`` argument -> bfloat16, or None for momentum in the parameter's dtype."""
+    key = value if not isinstance(value, torch.dtype) else str(value).split(".")[-1]
+    if key not in _MOMENTUM_DTYPES:
+        raise ValueError(f"momentum_dtype={value!r}; use None, 'fp32' or 'bf16'")
+    return _MOMENTUM_DTYPES[key]
+
+
 def check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError("lr as a tensor must have one element")

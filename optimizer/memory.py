@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 import partition as partition_lib
-
-_BYTES = {None: None, "fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2}
+from optimizer.groups import momentum_dtype_of
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def state_bytes(
     model: nn.Module | Iterable[tuple[str, torch.Tensor]],
     partition: partition_lib.Partition | None = None,
     *,
-    momentum_dtype: str | None = None,
+    momentum_dtype: str | torch.dtype | None = None,
     **adam_mini_kwargs: Any,
 ) -> StateBytes:
     """Bytes of ``AdamMini`` state on ``model`` (trainable parameters), next to AdamW's.
@@ -78,7 +77,8 @@ def state_bytes(
     Args:
         model: a module (meta device fine) or its named parameters.
         partition: the partition; None builds ``partition.adam_mini(model, **adam_mini_kwargs)``.
-        momentum_dtype: None (momentum in the parameter dtype), "fp32" or "bf16".
+        momentum_dtype: as ``AdamMini``: None / "fp32" (momentum in the parameter dtype)
+            or "bf16".
 
     Example::
 
@@ -87,8 +87,7 @@ def state_bytes(
         >>> sb = optimizer.state_bytes(model)
         >>> sb.total, sb.adamw_total, sb.ratio
     """
-    if momentum_dtype not in _BYTES:
-        raise ValueError(f"momentum_dtype={momentum_dtype!r}; use None, 'fp32' or 'bf16'")
+    m_dtype = momentum_dtype_of(momentum_dtype)
     named = _named(model)
     if partition is None:
         partition = partition_lib.adam_mini(
@@ -103,7 +102,7 @@ def state_bytes(
         size = p.element_size()
         v_size = size if p.dtype in (torch.float32, torch.float64) else 4
         blocks = partition[name].num_blocks
-        exp_avg += p.numel() * (_BYTES[momentum_dtype] or size)
+        exp_avg += p.numel() * (m_dtype.itemsize if m_dtype is not None else size)
         exp_avg_sq += blocks * v_size
         adamw_m += p.numel() * size
         adamw_v += p.numel() * size

@@ -224,7 +224,18 @@ def test_state_memory_is_half_of_adamw():
     meta = optimizer.state_bytes(big)
     assert meta.ratio <= 0.501
     low = optimizer.state_bytes(big, momentum_dtype="bf16")
-    assert 0.74 <= (meta.total - low.total) / meta.adamw_total * 4 <= 1.01  # ~25% of AdamW saved
+    assert meta.total - low.total == 2 * meta.num_params  # bf16 m: 2 bytes saved per entry
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("momentum_dtype", [None, "fp32", "bf16", torch.bfloat16])
+def test_state_bytes_counts_the_state_adam_mini_holds(dtype, momentum_dtype):
+    model = tiny_llama(dtype)
+    part = partition.adam_mini(model)
+    sb = optimizer.state_bytes(model, part, momentum_dtype=momentum_dtype)
+    opt = optimizer.AdamMini(model.named_parameters(), part, momentum_dtype=momentum_dtype)
+    lm_step(model, opt, tokens())
+    assert sb.total == sum(t.nbytes for st in opt.state.values() for t in st.values())
 
 
 def test_auto_partition_reads_model_config_and_json_path(tmp_path):
