@@ -13,6 +13,14 @@ For :math:`f(\theta)` and a tangent :math:`v`, both modes return :math:`H v = \n
 
 Both are built on ``grad``, never on ``torch.func.jacrev``: differentiating ``jacrev`` again gives
 a wrong Hessian through the native LayerNorm (see DESIGN.md, "Pitfalls").
+
+:func:`prepare_reverse` splits a reverse product into its primal part (forward and first backward),
+which depends only on :math:`\theta` and the batch, and its second-order part, which is linear in
+:math:`v`: it keeps the first backward's graph and returns :math:`v \mapsto Hv`, one second
+backward each (about 2 gradients of matmul work instead of 3). There is no forward counterpart:
+``torch.func.linearize`` of ``grad(f)`` would be one, but in torch 2.13 its constant folding
+returns wrong, call-dependent products when the traced graph holds in-place operations (measured:
+``binary_cross_entropy_with_logits`` gives a different Hessian column on every call).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch.func import grad, jvp, vmap
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
+Product = Callable[[Params, bool], Params]
 
 
 def hvp_forward(f: LossFn, params: Params, tangents: Params, batched: bool) -> Params:
@@ -41,51 +50,60 @@ def hvp_forward(f: LossFn, params: Params, tangents: Params, batched: bool) -> P
         if is_forward_ad_error(err):
             raise
         _warn_loop("forward", err)
-        k = next(iter(tangents.values())).shape[0]
-        outs = [one({n: t[i] for n, t in tangents.items()}) for i in range(k)]
-        return {n: torch.stack([o[n] for o in outs]) for n in params}
+        return _loop(one, tangents)
 
 
 def hvp_reverse(f: LossFn, params: Params, tangents: Params, batched: bool) -> Params:
     """``H @ v`` by double backward; with ``batched`` the tangents carry a leading vector axis."""
+    return prepare_reverse(f, params)(tangents, batched)
+
+
+def prepare_reverse(f: LossFn, params: Params) -> Product:
+    """Double backward on a kept first-backward graph: each product is one second backward."""
     names = list(params)
     leaves = [params[n].detach().requires_grad_(True) for n in names]
     with torch.enable_grad():
         loss = f(dict(zip(names, leaves, strict=True)))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        # Entries whose gradient does not depend on the parameters have a zero Hessian row.
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    # Entries whose gradient does not depend on the parameters have a zero Hessian row.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    live_grads = [grads[i] for i in live]
+
+    def one(tangents: Params) -> Params:
         hv: list[torch.Tensor | None] = [None] * len(names)
         if live:
-            gl = [grads[i] for i in live]
-            tl = [tangents[names[i]] for i in live]
-            if not batched:
-                hv = list(torch.autograd.grad(gl, leaves, grad_outputs=tl, allow_unused=True))
-            else:
-                k = tl[0].shape[0]
-                cols = [
+            with torch.enable_grad():
+                hv = list(
                     torch.autograd.grad(
-                        gl,
+                        live_grads,
                         leaves,
-                        grad_outputs=[t[i] for t in tl],
+                        grad_outputs=[tangents[names[i]] for i in live],
                         allow_unused=True,
-                        retain_graph=i < k - 1,
+                        retain_graph=True,
                     )
-                    for i in range(k)
-                ]
-                hv = [
-                    None if cols[0][j] is None else torch.stack([c[j] for c in cols])
-                    for j in range(len(leaves))
-                ]
-    return {
-        n: torch.zeros_like(tangents[n]) if h is None else h for n, h in zip(names, hv, strict=True)
-    }
+                )
+        return {
+            n: torch.zeros_like(tangents[n]) if h is None else h
+            for n, h in zip(names, hv, strict=True)
+        }
+
+    def product(tangents: Params, batched: bool) -> Params:
+        return _loop(one, tangents) if batched else one(tangents)
+
+    return product
 
 
 def is_forward_ad_error(err: BaseException) -> bool:
     """True when ``err`` says that an operation has no forward-mode (jvp) rule."""
     msg = str(err).lower()
     return "forward ad" in msg or "forward-mode" in msg or ("jvp" in msg and "not" in msg)
+
+
+def _loop(one: Callable[[Params], Params], tangents: Params) -> Params:
+    """``one`` applied to each vector of a batched dict, stacked back along the leading axis."""
+    k = next(iter(tangents.values())).shape[0]
+    outs = [one({n: t[i] for n, t in tangents.items()}) for i in range(k)]
+    return {n: torch.stack([o[n] for o in outs]) for n in tangents}
 
 
 _warned: set[str] = set()

@@ -172,6 +172,39 @@ def test_ragged_batches_equal_concatenated(reduction):
     assert (Hg.to_dense() - Hc).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_cache_on_and_off_match_dense_on_ragged_batches(cache):
+    model, X, y = mlp_problem(n=8)
+    batches = [(X[:3], y[:3]), (X[3:7], y[3:7]), (X[7:], y[7:])]
+    H = HessianOperator(model, ce_loss, batches, mode="reverse", cache=cache)
+    D = dense_reference(model, ce_loss, (X, y))
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(4), dtype=F64)
+    for _ in range(2):  # the second pass reuses the kept graphs when cache=True
+        assert (H @ v - D @ v).abs().max() < 1e-10
+    assert (H.to_dense(chunk=5) - D).abs().max() < 1e-10
+
+
+def test_cached_products_skip_the_forward_and_follow_parameter_updates():
+    model, (x, y) = tiny_gpt_problem()
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    H = HessianOperator(model, lm_loss, (x, y), mode="reverse")  # one batch: cached
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(H.shape[0], generator=g, dtype=F64)
+    first = H @ v
+    after_first = len(forwards)
+    assert torch.equal(H @ v, first) and torch.equal(H.matmat(v[:, None])[:, 0], first)
+    assert len(forwards) == after_first, "a cached product ran the model again"
+    # an optimizer step changes the parameters in place: products must follow
+    lm_loss(model, (x, y)).backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    D = dense_reference(model, lm_loss, (x, y))
+    assert (H @ v - D @ v).abs().max() < 1e-10
+    assert (H @ v - first).abs().max() > 1e-3
+    H.clear_cache()
+    assert (H @ v - D @ v).abs().max() < 1e-10
+
+
 def test_restrict_matches_dense_slices(gpt):
     model, x, y, D = gpt
     H = HessianOperator(model, lm_loss, (x, y), mode="forward")
@@ -236,6 +269,12 @@ def test_wrong_shapes_name_the_expected_shape():
         HessianOperator(model, ce_loss, (X, y), params=list(model.parameters()))
     with pytest.raises(ValueError, match="no batch.*non-empty"):
         HessianOperator(model, ce_loss, []) @ torch.zeros(n)
+
+
+def test_bad_cache_argument_is_refused():
+    model, X, y = mlp_problem()
+    with pytest.raises(ValueError, match="cache must be 'auto', True or False"):
+        HessianOperator(model, ce_loss, (X, y), cache="yes")
 
 
 def test_dropout_in_train_mode_is_refused():
