@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -95,7 +96,11 @@ def contenders(model, loss_fn, batch, k: int, seed: int) -> tuple[dict[str, Call
     names = list(params)
     plist = [params[n] for n in names]
     g = torch.Generator().manual_seed(seed)
-    H = {m: HessianOperator(model, loss_fn, batch, mode=m) for m in ("forward", "reverse")}
+    H = {
+        "forward": HessianOperator(model, loss_fn, batch, mode="forward"),
+        "reverse": HessianOperator(model, loss_fn, batch, mode="reverse"),  # cache="auto": kept
+        "uncached": HessianOperator(model, loss_fn, batch, mode="reverse", cache=False),
+    }
     n = H["forward"].shape[0]
     v = torch.randn(n, generator=g)
     V = torch.randn(n, k, generator=g)
@@ -116,28 +121,51 @@ def contenders(model, loss_fn, batch, k: int, seed: int) -> tuple[dict[str, Call
     def func_fwd_rev():  # plain torch.func forward-over-reverse
         return jvp(grad(f), (detached,), (vs,))[1]
 
+    def rebuild_and_product():
+        H["reverse"].clear_cache()
+        return H["reverse"] @ v
+
     fns = {
         "gradient": gradient,
+        "ours reverse, kept first backward (default)": lambda: H["reverse"] @ v,
+        "ours reverse, first product (builds what it keeps)": rebuild_and_product,
+        "ours reverse, cache=False": lambda: H["uncached"] @ v,
         "ours forward (jvp of grad)": lambda: H["forward"] @ v,
-        "ours reverse (double backward)": lambda: H["reverse"] @ v,
         "peer PyHessian-style double backward": pyhessian_hvp,
         "peer torch.func forward-over-reverse": func_fwd_rev,
+        f"ours matmat reverse (kept), {k} vectors": lambda: H["reverse"].matmat(V),
         f"ours matmat forward, {k} vectors": lambda: H["forward"].matmat(V),
-        f"ours matmat reverse, {k} vectors": lambda: H["reverse"].matmat(V),
     }
     return fns, H
 
 
-def interleaved_medians(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
+def flop_ratios(fns: dict[str, Callable], k: int) -> dict[str, float]:
+    """Matmul FLOPs (``FlopCounterMode``) of each contender over the gradient's, per vector."""
+    flops = {}
+    for name, fn in fns.items():
+        fn()  # so a kept graph exists before counting the steady-state product
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[name] = counter.get_total_flops() / (k if name.startswith("ours matmat") else 1)
+    return {name: f / flops["gradient"] for name, f in flops.items() if name != "gradient"}
+
+
+def interleaved_medians(
+    fns: dict[str, Callable], repeats: int, min_seconds: float
+) -> tuple[dict[str, float], int]:
+    """Median time of each function over ``repeats`` rounds, more if a round is shorter than
+    ``min_seconds / repeats`` (millisecond-scale calls need many rounds for a stable median)."""
+    t0 = time.perf_counter()
     for fn in fns.values():  # warm-up
         fn()
+    repeats = max(repeats, int(np.ceil(min_seconds / (time.perf_counter() - t0))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items()}, repeats
 
 
 def power_iteration_counts(H, ref: np.ndarray, k: int, rtol: float, cap: int, seed: int):
@@ -228,7 +256,7 @@ def run(args) -> dict:
     for (title, model, loss_fn, batch), cap in problems:
         fns, H = contenders(model, loss_fn, batch, args.vectors, seed=0)
         t0 = time.perf_counter()
-        med = interleaved_medians(fns, args.repeats)
+        med, repeats = interleaved_medians(fns, args.repeats, args.min_seconds)
         g = med["gradient"]
         ratios = {name: t / g for name, t in med.items() if name != "gradient"}
         for name in list(ratios):
@@ -240,13 +268,16 @@ def run(args) -> dict:
         entry = {
             "n": H["forward"].shape[0],
             "gradient_seconds": g,
+            "repeats": repeats,
             "ratios": ratios,
+            "flop_ratios": flop_ratios(fns, args.vectors),
             "auto_picks": auto.chosen_modes,
             "timing_seconds": time.perf_counter() - t0,
         }
         best = (
             "forward"
-            if med["ours forward (jvp of grad)"] < med["ours reverse (double backward)"]
+            if med["ours forward (jvp of grad)"]
+            < med["ours reverse, kept first backward (default)"]
             else "reverse"
         )
         t1 = time.perf_counter()
@@ -272,8 +303,10 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         f"Command: `{command}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} torch thread(s), "
         f"torch {torch.__version__}, float32. Total time {seconds:.0f} s. Medians over "
-        f"{args.repeats} interleaved repeats; single ratios move by roughly +-20% "
-        "between runs on this 2-core machine (compare the two runs in the git history).",
+        + " / ".join(f"{results[t]['repeats']}" for t in results)
+        + " interleaved rounds (at least "
+        f"{args.min_seconds:g} s of timing per model); single ratios move by roughly +-20% "
+        "between runs on this 2-core machine (compare the runs in the git history).",
         "",
         "Time of one HVP, and per vector of a 16-vector `matmat`, as a multiple of one gradient "
         "(forward + backward). Targets: HVP <= 2.5x, matmat per vector <= 1.0x.",
@@ -293,6 +326,18 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
     )
     picks = [", ".join(f"{k}: {v}" for k, v in results[t]["auto_picks"].items()) for t in titles]
     lines.append(table_row('`mode="auto"` picks', picks))
+    lines += [
+        "",
+        "Matmul FLOPs of the same calls as a multiple of one gradient's, counted by "
+        "`torch.utils.flop_counter.FlopCounterMode` (it counts matmuls and attention, not "
+        "elementwise operations); matmat per vector:",
+        "",
+        table_row("contender", titles),
+        "|---|" + "---|" * len(titles),
+    ]
+    for name in names:
+        label = name.replace(f"{args.vectors} vectors", f"{args.vectors} vectors, per vector")
+        lines.append(table_row(label, [f"{results[t]['flop_ratios'][name]:.2f}x" for t in titles]))
     lines += [
         "",
         f"Operator products for the top-5 (largest-magnitude) eigenvalues to {args.rtol:g} relative "
@@ -377,12 +422,13 @@ def write_section(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="fewest interleaved timing rounds")
+    p.add_argument("--min-seconds", type=float, default=20.0, help="more rounds until this long")
     p.add_argument("--vectors", type=int, default=16)
     p.add_argument("--gpt2-vocab", type=int, default=2048)
     p.add_argument("--rtol", type=float, default=1e-6)
     p.add_argument("--power-cap-tiny", type=int, default=150, help="power products per eigenvalue")
-    p.add_argument("--power-cap-gpt2", type=int, default=20, help="power products per eigenvalue")
+    p.add_argument("--power-cap-gpt2", type=int, default=80, help="power products per eigenvalue")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the cores are shared)")
     p.add_argument("--skip-gpt2", action="store_true")
     p.add_argument("--write-readme", action="store_true")

@@ -12,12 +12,18 @@ all have residual :math:`\le` ``tol`` :math:`\cdot \max_i |\theta_i|`. The repor
 are then recomputed as the true :math:`\|H y - \theta y\|` with one extra ``matmat`` of ``k``
 vectors (counted in ``num_matvecs``).
 
-There is no restart: the basis grows by ``p`` vectors per step up to ``max_iter`` steps (memory
-``n * p * max_iter``). When the Krylov space becomes invariant (or a column of the block
-deflates) a fresh random vector orthogonal to the basis takes its place, so the method
-continues to ``n`` vectors if needed. Single-vector Lanczos (``block_size=1``) sees one copy of an
-exactly repeated eigenvalue until the Krylov space becomes invariant; with ``block_size = p`` it
-resolves multiplicities up to ``p``.
+Memory is the basis, ``n`` times its columns. Without ``max_basis`` it grows by ``p`` vectors per
+step up to ``max_iter`` steps. With ``max_basis = m`` the iteration restarts thickly (Wu and Simon's
+thick-restart Lanczos) whenever the next block would not fit: it keeps the ``l`` most wanted Ritz
+vectors :math:`Y = Q S_l` (:math:`l \approx m/2`, at least ``k + p``) and the last block
+:math:`Q_{+}`, so that :math:`H [Y, Q_{+}] = [Y, Q_{+}] \begin{pmatrix}\Theta_l & C^\top \\ C &
+A_{+}\end{pmatrix} + \dots` with the arrow :math:`C = B S_l^{\text{last}}`; the projected matrix
+is then no longer tridiagonal and is solved with ``numpy.linalg.eigh``.
+
+When the Krylov space becomes invariant (or a column of the block deflates) a fresh random vector
+orthogonal to the basis takes its place, so the method continues to ``n`` vectors if needed.
+Single-vector Lanczos (``block_size=1``) sees one copy of an exactly repeated eigenvalue until the
+Krylov space becomes invariant; with ``block_size = p`` it resolves multiplicities up to ``p``.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ def lanczos(
     tol: float = 1e-8,
     seed: int = 0,
     block_size: int = 1,
+    max_basis: int | None = None,
     true_residuals: bool = True,
     progress: bool = True,
     callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
@@ -78,10 +85,13 @@ def lanczos(
         k: number of eigenpairs.
         which: ``"LA"`` largest, ``"SA"`` smallest, ``"LM"`` largest magnitude, ``"BE"`` both
             ends (``ceil(k/2)`` largest and ``floor(k/2)`` smallest).
-        max_iter: most Lanczos steps (default ``min(ceil(n/p), max(300, 20 k))``).
+        max_iter: most Lanczos steps (default ``max(300, 20 k)``, and at most ``ceil(n/p)``
+            without restarts).
         tol: relative residual tolerance, ``||H y - theta y|| <= tol * max|theta|``.
         seed: seed of the random start block.
         block_size: ``p``, vectors per step (one ``matmat`` each); ``p > 1`` finds multiplicities.
+        max_basis: most basis vectors kept (memory ``n * max_basis``); thick restarts keep it
+            there. At least ``k + 2 p``. Default: no restart.
         true_residuals: recompute the final residuals with ``k`` extra products (else from the
             Lanczos relation).
         progress: tqdm progress bar.
@@ -96,41 +106,50 @@ def lanczos(
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n={n}], got {k}")
     p = max(1, min(int(block_size), n))
-    steps = -(-n // p)
-    max_iter = min(steps, max(300, 20 * k)) if max_iter is None else min(int(max_iter), steps)
-    if max_iter * p < k:
+    steps = max(300, 20 * k) if max_iter is None else int(max_iter)
+    if max_basis is None:
+        max_iter = min(steps, -(-n // p))
+        cap = max_iter * p
+    else:
+        max_iter, cap = steps, min(int(max_basis), n)
+        if cap < min(k + 2 * p, n):
+            raise ValueError(
+                f"max_basis={max_basis} leaves no room to restart: it needs at least k + 2 * "
+                f"block_size = {k + 2 * p} vectors (or n={n}); raise max_basis or lower k"
+            )
+    if max_basis is None and cap < k:
         raise ValueError(f"max_iter={max_iter} with block_size={p} cannot produce k={k} vectors")
 
     gen = torch.Generator().manual_seed(seed)
     dtype, device = A.dtype, A.device
-    basis = torch.zeros(n, max_iter * p + p, dtype=dtype, device=device)
+    basis = torch.zeros(n, cap + p, dtype=dtype, device=device)
     Q, _ = _orthonormalize(_randn(n, p, gen, dtype, device), basis[:, :0], gen)
     basis[:, :p] = Q
-    T = np.zeros(((max_iter + 1) * p, (max_iter + 1) * p))
+    T = np.zeros((cap + p, cap + p))
     num_matvecs = 0
-    m = 0
+    cur = 0  # first column of the current block; the basis holds columns [0, cur + p)
+    m = num_steps = 0
+    tridiagonal = p == 1  # until the first restart adds the arrow
     theta, S, res, want = np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros(0, dtype=int)
     bar = tqdm(total=max_iter, desc="lanczos", disable=not progress, leave=False)
     try:
-        for j in range(max_iter):
-            Qj = basis[:, j * p : (j + 1) * p]
+        for _ in range(max_iter):
+            num_steps += 1
+            Qj = basis[:, cur : cur + p]
             W = A.matmat(Qj).to(dtype)
             num_matvecs += p
             Aj = (Qj.T @ W).double().cpu().numpy()
-            T[j * p : (j + 1) * p, j * p : (j + 1) * p] = (Aj + Aj.T) / 2
-            m = j + 1
-            if m * p >= n:  # the basis spans the whole space
-                theta, S = _eig(T[: m * p, : m * p], p)
+            T[cur : cur + p, cur : cur + p] = (Aj + Aj.T) / 2
+            m = cur + p
+            if m >= n:  # the basis spans the whole space
+                theta, S = _eig(T[:m, :m], tridiagonal)
                 res = np.zeros(len(theta))
                 want = _wanted(theta, k, which)
                 bar.update(1)
                 break
-            Qn, B = _orthonormalize(W, basis[:, : m * p], gen)
-            basis[:, m * p : (m + 1) * p] = Qn
-            T[m * p : (m + 1) * p, j * p : (j + 1) * p] = B
-            T[j * p : (j + 1) * p, m * p : (m + 1) * p] = B.T
-            if m * p >= k:
-                theta, S = _eig(T[: m * p, : m * p], p)
+            Qn, B = _orthonormalize(W, basis[:, :m], gen)
+            if m >= k:
+                theta, S = _eig(T[:m, :m], tridiagonal)
                 res = np.linalg.norm(B @ S[-p:, :], axis=0)
                 want = _wanted(theta, k, which)
                 scale = max(np.abs(theta).max(), np.finfo(float).tiny)
@@ -141,12 +160,32 @@ def lanczos(
                 if done == k:
                     bar.update(1)
                     break
+            if m + p > cap:  # no room for the next block: thick restart
+                keep = np.sort(_wanted(theta, max(k + p, min((cap - p) // 2, m - p)), which))
+                coupling = B @ S[-p:, keep]
+                basis[:, : len(keep)] = basis[:, :m] @ torch.as_tensor(
+                    S[:, keep], dtype=dtype, device=device
+                )
+                cur = len(keep)
+                T[:] = 0.0
+                T[:cur, :cur] = np.diag(theta[keep])
+                T[cur : cur + p, :cur] = coupling
+                T[:cur, cur : cur + p] = coupling.T
+                tridiagonal = False
+                # the kept columns are Ritz vectors: the result if no step follows
+                theta, S, res, m = theta[keep], np.eye(cur), np.linalg.norm(coupling, axis=0), cur
+                want = _wanted(theta, k, which)
+            else:
+                T[m : m + p, cur : cur + p] = B
+                T[cur : cur + p, m : m + p] = B.T
+                cur = m
+            basis[:, cur : cur + p] = Qn
             bar.update(1)
     finally:
         bar.close()
 
     Sw = torch.as_tensor(S[:, want], dtype=dtype, device=device)
-    vectors = basis[:, : m * p] @ Sw
+    vectors = basis[:, :m] @ Sw
     values = theta[want]
     if true_residuals:
         HV = A.matmat(vectors).to(dtype)
@@ -162,12 +201,12 @@ def lanczos(
         residuals=residuals,
         num_matvecs=num_matvecs,
         converged=residuals <= max(tol, 100 * np.finfo(float).eps) * scale,
-        num_steps=m,
+        num_steps=num_steps,
     )
 
 
-def _eig(T: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-    if p == 1:
+def _eig(T: np.ndarray, tridiagonal: bool) -> tuple[np.ndarray, np.ndarray]:
+    if tridiagonal:
         return scipy.linalg.eigh_tridiagonal(np.diag(T).copy(), np.diag(T, -1).copy())
     return np.linalg.eigh(T)
 

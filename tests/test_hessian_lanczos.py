@@ -55,6 +55,36 @@ def test_matches_eigvalsh(name, which):
     assert res.num_matvecs <= res.num_steps * block + 5
 
 
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+def test_thick_restart_matches_eigvalsh(name, which):
+    """A basis of 20 vectors (of n = 120) restarts many times and still finds the 5 pairs."""
+    A = planted(SPECTRA[name])
+    ref = np.linalg.eigvalsh(A)
+    block = 3 if name == "degenerate" else 1
+    res = lanczos(
+        A, k=5, which=which, tol=1e-11, seed=1, block_size=block, max_basis=20, progress=False
+    )
+    assert res.num_steps * block > 3 * 20, "the run should have restarted several times"
+    assert np.abs(res.values - expected(ref, which, 5)).max() < 1e-8
+    V = res.vectors.numpy()
+    assert np.abs(V.T @ V - np.eye(5)).max() < 1e-10
+    true = np.linalg.norm(A @ V - V * res.values, axis=0)
+    assert np.allclose(res.residuals, true, rtol=1e-6, atol=1e-14)
+    assert res.converged.all()
+
+
+def test_restart_right_before_the_step_limit_returns_true_ritz_pairs():
+    A = planted(SPECTRA["known"])
+    for steps in range(10, 16):  # some of these end on a restart
+        res = lanczos(A, k=3, max_iter=steps, max_basis=8, tol=1e-14, progress=False)
+        V = res.vectors.numpy()
+        assert np.abs(V.T @ V - np.eye(3)).max() < 1e-10
+        assert np.allclose(res.values, np.diag(V.T @ A @ V), rtol=1e-10)
+        true = np.linalg.norm(A @ V - V * res.values, axis=0)
+        assert np.allclose(res.residuals, true, rtol=1e-10)
+
+
 def test_residuals_are_true_even_when_not_converged():
     A = planted(SPECTRA["known"])
     res = lanczos(A, k=3, max_iter=8, tol=1e-12, progress=False)
@@ -111,3 +141,5 @@ def test_bad_arguments():
         lanczos(np.zeros((3, 4)), k=1, progress=False)
     with pytest.raises(TypeError, match="linear operator"):
         lanczos("nope", k=1, progress=False)
+    with pytest.raises(ValueError, match="max_basis=6 leaves no room.*at least k"):
+        lanczos(A, k=5, max_basis=6, progress=False)
