@@ -27,6 +27,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_hessian.py --write-readme
+	$(BIN)/python benchmarks/bench_hessian.py --skip-tiny --hvp-only --gpt2-vocab 50257 \
+		--vectors 4 --repeats 3 --min-seconds 0 --section gpt2-vocab-50257 --write-readme
 	$(BIN)/python benchmarks/bench_optimizer.py --write
 
 figures: $(STAMP)

@@ -293,7 +293,13 @@ class AdamMini(torch.optim.Optimizer):
                         f"parameter {self._names[param]!r} has a sparse gradient; AdamMini needs "
                         "dense gradients (use nn.Embedding(sparse=False))"
                     )
-                layout = self._layouts[param]
+                layout = self._layouts.get(param)
+                if layout is None:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(param.shape)} was put into param_groups "
+                        "by hand, so AdamMini has no name or partition blocks for it; add it with "
+                        "optimizer.add_param_group({'params': [(name, tensor)]})"
+                    )
                 state = self._init_state(param, layout)
                 g = distributed.local(param.grad)
                 if group["maximize"]:

@@ -545,6 +545,16 @@ def test_skip_blocks_steps_finite_blocks_and_keeps_the_rest(fused):
         assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["exp_avg"]).all(), n
 
 
+def test_param_appended_to_a_group_by_hand_names_the_fix():
+    model = quad_model()
+    named = list(model.named_parameters())
+    opt = optimizer.AdamMini(named[:2], lr=0.1, n_heads=1)
+    opt.param_groups[0]["params"].append(named[2][1])
+    quad_loss(model).backward()
+    with pytest.raises(RuntimeError, match=r"by hand.*add_param_group"):
+        opt.step()
+
+
 def test_param_names_groups_and_fused_true_without_kernel(monkeypatch):
     model = quad_model()
     names, tensors = zip(*model.named_parameters(), strict=True)
