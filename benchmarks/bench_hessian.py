@@ -142,15 +142,27 @@ def contenders(model, loss_fn, batch, k: int, seed: int) -> tuple[dict[str, Call
     return fns, H
 
 
-def flop_ratios(fns: dict[str, Callable], k: int) -> dict[str, float]:
-    """Matmul FLOPs (``FlopCounterMode``) of each contender over the gradient's, per vector."""
+def matmul_flops(fns: dict[str, Callable], k: int) -> dict[str, float]:
+    """Matmul FLOPs (``FlopCounterMode``) of one call of each contender, per vector."""
     flops = {}
     for name, fn in fns.items():
         fn()  # so a kept graph exists before counting the steady-state product
         with FlopCounterMode(display=False) as counter:
             fn()
         flops[name] = counter.get_total_flops() / (k if name.startswith("ours matmat") else 1)
-    return {name: f / flops["gradient"] for name, f in flops.items() if name != "gradient"}
+    return flops
+
+
+def sgemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the fastest of ``repeats`` float32 ``n x n x n`` matmuls: the core's peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def interleaved_medians(
@@ -252,6 +264,7 @@ def eigen_benchmark(H, k: int, rtol: float, cap: int, seed: int) -> dict:
 def run(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    peak = sgemm_peak_gflops()
     problems = [] if args.skip_tiny else [(tinygpt_problem(), args.power_cap_tiny)]
     if not args.skip_gpt2:
         problems.append((gpt2_problem(args.gpt2_vocab), args.power_cap_gpt2))
@@ -260,6 +273,7 @@ def run(args) -> dict:
         fns, H = contenders(model, loss_fn, batch, args.vectors, seed=0)
         t0 = time.perf_counter()
         med, repeats = interleaved_medians(fns, args.repeats, args.min_seconds)
+        flops = matmul_flops(fns, args.vectors)
         g = med["gradient"]
         ratios = {name: t / g for name, t in med.items() if name != "gradient"}
         for name in list(ratios):
@@ -273,11 +287,13 @@ def run(args) -> dict:
             "gradient_seconds": g,
             "repeats": repeats,
             "ratios": ratios,
-            "flop_ratios": flop_ratios(fns, args.vectors),
+            "flop_ratios": {n: f / flops["gradient"] for n, f in flops.items() if n != "gradient"},
+            "gradient_gflops_per_second": flops["gradient"] / g / 1e9,
             "auto_picks": auto.chosen_modes,
             "timing_seconds": time.perf_counter() - t0,
         }
         best = "forward" if med["ours forward (jvp of grad)"] < med[KEPT] else "reverse"
+        entry["sgemm_peak_gflops_per_second"] = peak
         results[title] = entry
         if args.hvp_only:
             continue
@@ -399,8 +415,11 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
     def flops(name: str) -> dict[str, float]:
         return {t: results[t]["flop_ratios"][name] for t in titles}
 
-    def cells(values: dict[str, float]) -> str:
-        return ", ".join(f"{x:.2f}x" for x in values.values())
+    def cells(values: dict[str, float], unit: str = "x") -> str:
+        return ", ".join(f"{x:.2f}{unit}" for x in values.values())
+
+    rate = {t: results[t].get("gradient_gflops_per_second", 0.0) for t in titles}
+    peak = {t: results[t].get("sgemm_peak_gflops_per_second", 0.0) for t in titles}
 
     if all("eigen" in results[t] for t in titles):
         lines += eigen_table(results, args, titles)
@@ -423,7 +442,18 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         "vector's tangent (for a linear layer y = x W^T: 2 tangent-forward and 4 "
         "tangent-backward matmuls, against 3 matmuls in the gradient), so no work is shared "
         f"between vectors: {cells(flops(matmat))} gradients of FLOPs per vector (second table). "
-        "1.0x would need the batched products to run at twice the gradient's FLOP rate.",
+        "1.0x would need the batched products to run at twice the gradient's FLOP rate."
+        + (
+            " The gradient already runs its matmuls at "
+            + cells(rate, "")
+            + " GFLOP/s against a float32 sgemm peak of "
+            + cells(peak, "")
+            + " GFLOP/s on this core (2048^3), so even at that peak a vector costs at least "
+            + cells({t: flops(matmat)[t] * rate[t] / peak[t] for t in titles})
+            + " a gradient."
+            if all("sgemm_peak_gflops_per_second" in results[t] for t in titles)
+            else ""
+        ),
         "- Forward mode (jvp of grad) redoes the primal pass on every call and pays more per "
         "operation; it has no kept-graph variant, because `torch.func.linearize` (its natural "
         "one) returns wrong, call-dependent products in torch 2.13 when the graph holds in-place "
