@@ -437,20 +437,21 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         "with `cache=False`, both peers, forward mode). The first product, which builds the kept "
         f"graph, costs {cells(build)}; in Lanczos, SLQ or Hutchinson every later product is the "
         "cheap one.",
-        "- matmat target (<= 1.0x per vector): not met, and below what an exact HVP can cost. The "
-        "second-order part of a product is bilinear in the shared primal values and that "
-        "vector's tangent (for a linear layer y = x W^T: 2 tangent-forward and 4 "
-        "tangent-backward matmuls, against 3 matmuls in the gradient), so no work is shared "
-        f"between vectors: {cells(flops(matmat))} gradients of FLOPs per vector (second table). "
-        "1.0x would need the batched products to run at twice the gradient's FLOP rate."
+        "- matmat target (<= 1.0x per vector): not met. The second-order part of a product is "
+        "bilinear in the shared primal values and that vector's tangent (for a linear layer "
+        "y = x W^T: 2 tangent-forward and 4 tangent-backward matmuls, against 3 matmuls in the "
+        f"gradient), so no work is shared between vectors: {cells(flops(matmat))} gradients of "
+        "FLOPs per vector (second table), and 1.0x needs the batched products to run at twice "
+        "the gradient's FLOP rate."
         + (
-            " The gradient already runs its matmuls at "
+            " The gradient runs its matmuls at "
             + cells(rate, "")
             + " GFLOP/s against a float32 sgemm peak of "
             + cells(peak, "")
-            + " GFLOP/s on this core (2048^3), so even at that peak a vector costs at least "
+            + " GFLOP/s on this core (2048^3): even at that peak a vector costs at least "
             + cells({t: flops(matmat)[t] * rate[t] / peak[t] for t in titles})
-            + " a gradient."
+            + " a gradient. Where that floor exceeds 1.0x, no exact HVP meets the target on this "
+            "core; where it does not (a small, overhead-bound gradient), only fused kernels could."
             if all("sgemm_peak_gflops_per_second" in results[t] for t in titles)
             else ""
         ),
