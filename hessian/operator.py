@@ -378,7 +378,6 @@ class HessianOperator(Operator):
         """``H v`` as a dict, or with ``flat`` as the flat ``(n,)`` / ``(k, n)`` buffer it views."""
         self._prepare()
         mode = self._mode_for(v, batched)
-        p = self._primal()
         k = next(iter(v.values())).shape[0] if batched else None
         # accumulate into one flat buffer (the dict holds views of it): no cat, one all_reduce
         buf = torch.zeros(
@@ -398,6 +397,7 @@ class HessianOperator(Operator):
                 for i, product in enumerate(self._cached_products()):
                     self._accumulate(out, product(v, batched), self._weights[i])
             else:
+                p = self._primal()
                 for i, batch in self._iter_batches():
                     self._accumulate(out, self._hvp(mode, batch, p, v, batched), self._weights[i])
         distributed.all_reduce_sum(buf)
@@ -450,8 +450,8 @@ class HessianOperator(Operator):
         times = {}
         for mode in ("forward", "reverse"):
             try:
-                if self._cached(mode):
-                    product = prepare_reverse(self._loss(batch), p)
+                if self._cached(mode):  # the kept graph is built once, here
+                    product = self._cached_products()[0]
                 else:
                     product = partial(self._hvp, mode, batch, p)
                 product(v, batched)  # warm-up
@@ -461,6 +461,8 @@ class HessianOperator(Operator):
             except ForwardModeError as err:
                 warnings.warn(f"mode='auto' uses 'reverse': {err}", RuntimeWarning, stacklevel=4)
         self._chosen[batched] = min(times, key=times.get)
+        if "reverse" not in self._chosen.values():
+            self.clear_cache()  # only reverse products use the kept graphs
         return self._chosen[batched]
 
     @property

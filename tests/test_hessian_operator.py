@@ -338,12 +338,22 @@ def test_forward_mode_error_names_module_and_fix():
     H = HessianOperator(model, ce_loss, (X, y), mode="forward")
     with pytest.raises(ForwardModeError, match=r"(?s)module '1'.*mode='reverse'.*eager"):
         H @ torch.zeros(H.shape[0])
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
     Hr = HessianOperator(model, ce_loss, (X, y), mode="reverse")
     Hr @ torch.zeros(H.shape[0])
+    reverse_forwards = len(forwards)
     Ha = HessianOperator(model, ce_loss, (X, y), mode="auto")
     with pytest.warns(RuntimeWarning, match="uses 'reverse'"):
         Ha @ torch.zeros(H.shape[0])
     assert Ha.chosen_modes == {"matvec": "reverse"}
+    # auto keeps the graph it built while timing reverse: as many model runs as plain reverse
+    assert len(forwards) == 2 * reverse_forwards
+    v = torch.randn(H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(6))
+    Hv = Ha @ v
+    assert len(forwards) == 2 * reverse_forwards, "a product of auto's kept graph ran the model"
+    uncached = HessianOperator(model, ce_loss, (X, y), mode="reverse", cache=False)
+    assert (Hv - uncached @ v).abs().max() < 1e-12
 
 
 def test_transformers_sdpa_error_names_attention_and_eager_fix():
