@@ -107,9 +107,13 @@ def lanczos(
         raise ValueError(f"k must be in [1, n={n}], got {k}")
     p = max(1, min(int(block_size), n))
     steps = max(300, 20 * k) if max_iter is None else int(max_iter)
-    if max_basis is None:
+    if max_basis is None:  # no restart: the basis holds every step's block
         max_iter = min(steps, -(-n // p))
         cap = max_iter * p
+        if cap < k:
+            raise ValueError(
+                f"max_iter={max_iter} with block_size={p} cannot produce k={k} vectors"
+            )
     else:
         max_iter, cap = steps, min(int(max_basis), n)
         if cap < min(k + 2 * p, n):
@@ -117,8 +121,6 @@ def lanczos(
                 f"max_basis={max_basis} leaves no room to restart: it needs at least k + 2 * "
                 f"block_size = {k + 2 * p} vectors (or n={n}); raise max_basis or lower k"
             )
-    if max_basis is None and cap < k:
-        raise ValueError(f"max_iter={max_iter} with block_size={p} cannot produce k={k} vectors")
 
     gen = torch.Generator().manual_seed(seed)
     dtype, device = A.dtype, A.device

@@ -70,7 +70,8 @@ def test_matches_eigvalsh(name, which, max_basis):
 
 def test_restart_right_before_the_step_limit_returns_true_ritz_pairs():
     A = planted(SPECTRA["known"])
-    for steps in range(10, 16):  # some of these end on a restart
+    # max_basis=8, k=3: restarts at steps 8, 12, 16 (keep 4, refill to 8), so step 12 ends on one
+    for steps in range(10, 16):
         res = lanczos(A, k=3, max_iter=steps, max_basis=8, tol=1e-14, progress=False)
         V = res.vectors.numpy()
         assert np.abs(V.T @ V - np.eye(3)).max() < 1e-10
