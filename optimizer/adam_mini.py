@@ -218,7 +218,7 @@ class AdamMini(torch.optim.Optimizer):
         layouts = {}
         for name, p in named:
             lo, hi = distributed.row_range(p, name)
-            layouts[p] = layout_of(part[name], lo, hi)
+            layouts[p] = layout_of(part[name], lo, hi, distributed.is_sharded(p))
         super().add_param_group(group)
         self._layouts.update(layouts)
         self._fusable_layout.update(
@@ -361,10 +361,10 @@ class AdamMini(torch.optim.Optimizer):
         sums = {id(t): block_sumsq(t.g, t.layout) for t in eager if t.layout.rule != "elements"}
         bad = self._count_nonfinite(eager, sums, plan) if check else 0.0
         meshes = [t.param.device_mesh for t in tasks if distributed.is_dtensor(t.param)]
-        if meshes:  # cut blocks add up their partial sums; every rank learns the NaN count
-            cut = [t for t in eager if t.layout.cut]
+        if meshes:  # replicated v adds up the ranks' partial sums; every rank learns the NaN count
+            shared = [t for t in eager if t.layout.reduce_sums]
             bad = distributed.all_reduce_sums(
-                [sums[id(t)] for t in cut], [t.param.device_mesh for t in cut], meshes, bad
+                [sums[id(t)] for t in shared], [t.param.device_mesh for t in shared], meshes, bad
             )
         if check and bad:
             names = self._nonfinite_names(tasks, fused, sums, plan)

@@ -9,7 +9,8 @@ shards (``to_local()``) in place:
   ``exp_avg_sq`` is a DTensor ``(rows,)`` sharded on dim 0 like the rows.
 * every other block may span ranks (a head cut by the shard boundary, a norm
   weight under ``tensor``, a column block). Each rank sums the squares of its
-  part; one ``all_reduce(SUM)`` per mesh and step adds them up, and the mean
+  part (zeros for blocks it does not hold); one ``all_reduce(SUM)`` per mesh and
+  step adds them up for every such tensor, cut or not, and the mean
   divides by the full block size from the partition (the element counts are
   static, so they need no communication). Their ``exp_avg_sq`` is a replicated
   DTensor ``(num_blocks,)``, updated identically on every rank.
@@ -38,6 +39,11 @@ def is_dtensor(t: torch.Tensor) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (shares storage), or ``t`` itself."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """True for a DTensor sharded over its mesh (the same answer on every rank)."""
+    return is_dtensor(p) and any(isinstance(pl, Shard) for pl in p.placements)
 
 
 def row_range(p: torch.Tensor, name: str) -> tuple[int, int]:

@@ -18,11 +18,14 @@ needs no layout (it is plain AdamW). Layouts are derived from the rule itself,
 never from ``local_index()``, so building one costs nothing even for a 7B model.
 
 Under FSDP2 a rank holds rows ``[row_lo, row_hi)`` of a tensor sharded on dim 0;
-:func:`layout_of` then describes only the local rows. A block of which this rank
-holds only a part is *cut*: its sum of squares must be all-reduced across ranks
-before the update (see :mod:`optimizer.distributed`). The mean always divides
-by the full block size (``block_sizes``), so a cut block gets exactly the value
-an unsharded run would.
+:func:`layout_of` then describes only the local rows. Unless the rule keeps v
+with the rows (``rows``), v is replicated: every rank all-reduces its partial
+block sums (zeros for blocks it does not hold) before the update, so all copies
+of v stay equal (see :mod:`optimizer.distributed`). The decision depends only on
+the sharding, never on where this rank's shard happens to cut a block, so all
+ranks join the same collectives. The mean always divides by the full block size
+(``block_sizes``), so a block cut by a shard gets exactly the value an unsharded
+run would.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class BlockLayout:
         block_sizes: float64 tensor ``(num_blocks,)``, entries per block in the FULL tensor.
         row_ids: for ``row_groups``, LongTensor ``(local_rows,)`` with the group of each local row.
         row_lo, row_hi: the local rows of dim 0 (``0, shape[0]`` when not sharded).
-        cut: True when some block is only partly local (its sums need an all-reduce).
+        reduce_sums: True when the tensor is sharded and v replicated: the block sums
+            are all-reduced across ranks (the same on every rank).
     """
 
     rule: str
@@ -75,7 +79,7 @@ class BlockLayout:
     row_ids: torch.Tensor | None
     row_lo: int
     row_hi: int
-    cut: bool
+    reduce_sums: bool
 
     @property
     def local_v(self) -> bool:
@@ -126,12 +130,20 @@ def _full_runs(blocks: TensorBlocks) -> list[tuple[str, int, int]]:
     )
 
 
-def layout_of(blocks: TensorBlocks, row_lo: int = 0, row_hi: int | None = None) -> BlockLayout:
-    """The :class:`BlockLayout` of ``blocks`` restricted to local rows ``[row_lo, row_hi)``."""
+def layout_of(
+    blocks: TensorBlocks, row_lo: int = 0, row_hi: int | None = None, sharded: bool | None = None
+) -> BlockLayout:
+    """The :class:`BlockLayout` of ``blocks`` restricted to local rows ``[row_lo, row_hi)``.
+
+    ``sharded`` says whether the tensor is split over ranks (the same answer on every rank);
+    by default it is whether ``[row_lo, row_hi)`` misses some rows.
+    """
     shape = tuple(blocks.shape)
     rows = shape[0] if shape else 1
     row_hi = rows if row_hi is None else row_hi
-    sharded = (row_lo, row_hi) != (0, rows)
+    if sharded is None:
+        sharded = (row_lo, row_hi) != (0, rows)
+    reduce_sums = sharded and blocks.rule not in LOCAL_RULES
     numel = math.prod(shape)
     per_row = numel // rows if rows else 0
     nb = blocks.num_blocks
@@ -142,7 +154,7 @@ def layout_of(blocks: TensorBlocks, row_lo: int = 0, row_hi: int | None = None) 
         groups = torch.as_tensor(list(blocks.params["groups"]), dtype=torch.long)
         sizes = torch.bincount(groups, minlength=nb).to(torch.float64) * per_row
         return BlockLayout(
-            "row_groups", shape, nb, (), sizes, groups[row_lo:row_hi], row_lo, row_hi, sharded
+            "row_groups", shape, nb, (), sizes, groups[row_lo:row_hi], row_lo, row_hi, reduce_sums
         )
     runs: list[Run] = []
     sizes_list: list[torch.Tensor] = []
@@ -150,7 +162,6 @@ def layout_of(blocks: TensorBlocks, row_lo: int = 0, row_hi: int | None = None) 
     flat_pos = 0  # flat offset of the run in the full tensor
     col_pos = 0
     lo, hi = row_lo * per_row, row_hi * per_row  # local flat window
-    cut = False
     for kind, n, width in _full_runs(blocks):
         if kind == "flat":
             sizes_list.append(torch.full((n,), float(width), dtype=torch.float64))
@@ -168,16 +179,16 @@ def layout_of(blocks: TensorBlocks, row_lo: int = 0, row_hi: int | None = None) 
                     )
                 if f1 < k1 and not (k1 - 1 == k0 and k0 < f0):  # trailing partial block
                     runs.append(Run("flat", first + f1, 1, a + f1 * width - lo, e - lo))
-                cut = cut or k0 < f0 or f1 < k1
         else:
             sizes_list.append(torch.full((n,), float(width * rows), dtype=torch.float64))
             if row_hi > row_lo:
                 runs.append(Run("cols", first, n, col_pos, col_pos + n * width))
-            cut = cut or sharded
             col_pos += n * width
         first += n
     sizes = torch.cat(sizes_list) if sizes_list else torch.zeros(0, dtype=torch.float64)
-    return BlockLayout(blocks.rule, shape, nb, tuple(runs), sizes, None, row_lo, row_hi, cut)
+    return BlockLayout(
+        blocks.rule, shape, nb, tuple(runs), sizes, None, row_lo, row_hi, reduce_sums
+    )
 
 
 def run_view(t: torch.Tensor, run: Run) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 One spawn runs every case to keep the suite fast. Rule zoo sharded on dim 0 over
 2 ranks: ``q`` (12 rows, head_dim 4) has its head 1 cut by the shard boundary,
-``emb`` (9 rows) is sharded 5/4, norms, columns, fused heads and row groups span
-both ranks.
+``q_aligned`` (8 rows, head_dim 4) has each head whole on one rank, ``one`` (1 row)
+is all on rank 0, ``emb`` (9 rows) is sharded 5/4, norms, columns, fused heads and
+row groups span both ranks. Every rank's copy of a replicated v must equal the
+single-process v.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ SHAPES = {
     "norm": ((7,), "tensor", {}),
     "emb": ((9, 6), "rows", {}),
     "q": ((12, 5), "heads", {"head_dim": 4}),
+    "q_aligned": ((8, 5), "heads", {"head_dim": 4}),
+    "one": ((1,), "tensor", {}),
     "cols": ((5, 7), "columns", {}),
     "qkv": ((14, 3), "fused_heads", {"head_dim": 2, "sections": [4, 4, 6], "orientation": "rows"}),
     "groups": ((6, 3), "row_groups", {"groups": [1, 0, 1, 2, 0, 2]}),
@@ -109,6 +113,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result["fsdp"] = {n: p.full_tensor() for n, p in model.named_parameters()}
     result["q_v"] = opt.state[model.q]["exp_avg_sq"].full_tensor()
     result["emb_v_local"] = opt.state[model.emb]["exp_avg_sq"].to_local().clone()
+    replicated = {  # this rank's own copy of every replicated v
+        n: opt.state[p]["exp_avg_sq"].to_local().clone()
+        for n, p in model.named_parameters()
+        if SHAPES[n][1] not in ("rows", "elements")
+    }
+    torch.save(replicated, os.path.join(out, f"v_rank{rank}.pt"))
 
     resumed = Zoo()
     fully_shard(resumed, mesh=mesh)
@@ -152,6 +162,12 @@ def test_fsdp2_dcp_and_ddp_match_single_process(tmp_path):
         )
         assert torch.equal(result["resumed"][name], result["fsdp"][name]), name
     torch.testing.assert_close(result["q_v"], opt.state[model.q]["exp_avg_sq"], rtol=1e-12, atol=0)
+    for rank in range(2):
+        copies = torch.load(tmp_path / f"v_rank{rank}.pt", weights_only=True)
+        assert set(copies) == {"norm", "q", "q_aligned", "one", "cols", "qkv", "groups"}
+        for name, v in copies.items():
+            expect = opt.state[getattr(model, name)]["exp_avg_sq"]
+            torch.testing.assert_close(v, expect, rtol=1e-12, atol=0, msg=f"{name} rank {rank}")
     assert result["q_v"].shape == (3,)  # replicated: one entry per head, head 1 cut by the shard
     torch.testing.assert_close(
         result["emb_v_local"], opt.state[model.emb]["exp_avg_sq"][:5], rtol=1e-12, atol=0

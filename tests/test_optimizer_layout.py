@@ -55,7 +55,7 @@ def test_sharded_layout_matches_local_index(blocks, world):
         total[v_lo:v_hi] += got  # what the all-reduce adds up
         whole = torch.bincount(local_idx, minlength=blocks.num_blocks)
         if ((whole > 0) & (whole < sizes)).any():  # a block only partly on this rank
-            assert layout.cut and not layout.local_v
+            assert layout.reduce_sums and not layout.local_v
         scale = torch.arange(v_lo, v_hi, dtype=torch.float64) + 1.0
         p = torch.zeros_like(local_g)
         apply_update_(p, torch.ones_like(local_g), scale, layout)
