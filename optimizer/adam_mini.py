@@ -189,7 +189,16 @@ class AdamMini(torch.optim.Optimizer):
             group.get("weight_decay", self.defaults["weight_decay"]),
         )
         named = group["params"]
+        taken = set(self._names.values())
         for name, p in named:
+            if name in taken and p not in self._names:
+                raise ValueError(
+                    f"two parameters are both named {name!r}; names must be unique across "
+                    "groups because they key the partition: prefix them, e.g. "
+                    "[('enc.' + n, p) for n, p in enc.named_parameters()], or take the names "
+                    "from the parent model's named_parameters()"
+                )
+            taken.add(name)
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
             if p.is_complex():
@@ -271,15 +280,43 @@ class AdamMini(torch.optim.Optimizer):
                 self._init_state(param, self._layouts[param])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""
+        """Load state saved by :meth:`state_dict`, bit for bit.
+
+        Momentum keeps ``momentum_dtype`` and v keeps float32 for low-precision parameters
+        (torch's loader would cast both to the parameter's dtype first, which rounds them).
+        A state saved under another partition (other block counts) is refused.
+        """
+        ids = [i for g in state_dict.get("param_groups", ()) for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = dict(zip(ids, params, strict=False))
+        for i, s in state_dict.get("state", {}).items():
+            if i in saved and "exp_avg_sq" in s:
+                self._check_saved_state(saved[i], s)
         super().load_state_dict(state_dict)
-        for param, state in self.state.items():
-            if "exp_avg" in state and self.momentum_dtype is not None:
-                state["exp_avg"] = state["exp_avg"].to(self.momentum_dtype)
-            if "step" in state:
-                state["step"] = state["step"].to(device="cpu", dtype=torch.float32)
-            if "exp_avg_sq" in state and param.dtype not in (torch.float32, torch.float64):
-                state["exp_avg_sq"] = state["exp_avg_sq"].float()
+        for i, param in saved.items():
+            s = state_dict["state"].get(i)
+            if not s or "exp_avg" not in s:
+                continue
+            state = self.state[param]
+            low = param.dtype not in (torch.float32, torch.float64)
+            m_dtype = self.momentum_dtype or param.dtype
+            state["exp_avg"] = s["exp_avg"].to(device=param.device, dtype=m_dtype)
+            v_dtype = torch.float32 if low else param.dtype
+            state["exp_avg_sq"] = s["exp_avg_sq"].to(device=param.device, dtype=v_dtype)
+            state["step"] = s["step"].to(device="cpu", dtype=torch.float32)
+
+    def _check_saved_state(self, param: torch.Tensor, s: dict) -> None:
+        layout = self._layouts[param]
+        want = tuple(param.shape) if layout.rule == "elements" else (layout.num_blocks,)
+        got = {k: tuple(s[k].shape) for k in ("exp_avg", "exp_avg_sq") if k in s}
+        if got.get("exp_avg_sq", want) != want or got.get("exp_avg", param.shape) != param.shape:
+            name = self._names[param]
+            raise partition_lib.PartitionError(
+                f"saved optimizer state of {name!r} has exp_avg {got.get('exp_avg')} and "
+                f"exp_avg_sq {got.get('exp_avg_sq')}, but this optimizer's partition gives "
+                f"{tuple(param.shape)} and {want} (rule {layout.rule!r}); build the optimizer "
+                "with the partition the checkpoint was saved under (e.g. from its JSON file)"
+            )
 
     # ------------------------------------------------------------------- step
     def _tasks(self) -> list[_Task]:
@@ -327,6 +364,9 @@ class AdamMini(torch.optim.Optimizer):
             and t.p.is_contiguous()
             and t.g.is_contiguous()
             and m.is_contiguous()
+            # raw pointers go to C: every buffer must have the size the layout says
+            and t.g.shape == t.p.shape == m.shape
+            and t.state["exp_avg_sq"].numel() == t.layout.num_blocks
         )
 
     @torch.no_grad()
@@ -509,6 +549,8 @@ class AdamMini(torch.optim.Optimizer):
                 pos += hi - lo
             chunks = torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
             plan = _FusedPlan(chunks, torch.zeros(pos, dtype=torch.float64), tuple(ranges))
+            if len(self._fused_plan) >= 4:  # the set of tensors with a gradient rarely varies
+                self._fused_plan.pop(next(iter(self._fused_plan)))
             self._fused_plan[key] = plan
         return plan
 

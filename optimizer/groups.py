@@ -39,14 +39,15 @@ def normalize_groups(params: Any) -> list[dict]:
         groups = [{"params": params}]
     for g in groups:
         items = g["params"]
-        items = [items] if isinstance(items, (torch.Tensor, tuple)) else list(items)
+        single = isinstance(items, torch.Tensor) or _is_named_pair(items)
+        items = [items] if single else list(items)
         names = g.pop("param_names", None)
         if names is not None:
             if len(names) != len(items):
                 raise ValueError("param_names and params of a group differ in length")
             items = list(zip(names, items, strict=True))
         for item in items:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            if not _is_named_pair(item):
                 raise TypeError(
                     "AdamMini needs parameter names to find each tensor's blocks: pass "
                     "model.named_parameters() or groups whose 'params' are (name, tensor) pairs "
@@ -54,6 +55,10 @@ def normalize_groups(params: Any) -> list[dict]:
                 )
         g["params"] = items
     return groups
+
+
+def _is_named_pair(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
 
 
 _MOMENTUM_DTYPES = {

@@ -138,7 +138,16 @@ def block_sumsq(g: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
 def apply_update_(
     p: torch.Tensor, m: torch.Tensor, scale: torch.Tensor, layout: BlockLayout
 ) -> None:
-    """``p += m * scale[block]`` for every local entry, through broadcast views."""
+    """``p += m * scale[block]`` for every local entry, through broadcast views.
+
+    A non-contiguous ``p`` (a transposed or channels-last parameter) has no flat view: the
+    update runs on a contiguous copy, written back.
+    """
+    if not p.is_contiguous():
+        work = p.contiguous()
+        apply_update_(work, m, scale, layout)
+        p.copy_(work)
+        return
     lo, _ = layout.v_range
     scale = scale.to(p.dtype)
     if layout.row_ids is not None:
@@ -153,7 +162,8 @@ def apply_update_(
 def mean_square(sums: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """``sums / |b|`` with the FULL block sizes (also right for blocks cut by a shard)."""
     lo, hi = layout.v_range
-    return sums / layout.block_sizes[lo:hi].to(device=sums.device, dtype=sums.dtype)
+    sizes = layout.block_sizes[lo:hi].clamp_min(1)  # an empty tensor's block: mean 0, not 0/0
+    return sums / sizes.to(device=sums.device, dtype=sums.dtype)
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

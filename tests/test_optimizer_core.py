@@ -151,9 +151,20 @@ def reference_run(params, part, grads, lr=0.05, betas=(0.9, 0.95), eps=1e-8, wd=
     return params, v
 
 
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a non-contiguous tensor: reversed dims permuted back, or every 2nd entry."""
+    if t.ndim == 1:
+        out = torch.empty(2 * t.numel(), dtype=t.dtype)[::2]
+    else:
+        out = torch.empty(t.shape[::-1], dtype=t.dtype).permute(*reversed(range(t.ndim)))
+    assert not out.is_contiguous()
+    return out.copy_(t)
+
+
 @pytest.mark.parametrize("fused", FUSED_MODES)
 @pytest.mark.parametrize("nonfinite", ["raise", "skip_blocks", "ignore"])
-def test_fast_paths_match_reference_loop(fused, nonfinite):
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_fast_paths_match_reference_loop(fused, nonfinite, strided):
     init, part = rule_zoo()
     gen = torch.Generator().manual_seed(1)
     grads = [
@@ -161,7 +172,8 @@ def test_fast_paths_match_reference_loop(fused, nonfinite):
         for _ in range(4)
     ]
     expect, expect_v = reference_run(init, part, grads)
-    params = {n: nn.Parameter(p.clone()) for n, p in init.items()}
+    layout = strided_copy if strided else torch.clone
+    params = {n: nn.Parameter(layout(p)) for n, p in init.items()}
     opt = optimizer.AdamMini(
         list(params.items()),
         part,
@@ -173,7 +185,7 @@ def test_fast_paths_match_reference_loop(fused, nonfinite):
     )
     for g in grads:
         for n, p in params.items():
-            p.grad = g[n].clone()
+            p.grad = layout(g[n])
         opt.step()
     for n, p in params.items():
         torch.testing.assert_close(p.detach(), expect[n], rtol=1e-12, atol=1e-14, msg=n)
@@ -253,9 +265,12 @@ def train(model, opt, steps, start=0):
         lm_step(model, opt, tokens(step))
 
 
-@pytest.mark.parametrize("momentum_dtype", [None, "bf16"])
-def test_resume_from_state_dict_is_bitwise(momentum_dtype):
-    model = tiny_llama(torch.float32)
+@pytest.mark.parametrize(
+    ("dtype", "momentum_dtype"),
+    [(torch.float32, None), (torch.float32, "bf16"), (torch.bfloat16, None)],
+)
+def test_resume_from_state_dict_is_bitwise(dtype, momentum_dtype):
+    model = tiny_llama(dtype)
     straight = copy.deepcopy(model)
     opt = optimizer.AdamMini(
         straight.named_parameters(), lr=1e-2, model=model, momentum_dtype=momentum_dtype
@@ -268,18 +283,31 @@ def test_resume_from_state_dict_is_bitwise(momentum_dtype):
     )
     train(first, opt1, 3)
     saved_opt, saved_model = copy.deepcopy(opt1.state_dict()), copy.deepcopy(first.state_dict())
-    resumed = tiny_llama(torch.float32, seed=5)
+    resumed = tiny_llama(dtype, seed=5)
     resumed.load_state_dict(saved_model)
     opt2 = optimizer.AdamMini(
         resumed.named_parameters(), lr=1e-2, model=model, momentum_dtype=momentum_dtype
     )
     opt2.load_state_dict(saved_opt)
-    for p in resumed.parameters():
-        expect = torch.bfloat16 if momentum_dtype else torch.float32
+    for p, p1 in zip(resumed.parameters(), first.parameters(), strict=True):
+        expect = torch.bfloat16 if momentum_dtype else dtype
         assert opt2.state[p]["exp_avg"].dtype == expect
+        assert torch.equal(opt2.state[p]["exp_avg_sq"], opt1.state[p1]["exp_avg_sq"])
     train(resumed, opt2, 3, start=3)
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_state_saved_under_another_partition_is_refused():
+    param = nn.Parameter(torch.randn(4, 8))
+    opt = optimizer.AdamMini([("w", param)], Partition([TensorBlocks("w", (4, 8), "tensor", {})]))
+    param.grad = torch.ones_like(param)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    other = optimizer.AdamMini([("w", param)], Partition([TensorBlocks("w", (4, 8), "rows", {})]))
+    with pytest.raises(partition.PartitionError, match=r"'w'.*\(1,\).*\(4,\).*partition"):
+        other.load_state_dict(saved)
+    assert not other.state  # nothing loaded
 
 
 def quad_model() -> nn.Module:
@@ -566,3 +594,29 @@ def test_param_names_groups_and_fused_true_without_kernel(monkeypatch):
     monkeypatch.setattr(optimizer.adam_mini.cpu_fused, "load", lambda: None)
     with pytest.raises(RuntimeError, match="fused=True"):
         optimizer.AdamMini(model.named_parameters(), part, fused=True)
+
+
+def test_group_forms_and_names_shared_by_two_groups():
+    enc, dec = quad_model(), quad_model()
+    as_tuple = optimizer.AdamMini([{"params": tuple(enc.named_parameters())}], n_heads=1)
+    assert as_tuple.partition.names == tuple(n for n, _ in enc.named_parameters())
+    names, tensors = zip(*enc.named_parameters(), strict=True)
+    by_names = optimizer.AdamMini([{"params": tensors, "param_names": names}], n_heads=1)
+    assert by_names.partition.names == names
+    groups = [{"params": enc.named_parameters()}, {"params": dec.named_parameters(), "lr": 1e-4}]
+    with pytest.raises(ValueError, match=r"both named '0.weight'.*prefix"):
+        optimizer.AdamMini(groups, n_heads=1)
+
+
+@pytest.mark.parametrize("fused", FUSED_MODES)
+@pytest.mark.parametrize("shape", [(0,), (4, 0)])
+def test_empty_tensor_keeps_a_finite_second_moment(fused, shape):
+    empty, other = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.ones(2, 2))
+    part = Partition(
+        [TensorBlocks("e", shape, "tensor", {}), TensorBlocks("o", (2, 2), "tensor", {})]
+    )
+    opt = optimizer.AdamMini([("e", empty), ("o", other)], part, lr=0.1, fused=fused)
+    empty.grad, other.grad = torch.zeros_like(empty), torch.ones_like(other)
+    opt.step()
+    assert opt.state[empty]["exp_avg_sq"].tolist() == [0.0]
+    assert (other != 1).all()
