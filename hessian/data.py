@@ -58,7 +58,9 @@ def fingerprint(batch: Any) -> str:
     def visit(x: Any) -> None:
         if isinstance(x, torch.Tensor):
             h.update(repr((tuple(x.shape), str(x.dtype))).encode())
-            h.update(x.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(
+                x.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            )
         elif isinstance(x, dict):
             for k in x:
                 h.update(repr(k).encode())

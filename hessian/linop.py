@@ -35,7 +35,7 @@ class Operator:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V`` for ``V`` of shape ``(n, k)``."""
-        V = _as_tensor(V, self.dtype, self.device)
+        V = as_real_tensor(V, self.dtype, self.device)
         if V.ndim != 2 or V.shape[0] != self.shape[1]:
             raise ValueError(
                 f"matmat expects a matrix of shape ({self.shape[1]}, k), got {tuple(V.shape)}"
@@ -44,7 +44,7 @@ class Operator:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H @ v`` for a flat ``v`` of shape ``(n,)``."""
-        v = _as_tensor(v, self.dtype, self.device)
+        v = as_real_tensor(v, self.dtype, self.device)
         if v.shape != (self.shape[1],):
             raise ValueError(
                 f"matvec expects a vector of shape ({self.shape[1]},), got {tuple(v.shape)}"
@@ -52,7 +52,7 @@ class Operator:
         return self._matmat(v[:, None])[:, 0]
 
     def __matmul__(self, v: Any) -> Any:
-        v = _as_tensor(v, self.dtype, self.device)
+        v = as_real_tensor(v, self.dtype, self.device)
         return self.matvec(v) if v.ndim == 1 else self.matmat(v)
 
     def to_dense(self, chunk: int | None = None) -> torch.Tensor:
@@ -71,25 +71,27 @@ class Operator:
         return torch.cat(cols, dim=1)
 
     def to_scipy(self) -> LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out)."""
+        """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out), with ``.H``."""
 
-        def mm(X: np.ndarray) -> np.ndarray:
-            X = np.asarray(X)
-            one = X.ndim == 1
-            V = torch.as_tensor(X.reshape(self.shape[1], -1), dtype=self.dtype, device=self.device)
-            out = self._matmat(V).detach().cpu().numpy()
-            return out[:, 0] if one else out
+        def numpy_product(product: Any, n_in: int) -> Any:
+            def apply(X: np.ndarray) -> np.ndarray:
+                X = np.asarray(X)
+                V = torch.as_tensor(X.reshape(n_in, -1), dtype=self.dtype, device=self.device)
+                out = product(V).detach().cpu().numpy()
+                return out[:, 0] if X.ndim == 1 else out
 
-        def rmm(X: np.ndarray) -> np.ndarray:
-            return self._rmatmat_numpy(np.asarray(X))
+            return apply
 
+        mm = numpy_product(self._matmat, self.shape[1])
+        rmm = numpy_product(self._rmatmat, self.shape[0])
         npdtype = torch.empty((), dtype=self.dtype).numpy().dtype
         return LinearOperator(
             self.shape, matvec=mm, matmat=mm, rmatvec=rmm, rmatmat=rmm, dtype=npdtype
         )
 
-    def _rmatmat_numpy(self, X: np.ndarray) -> np.ndarray:
-        raise NotImplementedError("this operator has no transpose product")
+    def _rmatmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A^T @ V``; operators without a transpose product raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no transpose product")
 
 
 class DenseOperator(Operator):
@@ -108,6 +110,9 @@ class DenseOperator(Operator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.A @ V
+
+    def _rmatmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.A.T @ V
 
     def to_dense(self, chunk: int | None = None) -> torch.Tensor:
         return self.A.clone()
@@ -176,7 +181,13 @@ def rademacher(
     return (torch.randint(0, 2, shape, generator=gen).to(dtype) * 2 - 1).to(device)
 
 
-def _as_tensor(v: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def as_real_tensor(v: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``v`` (tensor, array or list) as a real tensor of ``dtype`` on ``device``."""
     if not isinstance(v, torch.Tensor):
         v = torch.as_tensor(np.asarray(v))
+    if v.is_complex():
+        raise TypeError(
+            "the operator is real and so are its products: apply it to the real and imaginary "
+            "parts separately"
+        )
     return v.to(dtype=dtype, device=device)

@@ -36,7 +36,8 @@ from torch.func import functional_call
 from hessian import distributed
 from hessian.data import Batches, fingerprint, sample_count
 from hessian.hvp import Product, hvp_forward, hvp_reverse, is_forward_ad_error, prepare_reverse
-from hessian.linop import Operator
+from hessian.linop import Operator, as_real_tensor
+from hessian.snapshot import Snapshot
 
 
 class HessianError(RuntimeError):
@@ -81,9 +82,10 @@ class HessianOperator(Operator):
         cache: in reverse mode, keep each batch's first-backward graph between products, so a
             product is one second backward (about 2 gradients of work instead of 3).
             ``"auto"`` (default) caches when the data is one batch, ``True`` always, ``False``
-            never. Memory: one ``create_graph`` gradient's saved tensors per batch. ``auto`` mode
-            times cached reverse against forward. The cache is rebuilt when a parameter or buffer
-            of the model changes (in place or replaced); :meth:`clear_cache` frees it.
+            never. Memory: one ``create_graph`` gradient's saved tensors per batch, and a copy of
+            the parameters and buffers. ``auto`` mode times cached reverse against forward. The
+            cache is rebuilt when a parameter, buffer, train/eval flag or kept batch changes
+            value, by any route (:mod:`hessian.snapshot`); :meth:`clear_cache` frees it.
 
     Under ``torch.distributed`` each rank passes its own shard; every product is all-reduced with
     weights ``n_b / N_global``, so all ranks see the Hessian of the global mean loss.
@@ -161,7 +163,8 @@ class HessianOperator(Operator):
         self._prints: list[str] | None = None
         self._chosen: dict[bool, str] = {}
         self._products: list[Product] | None = None
-        self._products_key: tuple | None = None
+        self._kept: list[Any] = []  # the batches of the kept graphs
+        self._snapshot: Snapshot | None = None  # what the kept graphs were built from
         self.num_samples: int | None = None
 
     # ----------------------------------------------------------------------------- products
@@ -196,8 +199,8 @@ class HessianOperator(Operator):
         """
         return self._dense(min(self.shape[0], 256) if chunk is None else chunk, self.progress)
 
-    def _rmatmat_numpy(self, X: Any) -> Any:
-        return self.to_scipy().matmat(X)
+    def _rmatmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self._matmat(V)  # H is symmetric
 
     # ----------------------------------------------------------------------------- views
     def select(self, spec: Any, partition: Any = None) -> torch.Tensor:
@@ -245,6 +248,11 @@ class HessianOperator(Operator):
                 parts.append(picked.reshape(-1) + self._offsets[name])
             return torch.unique(torch.cat(parts))
         if isinstance(spec, torch.Tensor):
+            if spec.is_floating_point() or spec.is_complex() or spec.dtype == torch.bool:
+                raise TypeError(
+                    f"flat indices must be an integer tensor, got {spec.dtype}: pass a "
+                    "LongTensor, or a {name: mask} dict for a boolean mask of one tensor"
+                )
             idx = spec.long().reshape(-1)
             if idx.numel() and (idx.min() < 0 or idx.max() >= self.shape[0]):
                 raise ValueError(f"flat indices must lie in [0, {self.shape[0]})")
@@ -267,6 +275,8 @@ class HessianOperator(Operator):
         """
         rows = self.select(blocks_a, partition)
         cols = rows if blocks_b is None else self.select(blocks_b, partition)
+        if rows.numel() == 0 or cols.numel() == 0:
+            raise ValueError("the selection picks no entry of H: name at least one row and column")
         return RestrictedOperator(self, rows, cols)
 
     # ----------------------------------------------------------------------------- internals
@@ -284,7 +294,7 @@ class HessianOperator(Operator):
         out = {}
         k = None
         for n in self.params:
-            t = torch.as_tensor(v[n]).to(dtype=self.dtype, device=self.device)
+            t = as_real_tensor(v[n], self.dtype, self.device)
             shape = tuple(self.param_shapes[n])
             got = tuple(t.shape)
             if batched:
@@ -331,10 +341,10 @@ class HessianOperator(Operator):
             )
 
     def _prepare(self) -> None:
+        if self.check_determinism:  # every product: the model may have been put in train mode
+            _check_modules(self.model)
         if self._weights is not None:
             return
-        if self.check_determinism:
-            _check_modules(self.model)
         counts, prints = [], []
         for batch in self._batches:
             counts.append(sample_count(batch, self.batch_size_fn))
@@ -354,18 +364,51 @@ class HessianOperator(Operator):
                 )
                 raise NonDeterministicError(_DATA_MSG.format(i=first))
             self._prints = prints
-        if self.check_determinism:
-            self._check_loss_repeatable(next(iter(self._batches)))
+        self._check_loss(next(iter(self._batches)))
         total = distributed.global_count(sum(counts))
+        if total <= 0:
+            raise ValueError(
+                f"the data holds {total} samples (batch sizes {counts[:8]}): the Hessian of a "
+                "mean over no samples is undefined; check batch_size_fn"
+            )
         self.num_samples = total
         self._weights = [c / total if self.reduction == "mean" else float(c) for c in counts]
 
-    def _check_loss_repeatable(self, batch: Any) -> None:
+    def _check_loss(self, batch: Any) -> None:
+        """The first batch's loss is a differentiable scalar; with ``check_determinism`` it is
+        also the same on a second evaluation (no stochastic layers outside ``nn.Dropout``)."""
         f = self._loss(batch)
-        p = self._primal()
+        leaves = {n: t.requires_grad_(True) for n, t in self._primal().items()}
+        try:
+            with torch.enable_grad():
+                a = f(leaves)
+        except RuntimeError as err:
+            msg = str(err).lower()
+            if "dtype" not in msg and "device" not in msg and "scalar type" not in msg:
+                raise
+            raise HessianError(
+                f"loss_fn failed on the first batch: {str(err).strip().splitlines()[0]}. The "
+                f"differentiated parameters are {self.dtype} on {self.device}, the batch holds "
+                f"{_tensor_kinds(batch)}: give the batch the model's dtype and device (e.g. "
+                "model.double() with a float64 batch, or batch.to(device))"
+            ) from err
+        if not isinstance(a, torch.Tensor) or a.numel() != 1:
+            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise HessianError(
+                f"loss_fn must return the batch's mean loss as a scalar tensor, got {got}: "
+                "reduce it (e.g. .mean(), not reduction='none')"
+            )
+        if not a.requires_grad:
+            raise HessianError(
+                "loss_fn returned a loss that does not depend on the differentiated parameters "
+                "(detached, .item(), or computed under torch.no_grad()?): return the loss tensor "
+                "itself, and check params= names the parameters the loss uses"
+            )
+        if not self.check_determinism:
+            return
         with torch.no_grad():
-            a, b = f(p), f(p)
-        if not torch.allclose(a, b, rtol=1e-6, atol=0.0):
+            b = f(leaves)
+        if not torch.allclose(a.detach(), b, rtol=1e-6, atol=0.0):
             raise NonDeterministicError(
                 f"the loss changed between two evaluations on the same batch ({a.item():.6g} vs "
                 f"{b.item():.6g}): the model is stochastic (functional dropout in train mode?). "
@@ -425,19 +468,22 @@ class HessianOperator(Operator):
         return self.cache is True or len(self._weights) == 1
 
     def _cached_products(self) -> list[Product]:
-        """One prepared reverse product per batch, rebuilt when the model's tensors changed."""
-        key = _tensor_state(self.model)
-        if self._products is None or key != self._products_key:
-            self._products = None  # free the old graphs before building new ones
+        """One prepared reverse product per batch, rebuilt when the model or the batches changed."""
+        fresh = self._snapshot is not None and self._snapshot.matches(self.model, self._kept)
+        if self._products is None or not fresh:
+            self.clear_cache()  # free the old graphs before building new ones
             p = self._primal()
-            self._products = [prepare_reverse(self._loss(b), p) for _, b in self._iter_batches()]
-            self._products_key = key
+            batches = [b for _, b in self._iter_batches()]
+            self._products = [prepare_reverse(self._loss(b), p) for b in batches]
+            self._kept = batches
+            self._snapshot = Snapshot.take(self.model, batches)
         return self._products
 
     def clear_cache(self) -> None:
         """Free the kept primal passes; the next product rebuilds them from the model."""
         self._products = None
-        self._products_key = None
+        self._kept = []
+        self._snapshot = None
 
     def _mode_for(self, v: dict, batched: bool) -> str:
         """``auto``: time one product in each mode on the first batch, as it will be run."""
@@ -494,7 +540,7 @@ class RestrictedOperator(Operator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(self.parent.shape[1], V.shape[1], dtype=self.dtype, device=self.device)
-        full[self.cols] = V
+        full.index_add_(0, self.cols, V)  # a repeated column index adds, as a matrix product does
         return self.parent._matmat(full)[self.rows]
 
     @property
@@ -502,8 +548,8 @@ class RestrictedOperator(Operator):
         """:math:`H_{ba}`, the transpose (H is symmetric)."""
         return RestrictedOperator(self.parent, self.cols, self.rows)
 
-    def _rmatmat_numpy(self, X: Any) -> Any:
-        return self.T.to_scipy().matmat(X)
+    def _rmatmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.T._matmat(V)
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -531,6 +577,24 @@ def _check_modules(model: nn.Module) -> None:
         )
 
 
+def _tensor_kinds(batch: Any) -> str:
+    """The distinct ``dtype on device`` of the tensors in a batch, for error messages."""
+    kinds: dict[str, None] = {}
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            kinds[f"{x.dtype} on {x.device}"] = None
+        elif isinstance(x, Mapping):
+            for y in x.values():
+                visit(y)
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+
+    visit(batch)
+    return ", ".join(kinds) or "no tensors"
+
+
 def _module_from_traceback(model: nn.Module, err: BaseException) -> str | None:
     """Name of the innermost submodule of ``model`` whose ``forward`` is on ``err``'s traceback."""
     names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
@@ -542,12 +606,6 @@ def _module_from_traceback(model: nn.Module, err: BaseException) -> str | None:
             found = names[id(owner)]
         tb = tb.tb_next
     return found
-
-
-def _tensor_state(model: nn.Module) -> tuple:
-    """Storage and version counter of every parameter and buffer: changes on any in-place
-    update (optimizer steps, ``load_state_dict``) or replacement, but not through ``.data``."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
 def _cumsum0(xs: Sequence[int]) -> list[int]:

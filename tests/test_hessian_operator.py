@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacfwd
 
 import partition
-from hessian import ForwardModeError, HessianOperator, NonDeterministicError
+from hessian import ForwardModeError, HessianError, HessianOperator, NonDeterministicError
 from lab.models import lm_loss
 
 F64 = torch.float64
@@ -203,6 +203,108 @@ def test_cached_products_skip_the_forward_and_follow_parameter_updates():
     assert (H @ v - first).abs().max() > 1e-3
     H.clear_cache()
     assert (H @ v - D @ v).abs().max() < 1e-10
+
+
+def test_cache_sees_changes_that_skip_the_version_counter():
+    model, X, y = mlp_problem(n=8)
+    x_data = X.clone()
+    H = HessianOperator(model, ce_loss, (x_data, y), mode="reverse")  # one batch: cached
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(6), dtype=F64)
+    H @ v
+
+    def follows_the_model():
+        return (H @ v - dense_reference(model, ce_loss, (x_data, y)) @ v).abs().max() < 1e-10
+
+    with torch.no_grad():  # through .data: no version bump (nor does a fused optimizer kernel)
+        model.fc1.weight.data.mul_(1.5)
+    assert follows_the_model()
+    x_data.mul_(2.0)  # the batch changed in place
+    assert follows_the_model()
+    model.drop.p = 0.5
+    model.train()  # now stochastic: refused on the next product, not silently served
+    with pytest.raises(NonDeterministicError, match="train mode"):
+        H @ v
+
+
+def test_cache_follows_a_fused_adam_mini_step():
+    import optimizer
+
+    model, X, y = mlp_problem(n=8)
+    H = HessianOperator(model, ce_loss, (X, y), mode="reverse")
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(7), dtype=F64)
+    before = H @ v
+    opt = optimizer.AdamMini(model.named_parameters(), lr=0.1, n_heads=1)
+    ce_loss(model, (X, y)).backward()
+    opt.step()
+    assert (H @ v - before).abs().max() > 1e-3
+    assert (H @ v - dense_reference(model, ce_loss, (X, y)) @ v).abs().max() < 1e-10
+
+
+def test_scipy_transpose_products_and_svds_of_a_restriction(gpt):
+    from scipy.sparse.linalg import svds
+
+    model, x, y, D = gpt
+    H = HessianOperator(model, lm_loss, (x, y), mode="reverse")
+    a, b = "blocks.0.mlp.fc_in.weight", "ln_f.weight"
+    Hab = H.restrict(a, b)
+    dense_ab = D[H.select(a)][:, H.select(b)]
+    z = torch.randn(Hab.shape[0], generator=torch.Generator().manual_seed(8), dtype=F64)
+    op = Hab.to_scipy()
+    assert abs(op.rmatvec(z.numpy()) - (dense_ab.T @ z).numpy()).max() < 1e-10
+    assert abs(op.H.matvec(z.numpy()) - (dense_ab.T @ z).numpy()).max() < 1e-10
+    top = sorted(svds(op, k=2, random_state=0)[1])
+    exact = torch.linalg.svdvals(dense_ab)[:2].flip(0).tolist()
+    assert top == pytest.approx(exact, rel=1e-8)
+
+
+def test_repeated_columns_of_a_restriction_add_up():
+    from hessian.operator import RestrictedOperator
+
+    model, X, y = mlp_problem()
+    H = HessianOperator(model, ce_loss, (X, y))
+    D = dense_reference(model, ce_loss, (X, y))
+    rows, cols = torch.tensor([0, 3]), torch.tensor([5, 5, 2])
+    V = torch.randn(3, 2, generator=torch.Generator().manual_seed(9), dtype=F64)
+    got = RestrictedOperator(H, rows, cols).matmat(V)
+    assert (got - D[rows][:, cols] @ V).abs().max() < 1e-10
+
+
+def test_bad_loss_and_batch_name_the_fix():
+    model, X, y = mlp_problem()
+    n = HessianOperator(model, ce_loss, (X, y)).shape[0]
+    cases = [
+        (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), "scalar"),
+        (lambda m, b: ce_loss(m, b).detach(), "does not depend"),
+    ]
+    for loss_fn, message in cases:
+        with pytest.raises(HessianError, match=message):
+            HessianOperator(model, loss_fn, (X, y)) @ torch.zeros(n)
+    with pytest.raises(HessianError, match="float64 on cpu, the batch holds torch.float32"):
+        HessianOperator(model, ce_loss, (X.float(), y)) @ torch.zeros(n)
+    with pytest.raises(ValueError, match="0 samples.*batch_size_fn"):
+        HessianOperator(model, ce_loss, (X, y), batch_size_fn=lambda b: 0) @ torch.zeros(n)
+    with pytest.raises(TypeError, match="real"):
+        HessianOperator(model, ce_loss, (X, y)) @ torch.zeros(n, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="integer tensor"):
+        HessianOperator(model, ce_loss, (X, y)).restrict(torch.tensor([0.5, 1.5]))
+
+
+def test_batches_with_scalar_tensors_from_an_iterable():
+    model, X, y = mlp_problem(n=8)
+
+    def loader():  # a re-iterable source that is not a list: batches are fingerprinted
+        return ((X[i : i + 4], y[i : i + 4], torch.tensor(1.0, dtype=F64)) for i in (0, 4))
+
+    class Loader:
+        def __iter__(self):
+            return loader()
+
+    def loss_fn(m, b):
+        return b[2] * ce_loss(m, b[:2])
+
+    H = HessianOperator(model, loss_fn, Loader())
+    D = dense_reference(model, ce_loss, (X, y))
+    assert (H.to_dense() - D).abs().max() < 1e-10
 
 
 def test_restrict_matches_dense_slices(gpt):
