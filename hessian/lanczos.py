@@ -21,9 +21,13 @@ A_{+}\end{pmatrix} + \dots` with the arrow :math:`C = B S_l^{\text{last}}`; the 
 is then no longer tridiagonal and is solved with ``numpy.linalg.eigh``.
 
 When the Krylov space becomes invariant (or a column of the block deflates) a fresh random vector
-orthogonal to the basis takes its place, so the method continues to ``n`` vectors if needed.
+orthogonal to the basis takes its place, so the method continues to ``n`` vectors if needed. The
+Ritz pairs of an invariant subspace are exact, but the rest of the spectrum is not yet seen: when
+the whole coupling :math:`\|B_{m+1}\|` falls below ``tol`` (every Ritz pair converged at once,
+the sign of an invariant subspace rather than of convergence), the iteration runs at least ``k``
+more steps before it may stop, and a run that ends sooner reports ``converged=False``. Near ``n`` the last block narrows to the directions that are left.
 Single-vector Lanczos (``block_size=1``) sees one copy of an exactly repeated eigenvalue until the
-Krylov space becomes invariant; with ``block_size = p`` it resolves multiplicities up to ``p``.
+Krylov space becomes invariant (with ``max_basis`` it may never become so); with ``block_size = p`` it resolves multiplicities up to ``p``.
 """
 
 from __future__ import annotations
@@ -107,6 +111,11 @@ def lanczos(
         raise ValueError(f"k must be in [1, n={n}], got {k}")
     p = max(1, min(int(block_size), n))
     steps = max(300, 20 * k) if max_iter is None else int(max_iter)
+    if steps * p < k:
+        raise ValueError(
+            f"max_iter={steps} steps of block_size={p} cannot produce k={k} vectors: raise "
+            "max_iter (or leave it None)"
+        )
     if max_basis is None:  # no restart: the basis holds every step's block
         max_iter = min(steps, -(-n // p))
         cap = max_iter * p
@@ -125,63 +134,76 @@ def lanczos(
     gen = torch.Generator().manual_seed(seed)
     dtype, device = A.dtype, A.device
     basis = torch.zeros(n, cap + p, dtype=dtype, device=device)
-    Q, _ = _orthonormalize(_randn(n, p, gen, dtype, device), basis[:, :0], gen)
+    Q, _, _ = _orthonormalize(_randn(n, p, gen, dtype, device), basis[:, :0], gen)
     basis[:, :p] = Q
     T = np.zeros((cap + p, cap + p))
     num_matvecs = 0
-    cur = 0  # first column of the current block; the basis holds columns [0, cur + p)
+    cur, pj = 0, p  # the current block: basis columns [cur, cur + pj); the basis is [0, cur + pj)
     m = num_steps = 0
+    window_end: int | None = None  # after an invariant subspace: no stop before this step
     tridiagonal = p == 1  # until the first restart adds the arrow
     theta, S, res, want = np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros(0, dtype=int)
     bar = tqdm(total=max_iter, desc="lanczos", disable=not progress, leave=False)
     try:
         for _ in range(max_iter):
             num_steps += 1
-            Qj = basis[:, cur : cur + p]
+            Qj = basis[:, cur : cur + pj]
             W = A.matmat(Qj).to(dtype)
-            num_matvecs += p
+            num_matvecs += pj
             Aj = (Qj.T @ W).double().cpu().numpy()
-            T[cur : cur + p, cur : cur + p] = (Aj + Aj.T) / 2
-            m = cur + p
-            if m >= n:  # the basis spans the whole space
+            T[cur : cur + pj, cur : cur + pj] = (Aj + Aj.T) / 2
+            m = cur + pj
+            Qn, B, deflated = (
+                _orthonormalize(W, basis[:, :m], gen) if m < n else (None, None, False)
+            )
+            if Qn is None or Qn.shape[1] == 0:  # the basis spans the whole space: exact
                 theta, S = _eig(T[:m, :m], tridiagonal)
                 res = np.zeros(len(theta))
                 want = _wanted(theta, k, which)
+                window_end = None
                 bar.update(1)
                 break
-            Qn, B = _orthonormalize(W, basis[:, :m], gen)
+            pn = Qn.shape[1]  # narrower than p only when fewer than p new directions exist
             if m >= k:
                 theta, S = _eig(T[:m, :m], tridiagonal)
-                res = np.linalg.norm(B @ S[-p:, :], axis=0)
+                res = np.linalg.norm(B @ S[-pj:, :], axis=0)
                 want = _wanted(theta, k, which)
                 scale = max(np.abs(theta).max(), np.finfo(float).tiny)
+                # invariant to tolerance: every pair is accurate, the rest of the spectrum unseen
+                deflated = deflated or bool(np.linalg.norm(B) <= tol * scale)
+            if deflated and window_end is None:
+                window_end = num_steps + k
+            if m >= k:
                 done = int((res[want] <= tol * scale).sum())
                 if callback is not None:
                     callback(num_matvecs, theta[want], res[want])
                 bar.set_postfix(converged=f"{done}/{k}")
-                if done == k:
+                if done == k and (window_end is None or num_steps >= window_end):
                     bar.update(1)
                     break
-            if m + p > cap:  # no room for the next block: thick restart
+            if window_end is not None and num_steps >= window_end:
+                window_end = None  # explored: a later invariant subspace opens a new window
+            if m + pn > cap:  # no room for the next block: thick restart
                 keep = np.sort(_wanted(theta, max(k + p, min((cap - p) // 2, m - p)), which))
-                coupling = B @ S[-p:, keep]
+                coupling = B @ S[-pj:, keep]
                 basis[:, : len(keep)] = basis[:, :m] @ torch.as_tensor(
                     S[:, keep], dtype=dtype, device=device
                 )
                 cur = len(keep)
                 T[:] = 0.0
                 T[:cur, :cur] = np.diag(theta[keep])
-                T[cur : cur + p, :cur] = coupling
-                T[:cur, cur : cur + p] = coupling.T
+                T[cur : cur + pn, :cur] = coupling
+                T[:cur, cur : cur + pn] = coupling.T
                 tridiagonal = False
                 # the kept columns are Ritz vectors: the result if no step follows
                 theta, S, res, m = theta[keep], np.eye(cur), np.linalg.norm(coupling, axis=0), cur
                 want = _wanted(theta, k, which)
             else:
-                T[m : m + p, cur : cur + p] = B
-                T[cur : cur + p, m : m + p] = B.T
+                T[m : m + pn, cur : cur + pj] = B
+                T[cur : cur + pj, m : m + pn] = B.T
                 cur = m
-            basis[:, cur : cur + p] = Qn
+            basis[:, cur : cur + pn] = Qn
+            pj = pn
             bar.update(1)
     finally:
         bar.close()
@@ -197,12 +219,14 @@ def lanczos(
     else:
         residuals = res[want]
     scale = max(np.abs(theta).max(), np.finfo(float).tiny)
+    # right after an invariant subspace the rest of the spectrum is unexplored: not converged
+    settled = window_end is None or num_steps >= window_end
     return EigenResult(
         values=values,
         vectors=vectors,
         residuals=residuals,
         num_matvecs=num_matvecs,
-        converged=residuals <= max(tol, 100 * np.finfo(float).eps) * scale,
+        converged=(residuals <= max(tol, 100 * np.finfo(float).eps) * scale) & settled,
         num_steps=num_steps,
     )
 
@@ -232,11 +256,13 @@ def _randn(n: int, p: int, gen: torch.Generator, dtype: torch.dtype, device: tor
 
 def _orthonormalize(
     W: torch.Tensor, basis: torch.Tensor, gen: torch.Generator
-) -> tuple[torch.Tensor, np.ndarray]:
+) -> tuple[torch.Tensor, np.ndarray, bool]:
     """``W = Q B`` with ``Q`` orthonormal and orthogonal to ``basis`` (CGS2, column by column).
 
     A column that is (numerically) in the span of ``basis`` and the earlier columns is replaced
-    by a random unit vector orthogonal to both, with a zero row in ``B`` (deflation/restart).
+    by a random unit vector orthogonal to both, with a zero row in ``B`` (deflation/restart), and
+    the third value is True. When no such vector is left (the space is full) the column is
+    dropped: ``Q`` is ``(n, q)`` and ``B`` ``(q, p)`` with ``q <= p``.
     """
     n, p = W.shape
     W = W.clone()
@@ -247,27 +273,34 @@ def _orthonormalize(
     Q = torch.zeros_like(W)
     B = np.zeros((p, p))
     eps = torch.finfo(W.dtype).eps
+    kept: list[int] = []
+    deflated = False
     for i in range(p):
         w = W[:, i]
-        coef = torch.zeros(i, dtype=W.dtype, device=W.device)
+        coef = torch.zeros(len(kept), dtype=W.dtype, device=W.device)
         for _ in range(2):
-            c = Q[:, :i].T @ w
-            w = w - Q[:, :i] @ c
+            c = Q[:, kept].T @ w
+            w = w - Q[:, kept] @ c
             coef = coef + c
         nrm = float(torch.linalg.vector_norm(w))
-        B[:i, i] = coef.double().cpu().numpy()
+        B[kept, i] = coef.double().cpu().numpy()
         if nrm > 100 * n**0.5 * eps * max(scale, 1e-300) and nrm > 0:
             Q[:, i] = w / nrm
             B[i, i] = nrm
+            kept.append(i)
             continue
+        deflated = True
+        if basis.shape[1] + len(kept) >= n:
+            continue  # no direction left: drop the column
         for _attempt in range(3):  # deflation: a fresh direction orthogonal to everything
             r = torch.randn(n, generator=gen, dtype=torch.float64).to(W)
             for _ in range(2):
                 if basis.shape[1]:
                     r = r - basis @ (basis.T @ r)
-                r = r - Q[:, :i] @ (Q[:, :i].T @ r)
+                r = r - Q[:, kept] @ (Q[:, kept].T @ r)
             rn = float(torch.linalg.vector_norm(r))
             if rn > 1e-8:
                 Q[:, i] = r / rn
+                kept.append(i)
                 break
-    return Q, B
+    return Q[:, kept], B[kept], deflated

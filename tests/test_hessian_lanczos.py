@@ -138,3 +138,54 @@ def test_bad_arguments():
         lanczos("nope", k=1, progress=False)
     with pytest.raises(ValueError, match="max_basis=6 leaves no room.*at least k"):
         lanczos(A, k=5, max_basis=6, progress=False)
+    with pytest.raises(ValueError, match="max_iter=2 steps.*k=5"):
+        lanczos(A, k=5, max_iter=2, max_basis=20, progress=False)
+    with pytest.raises(ValueError, match="max_iter=0"):
+        lanczos(A, k=1, max_iter=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "block_size", "max_basis"),
+    [(10, 3, 3, None), (10, 3, 4, None), (5, 5, 2, 5), (28, 18, 4, 26), (28, 14, 4, 26)],
+)
+def test_blocks_that_do_not_fit_the_space_narrow(n, k, block_size, max_basis):
+    """The last block narrows to the directions left: no zero vectors, no fake eigenvalues."""
+    A = planted(np.arange(1.0, n + 1), seed=n)
+    res = lanczos(A, k=k, which="SA", block_size=block_size, max_basis=max_basis, progress=False)
+    assert np.abs(res.values - np.arange(1.0, k + 1)).max() < 1e-8
+    V = res.vectors.numpy()
+    assert np.abs(V.T @ V - np.eye(k)).max() < 1e-10
+    assert res.converged.all()
+
+
+def test_invariant_subspaces_do_not_stop_the_search():
+    """A null space of dimension 20: the first Krylov space holds one copy of 0 and is invariant
+    (every Ritz pair exact at once); the search must go on to the other copies. With restarts
+    and single vectors the Krylov space never holds a second copy (the documented multiplicity
+    limit), so that run uses blocks of 3."""
+    A = planted(np.r_[np.zeros(20), np.arange(1.0, 11.0)], seed=3)
+    for block_size, max_basis in ((1, None), (3, 12)):
+        res = lanczos(
+            A, k=3, which="SA", block_size=block_size, max_basis=max_basis, progress=False
+        )
+        assert np.abs(res.values).max() < 1e-8 and res.converged.all()
+    # rank one: after the first two steps every step is invariant; the run must still end
+    for max_basis in (None, 8):
+        top = lanczos(planted(np.r_[5.0, np.zeros(29)]), k=2, max_basis=max_basis, progress=False)
+        assert np.abs(top.values - [5.0, 0.0]).max() < 1e-8 and top.converged.all()
+        assert top.num_steps < 10
+
+
+def test_low_rank_hessian_smallest_eigenvalues():
+    """Softmax regression: the Hessian is singular (softmax ignores a shift of the logits)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+
+    def loss_fn(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    H = HessianOperator(model, loss_fn, (x, y))
+    ref = np.linalg.eigvalsh(H.to_dense().numpy())
+    res = lanczos(H, k=3, which="SA", progress=False)
+    assert np.abs(res.values - ref[:3]).max() < 1e-8
