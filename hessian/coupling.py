@@ -37,6 +37,8 @@ from hessian.linop import Operator, as_operator, check_square, rademacher
 from hessian.slq import SpectralDensity, check_counts, multi_lanczos, quadrature
 from partition import BlockCoupling, Partition
 
+EXACT_MAX = 20_000  # parameters: the dense float64 Hessian is then at most 3.2 GB
+
 
 def block_coupling(
     op: Any,
@@ -65,6 +67,12 @@ def block_coupling(
     B = partition.num_blocks
     gen = torch.Generator().manual_seed(seed)
     if exact:
+        if n > EXACT_MAX:
+            raise ValueError(
+                f"exact=True needs the dense {n} x {n} Hessian ({n * n * 8 / 1e9:.1f} GB in "
+                f"float64, {n} products); it is meant for at most {EXACT_MAX} parameters. Use "
+                "exact=False (the matrix-free Hutchinson estimate) or a smaller model"
+            )
         H = A.to_dense().double().cpu()
         mass = _mass_from_dense(H, labels, B)
         perm = labels[torch.randperm(n, generator=gen)]

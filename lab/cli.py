@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
+from hessian import HessianError
 from lab import memory, partition_cli, reproduce
+from partition import PartitionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code."""
+    """Entry point of the console script; returns the process exit code.
+
+    Bad input and unusable paths end in one line naming the problem, not a traceback.
+    """
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (PartitionError, HessianError, ValueError, OSError) as exc:
+        print(f"adam-mini-lab {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -128,6 +128,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="optimizer-state memory of AdamW vs Adam-mini for GPT-2 and Llama 2 configs",
         description=__doc__,
     )
-    p.add_argument("--models", nargs="+", metavar="NAME", help=f"subset of: {', '.join(MODELS)}")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        choices=list(MODELS),
+        help="subset of: " + ", ".join(repr(m) for m in MODELS),
+    )
     p.add_argument("--out", help="also write the table as markdown to this path")
     p.set_defaults(func=run)

@@ -4,7 +4,7 @@ Commands::
 
     adam-mini-lab partition --model llama2-7b --rule adam-mini --out partition.json
     adam-mini-lab partition --model my_config.json --rule rows --out rows.json
-    adam-mini-lab partition --model tinygpt --rule derived --exact --out derived.json
+    adam-mini-lab partition --model mlp --rule derived --exact --out derived.json
     adam-mini-lab partition show partition.json
 
 --model is a preset or a JSON config file: a transformers config (it has "model_type") or the
@@ -182,8 +182,8 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
         model_type = config.pop("model_type")
         try:
             hf_config = transformers.AutoConfig.for_model(model_type, **config)
-        except ValueError as exc:
-            raise PartitionError(f"config file {spec!r}: {exc}") from exc
+        except Exception as exc:  # ValueError, huggingface_hub's strict-dataclass errors, ...
+            raise PartitionError(f"config file {spec!r}: {_first_line(exc)}") from exc
         return _hf_model(hf_config, meta)
     known = {f.name for f in fields(TinyGPTConfig)}
     unknown = sorted(set(config) - known)
@@ -218,13 +218,22 @@ def _hf_model(config: Any, meta: bool) -> nn.Module:
     if config.model_type in _ENCODERS:
         classes.append(transformers.AutoModelForMaskedLM)
     classes += [transformers.AutoModelForCausalLM, transformers.AutoModel]
+    last: Exception | None = None
     with torch.device("meta" if meta else "cpu"):
         for cls in classes:
             try:
                 return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-            except ValueError:
-                continue
-    raise PartitionError(f"cannot build a transformers model for model_type {config.model_type!r}")
+            except Exception as exc:  # a class that does not fit this config: try the next
+                last = exc
+    raise PartitionError(
+        f"cannot build a transformers model for model_type {config.model_type!r}: "
+        f"{_first_line(last)}; check the config's sizes (e.g. heads must divide the hidden size)"
+    )
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _derive(model: nn.Module, args: argparse.Namespace) -> Partition:

@@ -282,7 +282,14 @@ class Partition:
         """Read a file written by :meth:`to_json`; malformed files raise :class:`PartitionError`."""
         from partition.io import read_json
 
-        return cls.from_dict(read_json(path))
+        data = read_json(path)
+        try:
+            return cls.from_dict(data)
+        except PartitionError as exc:
+            raise PartitionError(
+                f"{str(path)!r}: {exc}. Regenerate it for this model "
+                "(adam-mini-lab partition --model ... --out FILE, or Partition.to_json)"
+            ) from exc
 
 
 def _share(blocks: int, numel: int) -> str:

@@ -77,11 +77,18 @@ def _is_attention(parts: list[str]) -> bool:
     return any("attn" in p or "attention" in p for p in parts)
 
 
-def _kind(name: str) -> str:
-    """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, or '' (unknown)."""
+def _kind(name: str, ndim: int = 2) -> str:
+    """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, experts, or ''.
+
+    The module name is the component before ``.weight``/``.bias``; a parameter registered
+    directly under another name (``mlp.experts.gate_up_proj``) is its own leaf.
+    """
     parts = name.lower().split(".")
-    leaf = parts[-2] if len(parts) >= 2 else parts[0]
-    parents = parts[:-2]
+    named_leaf = parts[-1] in ("weight", "bias") and len(parts) >= 2
+    leaf = parts[-2] if named_leaf else parts[-1]
+    parents = parts[:-2] if named_leaf else parts[:-1]
+    if ndim >= 3 and ("experts" in parts or "expert" in parts):
+        return "experts"
     if leaf in _POSITIONAL or "position" in leaf:
         return "positional"
     if leaf in _FUSED_QKV:
@@ -106,7 +113,8 @@ def _transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]
 
     With a module: the weights of modules whose class is ``transformers``' ``Conv1D``. With only
     names: the ``c_attn``/``c_proj``/``c_fc`` weights of a GPT-2-style model, unless its
-    ``c_attn`` weight is stored ``(3 d, d)`` (nanoGPT's ``nn.Linear`` layout).
+    ``c_attn`` weight has more rows than columns (``nn.Linear``'s ``(out, in)`` layout, as in
+    nanoGPT or GPTBigCode: fused q|k|v always has more outputs than inputs).
     """
     if isinstance(model, nn.Module):
         out = set()
@@ -118,9 +126,9 @@ def _transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]
                         out.add(f"{mod_name}.{pname}" if mod_name else pname)
         return out
     gpt2_leaves = {"c_attn", "c_proj", "c_fc"}
+    # fused q|k|v has more outputs than inputs: nn.Linear stores it (out, in), Conv1D (in, out)
     linear_layout = any(
-        n.lower().split(".")[-2:-1] == ["c_attn"] and len(s) == 2 and s[0] == 3 * s[1]
-        for n, s in shapes
+        n.lower().split(".")[-2:-1] == ["c_attn"] and len(s) == 2 and s[0] > s[1] for n, s in shapes
     )
     if linear_layout:
         return set()
@@ -145,8 +153,10 @@ def _head_counts(
     """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers)."""
     config = getattr(model, "config", None) if isinstance(model, nn.Module) else None
     if config is not None:
-        n_heads = n_heads or _config_int(config, "n_heads", "num_attention_heads", "n_head")
-        n_kv_heads = n_kv_heads or _config_int(config, "n_kv_heads", "num_key_value_heads")
+        if n_heads is None:
+            n_heads = _config_int(config, "n_heads", "num_attention_heads", "n_head")
+        if n_kv_heads is None:
+            n_kv_heads = _config_int(config, "n_kv_heads", "num_key_value_heads")
         if head_dim is None:
             head_dim = _config_int(config, "head_dim")
         if head_dim is None and n_heads:
@@ -211,7 +221,7 @@ def adam_mini(
     shapes = named_shapes(model)
     n_heads, n_kv_heads, head_dim = _head_counts(model, n_heads, n_kv_heads, head_dim)
     transposed = _transposed_names(model, shapes)
-    kinds = {name: _kind(name) if len(shape) >= 2 else "1d" for name, shape in shapes}
+    kinds = {name: _kind(name, len(shape)) if len(shape) >= 2 else "1d" for name, shape in shapes}
     needs_heads = [n for n, k in kinds.items() if k in ("q", "k", "fused")]
     if needs_heads and head_dim is None:
         if n_heads is None:
@@ -220,11 +230,14 @@ def adam_mini(
                 "of heads is unknown; pass n_heads=... (and n_kv_heads=..., head_dim=... if they "
                 "differ) or a model with a .config"
             )
-        head_dim = _head_dim_from_query(shapes, kinds, transposed, n_heads)
-    tensors, unrecognized = [], []
+        head_dim = _head_dim_from_query(shapes, kinds, transposed, n_heads, n_kv_heads)
+    tensors, unrecognized, experts = [], [], []
     for name, shape in shapes:
         kind = kinds[name]
-        if kind in ("1d", "positional"):
+        if kind == "experts":  # (experts, out, in): one block per expert's matrix
+            experts.append(name)
+            tensors.append(TensorBlocks(name, shape, "rows", {}))
+        elif kind in ("1d", "positional"):
             tensors.append(TensorBlocks(name, shape, "tensor", {}))
         elif kind in ("q", "k"):
             heads = n_heads if kind == "q" else (n_kv_heads or n_heads)
@@ -252,6 +265,15 @@ def adam_mini(
             PartitionWarning,
             stacklevel=2,
         )
+    if experts:
+        warnings.warn(
+            f"adam_mini: {len(experts)} stacked mixture-of-experts weight(s) such as "
+            f"{experts[0]!r} get one block per expert ('rows' on the expert axis), not one per "
+            "output neuron of each expert: the rules have no two-axis split. Build a Partition "
+            "by hand (one tensor per expert) for per-neuron blocks.",
+            PartitionWarning,
+            stacklevel=2,
+        )
     provenance = {
         "method": "adam_mini",
         "n_heads": n_heads,
@@ -267,24 +289,25 @@ def _head_dim_from_query(
     kinds: dict[str, str],
     transposed: set[str],
     n_heads: int,
+    n_kv_heads: int | None,
 ) -> int:
+    """``head_dim`` = query outputs / ``n_heads``; a fused q|k|v has ``n_heads + 2 n_kv_heads``
+    heads of outputs."""
     for name, shape in shapes:
         if kinds[name] not in ("q", "fused"):
             continue
         out = shape[1] if name in transposed else shape[0]
+        heads = n_heads
         if kinds[name] == "fused":
-            if out % 3:
-                raise PartitionError(
-                    f"tensor {name!r}: cannot split {out} fused q|k|v outputs into equal thirds; "
-                    "pass head_dim=... and n_kv_heads=..."
-                )
-            out //= 3
-        if out % n_heads:
+            heads = n_heads + 2 * (n_kv_heads or n_heads)
+        if out % heads:
+            what = "query" if kinds[name] == "q" else "fused q|k|v"
             raise PartitionError(
-                f"tensor {name!r} has {out} query outputs, not a multiple of n_heads={n_heads}; "
-                "pass the right n_heads=... or head_dim=..."
+                f"tensor {name!r} has {out} {what} outputs, not a multiple of {heads} heads "
+                f"(n_heads={n_heads}, n_kv_heads={n_kv_heads or n_heads}); pass the right "
+                "n_heads=/n_kv_heads= or head_dim=..."
             )
-        return out // n_heads
+        return out // heads
     name = next(n for n, k in kinds.items() if k == "k")
     raise PartitionError(
         f"adam_mini: tensor {name!r} is a key but no query tensor gives head_dim; pass head_dim=..."
@@ -316,7 +339,7 @@ def _fused(
     if sections[2] < 0 or sections[2] != sections[1]:
         raise PartitionError(
             f"tensor {name!r} has {out} fused q|k|v outputs, but n_heads, n_kv_heads and "
-            f"head_dim={head_dim} give q={sections[0]}, k={sections[1]}, v={sections[1]}; "
+            f"head_dim={head_dim} give q={sections[0]}, k={sections[1]}, v={sections[2]}; "
             "pass the right n_heads=/n_kv_heads=/head_dim="
         )
     params = {"head_dim": head_dim, "sections": sections, "orientation": orientation}

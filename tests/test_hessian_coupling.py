@@ -127,3 +127,15 @@ def test_partition_must_cover_the_operator(gpt_hessian):
     part = partition.Partition([partition.by_tensor(model)["ln_f.weight"]])
     with pytest.raises(ValueError, match="cover exactly H.params"):
         block_coupling(H, part, progress=False)
+
+
+def test_exact_coupling_refuses_a_hessian_too_large_to_form():
+    n = 20_001
+
+    def never(v):
+        raise AssertionError("no product may run before the size check")
+
+    never.shape = (n, n)
+    part = partition.Partition([partition.TensorBlocks("w", (n,), "tensor", {})])
+    with pytest.raises(ValueError, match=r"dense 20001 x 20001 Hessian .*exact=False"):
+        block_coupling(never, part, exact=True, progress=False)

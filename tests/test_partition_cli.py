@@ -56,7 +56,7 @@ def test_config_files_transformers_and_tinygpt(tmp_path, capsys):
         (["--model", "no-such-model"], "neither a preset"),
         (
             ["--model", "tinygpt", "--rule", "adam-mini", "--n-heads", "3"],
-            "not a multiple of n_heads=3",
+            "not a multiple of 3 heads",
         ),
         ([], "--model is required"),
     ],
@@ -100,3 +100,20 @@ def test_derived_on_a_tiny_mlp_config(tmp_path, capsys, monkeypatch):
     assert part.names == ("fc1.weight", "fc2.weight")
     prov = part.provenance
     assert prov["method"] == "greedy" and prov["exact"] is True and prov["candidate"] == "by_rows"
+
+
+def test_cli_errors_name_path_and_fix(tmp_path, capsys):
+    from lab.cli import main
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    assert main(["partition", "show", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert str(empty) in err and "missing key 'format'" in err and "Regenerate" in err
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    assert main(["reproduce", "--quick", "--out", str(not_a_dir)]) == 1
+    assert "Not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["memory", "--models", "gpt2"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -204,3 +204,40 @@ def test_unrecognized_tensors_get_one_block_and_one_warning():
     )
     assert [part[n].rule for n in named] == ["tensor", "tensor", "tensor", "rows"]
     assert part.provenance["unrecognized"] == ["layers.0.weight", "mystery.kernel"]
+
+
+def test_names_only_edge_layouts():
+    """Fused q|k|v under GQA, GPTBigCode's multi-query c_attn (nn.Linear layout), stacked experts."""
+    d, nh, kv, hd = 64, 8, 2, 8
+    phi = {"layers.0.self_attn.qkv_proj.weight": torch.empty((nh + 2 * kv) * hd, d)}
+    p = partition.adam_mini(phi, n_heads=nh, n_kv_heads=kv)
+    assert p["layers.0.self_attn.qkv_proj.weight"].params["sections"] == (64, 16, 16)
+    with pytest.raises(PartitionError, match="k=8, v=56"):
+        partition.adam_mini(phi, n_heads=nh, n_kv_heads=kv, head_dim=4)
+
+    big = {  # one shared key/value head: c_attn is (d + 2 hd, d), stored (out, in)
+        "h.0.attn.c_attn.weight": torch.empty(32 + 2 * 8, 32),
+        "h.0.mlp.c_fc.weight": torch.empty(128, 32),
+    }
+    p = partition.adam_mini(big, n_heads=4, n_kv_heads=1)
+    assert p["h.0.mlp.c_fc.weight"].rule == "rows" and p["h.0.mlp.c_fc.weight"].num_blocks == 128
+    assert p["h.0.attn.c_attn.weight"].params["orientation"] == "rows"
+
+    moe = {"layers.0.mlp.experts.gate_up_proj": torch.empty(4, 192, 64)}
+    with pytest.warns(PartitionWarning, match="one block per expert"):
+        p = partition.adam_mini(moe, n_heads=1)
+    assert p["layers.0.mlp.experts.gate_up_proj"].num_blocks == 4
+
+    with pytest.raises(PartitionError, match="n_heads must be a positive integer, got 0"):
+        partition.adam_mini(
+            meta(
+                transformers.LlamaForCausalLM,
+                transformers.LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2),
+            ),
+            n_heads=0,
+        )
+
+
+def test_row_group_ids_beyond_the_row_count_are_refused_at_once():
+    with pytest.raises(PartitionError, match="group ids"):
+        partition.TensorBlocks("w", (4, 3), "row_groups", {"groups": [0, 0, 0, 10**20]})
