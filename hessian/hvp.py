@@ -97,6 +97,8 @@ def prepare_reverse(f: LossFn, params: Params) -> Product:
 def is_forward_ad_error(err: BaseException) -> bool:
     """True when ``err`` says that an operation has no forward-mode (jvp) rule."""
     msg = str(err).lower()
+    if "(vjp, jvp, grad, etc)" in msg:  # torch.func's generic transform error (e.g. in-place)
+        return False
     return "forward ad" in msg or "forward-mode" in msg or ("jvp" in msg and "not" in msg)
 
 

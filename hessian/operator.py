@@ -459,6 +459,13 @@ class HessianOperator(Operator):
         except (RuntimeError, NotImplementedError) as err:
             if is_forward_ad_error(err):
                 raise self._forward_error(err) from err
+            if "mutate a captured tensor" in str(err).lower():
+                raise ForwardModeError(
+                    "the model writes in place into a tensor outside the differentiated "
+                    "parameters during its forward pass (BatchNorm in train mode updating its "
+                    "running statistics, a cache, a counter), which torch.func cannot trace. "
+                    "Call model.eval(), or use mode='reverse'"
+                ) from err
             raise
 
     def _cached(self, mode: str) -> bool:

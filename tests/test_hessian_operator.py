@@ -481,3 +481,12 @@ def test_transformers_sdpa_error_names_attention_and_eager_fix():
     H = HessianOperator(model, loss, (x, x), mode="forward")
     with pytest.raises(ForwardModeError, match=r"(?s)h\.0\.attn.*attn_implementation='eager'"):
         H @ torch.zeros(H.shape[0])
+
+
+def test_forward_mode_names_in_place_buffer_updates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,))
+    H = HessianOperator(model, ce_loss, (x, y), mode="forward", check_determinism=False)
+    with pytest.raises(ForwardModeError, match="running statistics.*model.eval"):
+        H @ torch.zeros(H.shape[0])
