@@ -307,6 +307,11 @@ class HessianOperator(Operator):
         return out
 
     def _to_dict(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        if v.ndim == 1:  # one split: views of v
+            pieces = v.split([self.param_shapes[n].numel() for n in self.params])
+            return {
+                n: t.view(self.param_shapes[n]) for n, t in zip(self.params, pieces, strict=True)
+            }
         out = {}
         for n in self.params:
             o, shape = self._offsets[n], self.param_shapes[n]

@@ -30,25 +30,35 @@ class Snapshot:
 
     @classmethod
     def take(cls, model: nn.Module, batches: list[Any]) -> Snapshot:
+        tensors, training = _state(model)
         return cls(
-            tuple(t.detach().clone() for t in _tensors(model)),
-            tuple(m.training for m in model.modules()),
+            tuple(t.detach().clone() for t in tensors),
+            training,
             tuple(fingerprint(b) for b in batches),
         )
 
     def matches(self, model: nn.Module, batches: list[Any]) -> bool:
         """True when ``model`` and ``batches`` hold exactly the recorded values."""
-        now = _tensors(model)
+        tensors, training = _state(model)
         return (
-            tuple(m.training for m in model.modules()) == self.training
-            and len(now) == len(self.tensors)
+            training == self.training
+            and len(tensors) == len(self.tensors)
             and all(
                 a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-                for a, b in zip(now, self.tensors, strict=True)
+                for a, b in zip(tensors, self.tensors, strict=True)
             )
             and tuple(fingerprint(b) for b in batches) == self.batches
         )
 
 
-def _tensors(model: nn.Module) -> list[torch.Tensor]:
-    return [t.detach() for t in (*model.parameters(), *model.buffers())]
+def _state(model: nn.Module) -> tuple[list[torch.Tensor], tuple[bool, ...]]:
+    """Every module's own parameters and buffers (shared ones once), and its ``training`` flag,
+    in one walk over the modules."""
+    tensors: dict[int, torch.Tensor] = {}
+    training = []
+    for module in model.modules():
+        training.append(module.training)
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None:
+                tensors.setdefault(id(t), t)
+    return list(tensors.values()), tuple(training)

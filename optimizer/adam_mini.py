@@ -286,9 +286,14 @@ class AdamMini(torch.optim.Optimizer):
         (torch's loader would cast both to the parameter's dtype first, which rounds them).
         A state saved under another partition (other block counts) is refused.
         """
-        ids = [i for g in state_dict.get("param_groups", ()) for i in g["params"]]
+        saved_groups = state_dict.get("param_groups", ())
+        if [len(g["params"]) for g in saved_groups] != [
+            len(g["params"]) for g in self.param_groups
+        ]:
+            super().load_state_dict(state_dict)  # raises torch's group-size error
+        ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        saved = dict(zip(ids, params, strict=False))
+        saved = dict(zip(ids, params, strict=True))
         for i, s in state_dict.get("state", {}).items():
             if i in saved and "exp_avg_sq" in s:
                 self._check_saved_state(saved[i], s)
