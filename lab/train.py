@@ -95,7 +95,10 @@ class TrainResult:
 
     ``train_loss[i]`` is the loss of the minibatch at step ``i`` (before that step's update);
     ``val_loss[j]`` is the mean loss over the fixed validation batches after ``eval_steps[j]``
-    updates (``eval_steps[0] == 0`` is the initial model).
+    updates (``eval_steps[0] == 0`` is the initial model). On the CPU ``peak_memory_bytes`` is
+    how far the run raised the process's peak RSS: 0 when an earlier run in the same process had
+    already reached a higher peak, so compare optimizers by ``optimizer_state_bytes`` (exact) or
+    in separate processes.
     """
 
     name: str
