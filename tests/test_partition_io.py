@@ -281,3 +281,12 @@ def test_written_file_has_ordinary_permissions(tmp_path):
     partition.by_tensor({"w": torch.empty(2, 3)}).to_json(path)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["part.json"]
+
+
+def test_provenance_is_a_private_json_copy(tmp_path):
+    merged = [[0, 1], [2]]
+    part = Partition([TensorBlocks("w", (3, 2), "rows", {})], {"groups": merged, "pair": (1, 2)})
+    merged[0].append(99)  # the caller's list changes; the partition must not
+    assert part.provenance == {"groups": [[0, 1], [2]], "pair": [1, 2]}
+    part.to_json(tmp_path / "p.json")
+    assert Partition.from_json(tmp_path / "p.json") == part
