@@ -134,6 +134,17 @@ def run_build(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> Partition:
     """The partition the arguments ask for, with the model source in its provenance."""
+    heads = {
+        "--n-heads": args.n_heads,
+        "--n-kv-heads": args.n_kv_heads,
+        "--head-dim": args.head_dim,
+    }
+    given = [flag for flag, value in heads.items() if value is not None]
+    if given and args.rule != "adam-mini":
+        raise PartitionError(
+            f"{', '.join(given)} only shape --rule adam-mini (heads are not used by --rule "
+            f"{args.rule}); drop them or use --rule adam-mini"
+        )
     model = load_model(args.model, meta=True)
     if args.rule == "derived":
         if not isinstance(model, TinyGPT | OneHiddenMLP):  # checked on meta: nothing allocated

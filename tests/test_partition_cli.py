@@ -59,6 +59,7 @@ def test_config_files_transformers_and_tinygpt(tmp_path, capsys):
             "not a multiple of 3 heads",
         ),
         ([], "--model is required"),
+        (["--model", "tinygpt", "--rule", "rows", "--n-heads", "4"], "only shape --rule adam-mini"),
     ],
 )
 def test_errors_are_one_line_messages(argv, message, capsys):
