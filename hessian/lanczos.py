@@ -25,9 +25,11 @@ orthogonal to the basis takes its place, so the method continues to ``n`` vector
 Ritz pairs of an invariant subspace are exact, but the rest of the spectrum is not yet seen: when
 the whole coupling :math:`\|B_{m+1}\|` falls below ``tol`` (every Ritz pair converged at once,
 the sign of an invariant subspace rather than of convergence), the iteration runs at least ``k``
-more steps before it may stop, and a run that ends sooner reports ``converged=False``. Near ``n`` the last block narrows to the directions that are left.
-Single-vector Lanczos (``block_size=1``) sees one copy of an exactly repeated eigenvalue until the
-Krylov space becomes invariant (with ``max_basis`` it may never become so); with ``block_size = p`` it resolves multiplicities up to ``p``.
+more steps before it may stop, and a run that ends sooner reports ``converged=False``. Near ``n``
+the last block narrows to the directions that are left. Single-vector Lanczos (``block_size=1``)
+sees one copy of an exactly repeated eigenvalue until the Krylov space becomes invariant (with
+``max_basis`` it may never become so); with ``block_size = p`` it resolves multiplicities up to
+``p``.
 """
 
 from __future__ import annotations
@@ -173,16 +175,17 @@ def lanczos(
                 deflated = deflated or bool(np.linalg.norm(B) <= tol * scale)
             if deflated and window_end is None:
                 window_end = num_steps + k
+            explored = window_end is None or num_steps >= window_end
             if m >= k:
                 done = int((res[want] <= tol * scale).sum())
                 if callback is not None:
                     callback(num_matvecs, theta[want], res[want])
                 bar.set_postfix(converged=f"{done}/{k}")
-                if done == k and (window_end is None or num_steps >= window_end):
+                if done == k and explored:
                     bar.update(1)
                     break
-            if window_end is not None and num_steps >= window_end:
-                window_end = None  # explored: a later invariant subspace opens a new window
+            if explored:
+                window_end = None  # a later invariant subspace opens a new window
             if m + pn > cap:  # no room for the next block: thick restart
                 keep = np.sort(_wanted(theta, max(k + p, min((cap - p) // 2, m - p)), which))
                 coupling = B @ S[-pj:, keep]

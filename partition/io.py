@@ -155,6 +155,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The parent folder is created when missing.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory; give a file path, e.g. {str(path / 'out.json')!r}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

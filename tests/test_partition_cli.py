@@ -115,6 +115,8 @@ def test_cli_errors_name_path_and_fix(tmp_path, capsys):
     not_a_dir.write_text("")
     assert main(["reproduce", "--quick", "--out", str(not_a_dir)]) == 1
     assert "Not a directory" in capsys.readouterr().err
+    assert main(["memory", "--out", str(tmp_path)]) == 1
+    assert "is a directory; give a file path" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["memory", "--models", "gpt2"])
     assert "invalid choice" in capsys.readouterr().err
