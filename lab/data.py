@@ -56,6 +56,8 @@ def gaussian_classification(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if labels not in ("uniform", "teacher"):
         raise ValueError(f"labels must be 'uniform' or 'teacher', got {labels!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype for Gaussian features, got {dtype}")
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=gen, dtype=torch.float64)
     if labels == "uniform":

@@ -106,13 +106,26 @@ def measure_structure(
     """Coupling over ``by_rows``, its null, blockwise spectra and the derived partition.
 
     The model is copied to float64; ``batches`` are (inputs, targets) pairs of the training
-    split. Costs ``num_samples * by_rows(model).num_blocks`` Hessian-vector products for the
-    coupling and ``spectra_steps * spectra_probes * len(block_types)`` for the spectra.
+    split (or one such pair). Costs ``num_samples * by_rows(model).num_blocks`` Hessian-vector
+    products for the coupling and ``spectra_steps * spectra_probes * len(block_types)`` for the
+    spectra.
     """
+    if (
+        isinstance(batches, tuple | list)
+        and len(batches) == 2
+        and all(map(torch.is_tensor, batches))
+    ):
+        batches = [tuple(batches)]  # one (inputs, targets) pair
+    batches = list(batches)
+    if not batches or any(len(b) != 2 for b in batches):
+        raise ValueError(
+            "batches must be a non-empty list of (inputs, targets) pairs, e.g. "
+            "[corpus.batch('train', 8, 32, generator)]"
+        )
     model64 = _float64_copy(model)
     # double-backward HVPs: the faster mode at this size, and a fixed choice keeps runs bitwise
     # reproducible ("auto" picks by timing)
-    H = hessian.HessianOperator(model64, lm_loss, list(batches), mode="reverse")
+    H = hessian.HessianOperator(model64, lm_loss, batches, mode="reverse")
     candidate = partition.by_rows(model64)
     t0 = time.perf_counter()
     coupling = hessian.block_coupling(

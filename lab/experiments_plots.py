@@ -72,12 +72,19 @@ def caption(fig: plt.Figure, text: str) -> None:
 
 
 def pooled_abs(H: np.ndarray, max_pixels: int = 800) -> tuple[np.ndarray, int]:
-    """``|H|`` averaged over s×s tiles (s the smallest divisor of n with n/s <= max_pixels)."""
+    """``|H|`` averaged over s×s tiles, ``s = ceil(n / max_pixels)``.
+
+    When s does not divide n the last row and column of tiles are partial: they average
+    the entries they hold.
+    """
     n = H.shape[0]
-    s = next(s for s in range(1, n + 1) if n % s == 0 and n // s <= max_pixels)
+    s = -(-n // max_pixels)
     A = np.abs(H)
     if s > 1:
-        A = A.reshape(n // s, s, n // s, s).mean(axis=(1, 3))
+        m = -(-n // s)
+        padded = np.full((m * s, m * s), np.nan)
+        padded[:n, :n] = A
+        A = np.nanmean(padded.reshape(m, s, m, s), axis=(1, 3))
     return A, s
 
 

@@ -17,6 +17,7 @@ All runs are deterministic (float64); :func:`tune` picks the lr of a grid with t
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,8 +41,19 @@ class QuadraticRun:
         return self.loss[-1]
 
 
-def _block_slices(block_sizes: Sequence[int]) -> list[slice]:
-    bounds = [0, *torch.tensor(list(block_sizes)).cumsum(0).tolist()]
+def _block_slices(block_sizes: Sequence[int], x0: torch.Tensor) -> list[slice]:
+    """Consecutive slices of ``x0`` of the given sizes, which must be positive and cover it."""
+    sizes = list(block_sizes)
+    if not sizes or any(
+        not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1 for n in sizes
+    ):
+        raise ValueError(f"block_sizes must be positive ints, got {sizes}")
+    if sum(sizes) != x0.numel():
+        raise ValueError(
+            f"block_sizes {sizes} add up to {sum(sizes)} but x0 has {x0.numel()} entries; "
+            "pass the problem's block sizes (BlockDiagonalQuadratic.block_sizes)"
+        )
+    bounds = [0, *torch.tensor([int(n) for n in sizes]).cumsum(0).tolist()]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
@@ -80,10 +92,13 @@ def blockwise_gd(
     iters: int,
 ) -> QuadraticRun:
     """Gradient descent with lr ``block_lrs[b]`` on block ``b``."""
+    slices = _block_slices(block_sizes, x0)
+    if len(block_lrs) != len(slices):
+        raise ValueError(f"got {len(block_lrs)} block_lrs for {len(slices)} blocks; pass one each")
     scale = torch.cat(
         [
-            torch.full((n,), float(lr), dtype=x0.dtype)
-            for n, lr in zip(block_sizes, block_lrs, strict=True)
+            torch.full((s.stop - s.start,), float(lr), dtype=x0.dtype)
+            for s, lr in zip(slices, block_lrs, strict=True)
         ]
     )
     return _run("blockwise GD", float("nan"), loss, grad, x0, iters, lambda g, t: scale * g)
@@ -101,7 +116,7 @@ def _adam_like(
     eps: float,
 ) -> QuadraticRun:
     b1, b2 = betas
-    slices = None if block_sizes is None else _block_slices(block_sizes)
+    slices = None if block_sizes is None else _block_slices(block_sizes, x0)
     m = torch.zeros_like(x0)
     v = torch.zeros_like(x0) if slices is None else torch.zeros(len(slices), dtype=x0.dtype)
 

@@ -45,6 +45,7 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
             f"logits of shape {tuple(logits.shape)} need targets of shape "
             f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
         )
+    _check_ids(targets, logits.shape[-1], "target class ids", "num_classes / vocab_size")
     logp = torch.log_softmax(logits, dim=-1)
     return -logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1).mean()
 
@@ -233,6 +234,7 @@ class TinyGPT(nn.Module):
                 f"sequence length {T} exceeds context={self.config.context}: "
                 f"crop the input or build the model with a larger context"
             )
+        _check_ids(idx, self.config.vocab_size, "token ids", "vocab_size")
         pos = torch.arange(T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)
         for block in self.blocks:
@@ -315,7 +317,27 @@ class DeepMLP(nn.Module):
 def classification_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
     """Mean cross-entropy of ``model(X)`` against labels; ``batch = (X (N, d), y (N,))``."""
     inputs, labels = batch
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if first is not None and (inputs.dim() != 2 or inputs.shape[1] != first.in_features):
+        raise ValueError(
+            f"X must have shape (N, {first.in_features}) for this model, got "
+            f"{tuple(inputs.shape)}; build the data with d={first.in_features}"
+        )
+    if first is not None and inputs.dtype != first.weight.dtype:
+        raise ValueError(
+            f"X is {inputs.dtype} but the model is {first.weight.dtype}; pass X.to(dtype) or "
+            "convert the model (e.g. model.double())"
+        )
     return cross_entropy(model(inputs), labels)
+
+
+def _check_ids(ids: Tensor, size: int, what: str, knob: str) -> None:
+    """Raise when an id lies outside ``[0, size)`` (torch would fail deep inside a gather)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        raise ValueError(
+            f"{what} must lie in [0, {size}), got ids from {int(ids.min())} to "
+            f"{int(ids.max())}; build the model with a larger {knob} (the byte corpus needs 256)"
+        )
 
 
 def _is_positive_int(value: object) -> bool:

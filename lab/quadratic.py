@@ -12,6 +12,7 @@ Hessian is ``H`` and the unique minimizer is ``x* = 0`` with ``f(x*) = 0``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -172,7 +173,7 @@ def _normalize_ranges(
     eig_ranges: Sequence[tuple[float, float]] | tuple[float, float], num_blocks: int
 ) -> list[tuple[float, float]]:
     ranges = list(eig_ranges)
-    if len(ranges) == 2 and all(isinstance(v, int | float) for v in ranges):
+    if len(ranges) == 2 and all(isinstance(v, numbers.Real) for v in ranges):
         ranges = [tuple(ranges)] * num_blocks
     if len(ranges) != num_blocks:
         raise ValueError(

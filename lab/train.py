@@ -189,10 +189,14 @@ def evaluate(
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = _default_loss,
 ) -> float:
     """Mean loss over ``batches`` in eval mode (restores the previous mode)."""
+    if len(batches) == 0:
+        raise ValueError("evaluate needs at least one batch; pass a non-empty list of batches")
     was_training = model.training
     model.eval()
-    total = sum(float(loss_fn(model, b)) for b in batches)
-    model.train(was_training)
+    try:
+        total = sum(float(loss_fn(model, b)) for b in batches)
+    finally:
+        model.train(was_training)
     return total / len(batches)
 
 
@@ -235,6 +239,11 @@ def train(
         raise ValueError(f"eval_every={eval_every} must be >= 1")
     if eval_batches < 1:
         raise ValueError(f"eval_batches={eval_batches} must be >= 1 (the val loss is their mean)")
+    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+        raise ValueError(
+            f"grad_clip={grad_clip} must be a finite number > 0 (max gradient norm), or None "
+            "for no clipping"
+        )
     device = torch.device(device)
     schedule = schedule or WarmupCosine(steps, warmup_steps=steps // 20)
 

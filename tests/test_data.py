@@ -34,6 +34,11 @@ def test_gaussian_classification_deterministic_and_shaped():
     assert X64.dtype == torch.float64 and torch.equal(X64.float(), X) and torch.equal(y64, y)
 
 
+def test_gaussian_classification_refuses_integer_dtype():
+    with pytest.raises(ValueError, match="floating dtype"):
+        gaussian_classification(4, 3, 2, seed=0, dtype=torch.int64)
+
+
 def test_gaussian_classification_teacher_labels_are_learnable():
     X, y = gaussian_classification(400, 10, 3, seed=0, dtype=torch.float64, labels="teacher")
     # A linear teacher's labels are linearly separable: a least-squares one-vs-rest fit

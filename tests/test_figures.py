@@ -68,3 +68,8 @@ def test_block_mass_share_against_a_hand_computed_matrix() -> None:
     assert block_mass_share(H, np.array([0, 0, 1])) == pytest.approx(31 / 33)
     A, s = pooled_abs(np.arange(16.0).reshape(4, 4), max_pixels=2)
     assert s == 2 and A[0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4)
+    # n = 5 is prime: tiles of 2, the last row and column of tiles partial
+    A, s = pooled_abs(-np.arange(25.0).reshape(5, 5), max_pixels=3)
+    assert s == 2 and A.shape == (3, 3)
+    assert A[0, 0] == pytest.approx((0 + 1 + 5 + 6) / 4)
+    assert A[2, 1] == pytest.approx((22 + 23) / 2) and A[2, 2] == 24

@@ -11,6 +11,7 @@ from lab.models import (
     TinyGPT,
     TinyGPTConfig,
     classification_loss,
+    cross_entropy,
     lm_loss,
 )
 
@@ -198,6 +199,22 @@ def test_bad_inputs_raise():
         model(torch.zeros(1, 4))
     with pytest.raises(TypeError, match="TinyGPTConfig"):
         TinyGPT(dict(SMALL))
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {vocab}\).*vocab_size"):
+        model(torch.full((1, 4), vocab))
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.full((1, 4), -1))
+    with pytest.raises(ValueError, match=r"target class ids must lie in \[0, 3\)"):
+        cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3]))
+
+
+def test_classification_loss_checks_width_and_dtype():
+    model = OneHiddenMLP(d=5, m=2, num_classes=3, seed=0)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"shape \(N, 5\).*d=5"):
+        classification_loss(model, (torch.zeros(4, 6), y))
+    with pytest.raises(ValueError, match="model.double"):
+        classification_loss(model, (torch.zeros(4, 5, dtype=torch.float64), y))
 
 
 def test_lm_loss_matches_torch_cross_entropy(float64):

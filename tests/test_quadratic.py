@@ -123,6 +123,14 @@ def test_bad_arguments_raise(sizes, ranges, match):
         BlockDiagonalQuadratic.random(sizes, ranges, seed=0)
 
 
+def test_one_range_pair_may_be_numpy_numbers():
+    import numpy as np
+
+    a = BlockDiagonalQuadratic.random([2, 3], np.array([1, 10]), seed=0)
+    b = BlockDiagonalQuadratic.random([2, 3], (1.0, 10.0), seed=0)
+    assert torch.equal(a.hessian, b.hessian)
+
+
 def test_wrong_x_shape_raises(problem):
     with pytest.raises(ValueError, match=r"x must have shape \(13,\)"):
         problem.loss(torch.zeros(12, dtype=torch.float64))

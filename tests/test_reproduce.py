@@ -102,3 +102,17 @@ def test_block_share_matches_an_exact_coupling_of_the_coarse_partition() -> None
         assert share.num_blocks == coarse.num_blocks
     with pytest.raises(ValueError, match="coarsening"):
         block_share(direct, partition.by_rows(named))
+
+
+def test_measure_structure_takes_one_pair_and_refuses_no_batches() -> None:
+    from lab.experiments import measure_structure
+
+    model = TinyGPT(TinyGPTConfig(vocab_size=8, context=4, n_layer=1, d_model=8, n_heads=2), seed=0)
+    x = torch.randint(0, 8, (2, 4), generator=torch.Generator().manual_seed(0))
+    pair = (x, x.roll(1, dims=1))
+    kw = dict(num_samples=2, spectra_probes=1, spectra_steps=3, progress=False)
+    one = measure_structure(model, pair, **kw)
+    listed = measure_structure(model, [pair], **kw)
+    assert one.coupling.r_diag == listed.coupling.r_diag
+    with pytest.raises(ValueError, match="non-empty list of"):
+        measure_structure(model, [], **kw)

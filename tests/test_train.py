@@ -114,6 +114,9 @@ def test_schedule_sets_the_lr() -> None:
         ({"steps": 0}, "steps=0"),
         ({"eval_every": 0}, "eval_every=0"),
         ({"eval_batches": 0}, "eval_batches=0"),
+        ({"grad_clip": 0.0}, "grad_clip=0.0"),
+        ({"grad_clip": -1.0}, "grad_clip=-1.0"),
+        ({"grad_clip": float("nan")}, "grad_clip=nan"),
     ],
 )
 def test_bad_budgets_are_refused_before_training(kw, message) -> None:
@@ -135,6 +138,19 @@ def test_diverging_run_names_the_fix() -> None:
             grad_clip=None,
             progress=False,
         )
+
+
+def test_evaluate_refuses_no_batches_and_restores_train_mode_on_error() -> None:
+    model = TinyGPT(CFG).train()
+    with pytest.raises(ValueError, match="at least one batch"):
+        evaluate(model, [])
+
+    def failing(model, batch):
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        evaluate(model, [None], failing)
+    assert model.training
 
 
 # ---- the quadratic case study (lab/experiments_quadratic.py), against closed forms ----
@@ -160,6 +176,21 @@ def test_gd_matches_the_closed_form() -> None:
     assert run.final == pytest.approx(loss(xs + M @ (x0 - xs)), rel=1e-10)
     same = eq.blockwise_gd(loss, grad, x0, [3, 3], [0.01, 0.01], iters=5)
     assert same.loss == pytest.approx(run.loss, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "lrs", "message"),
+    [([4, 3], [0.1, 0.1], "add up to 7"), ([6, 0], [0.1, 0.1], "positive ints"),
+     ([3, 3], [0.1], "1 block_lrs for 2 blocks")],
+)  # fmt: skip
+def test_quadratic_methods_refuse_blocks_that_do_not_cover_x(sizes, lrs, message) -> None:
+    _, _, loss, grad = _quadratic()
+    x0 = torch.zeros(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        eq.blockwise_gd(loss, grad, x0, sizes, lrs, iters=1)
+    if len(sizes) == len(lrs):
+        with pytest.raises(ValueError, match=message):
+            eq.adam_mini(loss, grad, x0, lr=0.1, iters=1, block_sizes=sizes)
 
 
 def test_adam_mini_with_singleton_blocks_is_adam() -> None:
