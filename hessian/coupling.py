@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import Operator, as_operator, check_square, rademacher
-from hessian.slq import SpectralDensity, check_counts, multi_lanczos, quadrature
+from hessian.linop import Operator, as_operator, check_positive_ints, check_symmetric, rademacher
+from hessian.slq import SpectralDensity, multi_lanczos, quadrature
 from partition import BlockCoupling, Partition
 
 EXACT_MAX = 20_000  # parameters: the dense float64 Hessian is then at most 3.2 GB
@@ -61,8 +61,9 @@ def block_coupling(
         chunk: blocks per ``matmat``.
         progress: tqdm progress bar.
     """
+    check_positive_ints(chunk=chunk)
     A = as_operator(op)
-    n = check_square(A)
+    n = check_symmetric(A)
     labels = block_labels(A, partition)
     B = partition.num_blocks
     gen = torch.Generator().manual_seed(seed)
@@ -115,7 +116,9 @@ def block_coupling(
     mean = (total / S).numpy()
     var = ((total_sq - total * total / S) / (S - 1)).clamp_min(0).numpy() / S
     mass = 0.5 * (mean + mean.T)
+    # off the diagonal the two estimates (probes on b and on a) are independent; on it, one
     stderr = 0.5 * np.sqrt(var + var.T)
+    np.fill_diagonal(stderr, np.sqrt(np.diag(var)))
     d2 = float(((diag_sum**2 - diag_sq) / (S * (S - 1))).sum())
     sizes = partition.block_sizes().double()
     q = float((sizes * (sizes - 1)).sum()) / (n * (n - 1)) if n > 1 else 1.0
@@ -139,9 +142,9 @@ def blockwise_spectra(
     ``{label: selector}`` (selectors as in ``HessianOperator.select``, or flat index tensors), or
     a list of parameter names (each a block). All blocks and probes advance together.
     """
-    check_counts(num_probes, num_steps)
+    check_positive_ints(num_probes=num_probes, num_steps=num_steps)
     A = as_operator(op)
-    check_square(A)
+    check_symmetric(A)
     groups = _groups(A, blocks)
     gen = torch.Generator().manual_seed(seed)
     starts, supports, owner = [], [], []
@@ -150,17 +153,14 @@ def blockwise_spectra(
             starts.append(rademacher((idx.numel(),), gen, A.dtype, A.device))
             supports.append(idx.to(A.device))
             owner.append(label)
-    runs, used = multi_lanczos(A, starts, supports, num_steps, reorth, progress, "blockwise")
+    runs, _ = multi_lanczos(A, starts, supports, num_steps, reorth, progress, "blockwise")
     out = {}
     for label, idx in groups.items():
         width = min(num_steps, idx.numel())
-        mine = [
-            quadrature(a, b, width) for (a, b), o in zip(runs, owner, strict=True) if o == label
-        ]
-        nodes, weights = zip(*mine, strict=True)
-        out[label] = SpectralDensity(
-            np.stack(nodes), np.stack(weights), int(idx.numel()), used // len(groups)
-        )
+        mine = [(a, b) for (a, b), o in zip(runs, owner, strict=True) if o == label]
+        nodes, weights = zip(*(quadrature(a, b, width) for a, b in mine), strict=True)
+        steps = sum(len(a) for a, _ in mine)  # one product column per Lanczos step
+        out[label] = SpectralDensity(np.stack(nodes), np.stack(weights), int(idx.numel()), steps)
     return out
 
 
@@ -222,5 +222,12 @@ def _groups(A: Operator, blocks: Any) -> dict[str, torch.Tensor]:
         else:
             raise TypeError(
                 f"block {label!r}: a plain operator needs flat index tensors as selectors"
+            )
+        idx = out[str(label)]
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= A.shape[0]:
+            raise ValueError(
+                f"block {label!r} must name at least one entry, with flat indices in "
+                f"[0, {A.shape[0]}); got {idx.numel()} indices"
+                + (f" from {int(idx.min())} to {int(idx.max())}" if idx.numel() else "")
             )
     return out

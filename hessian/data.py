@@ -1,15 +1,16 @@
 """Batches for the Hessian operator: what counts as one batch, sample counts, fingerprints.
 
-``data`` is either one batch or an iterable of batches. A batch is a tensor, a dict of tensors,
-or a tuple/list whose items are all tensors (``(inputs, targets)``). Anything else that is
-iterable (a list of batches, a ``DataLoader``, a generator) is an iterable of batches. A one-shot
-iterator (a generator) is read once into a list, since the Hessian needs many passes.
+``data`` is either one batch or an iterable of batches. A batch is a tensor, a mapping of
+tensors (a dict, or transformers' ``BatchEncoding``), or a tuple/list whose items are all tensors
+(``(inputs, targets)``). Anything else that is iterable (a list of batches, a ``DataLoader``, a
+generator) is an iterable of batches. A one-shot iterator (a generator) is read once into a list,
+since the Hessian needs many passes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch
 
 def is_single_batch(data: Any) -> bool:
     """True when ``data`` is one batch rather than an iterable of batches."""
-    if isinstance(data, (torch.Tensor, dict)):
+    if isinstance(data, (torch.Tensor, Mapping)):
         return True
     if isinstance(data, (tuple, list)):
         return len(data) > 0 and all(isinstance(x, torch.Tensor) for x in data)
@@ -28,7 +29,7 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
     """The first tensor found in ``batch`` (depth first), or None."""
     if isinstance(batch, torch.Tensor):
         return batch
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         batch = list(batch.values())
     if isinstance(batch, (tuple, list)):
         for x in batch:
@@ -61,7 +62,7 @@ def fingerprint(batch: Any) -> str:
             h.update(
                 x.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
             )
-        elif isinstance(x, dict):
+        elif isinstance(x, Mapping):
             for k in x:
                 h.update(repr(k).encode())
                 visit(x[k])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hessian.linop import Operator, as_operator, check_square, rademacher
+from hessian.linop import Operator, as_operator, check_positive_ints, check_square, rademacher
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ def trace(
     op: Any, method: str = "hutchinson", num_matvecs: int = 30, seed: int = 0, chunk: int = 64
 ) -> TraceEstimate:
     """Estimate :math:`\\mathrm{tr}\\,H` with ``num_matvecs`` products (see module docstring)."""
+    check_positive_ints(num_matvecs=num_matvecs, chunk=chunk)
     A = as_operator(op)
     n = check_square(A)
     gen = torch.Generator().manual_seed(seed)
@@ -69,6 +70,7 @@ def trace(
 
 def diagonal(op: Any, num_matvecs: int = 30, seed: int = 0, chunk: int = 64) -> DiagonalEstimate:
     """Estimate :math:`\\mathrm{diag}\\,H` as the mean of :math:`z \\odot Hz` over Rademacher z."""
+    check_positive_ints(num_matvecs=num_matvecs, chunk=chunk)
     A = as_operator(op)
     n = check_square(A)
     if num_matvecs < 2:

@@ -43,7 +43,7 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import as_operator, check_square
+from hessian.linop import as_operator, check_positive_ints, check_symmetric
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -107,11 +107,14 @@ def lanczos(
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    check_positive_ints(k=k, block_size=block_size)
+    if max_iter is not None:
+        check_positive_ints(max_iter=max_iter)
     A = as_operator(op)
-    n = check_square(A)
-    if not 1 <= k <= n:
+    n = check_symmetric(A)
+    if k > n:
         raise ValueError(f"k must be in [1, n={n}], got {k}")
-    p = max(1, min(int(block_size), n))
+    p = min(block_size, n)
     steps = max(300, 20 * k) if max_iter is None else int(max_iter)
     if steps * p < k:
         raise ValueError(

@@ -40,6 +40,8 @@ class Operator:
             raise ValueError(
                 f"matmat expects a matrix of shape ({self.shape[1]}, k), got {tuple(V.shape)}"
             )
+        if V.shape[1] == 0:
+            return V.new_zeros(self.shape[0], 0)
         return self._matmat(V)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -93,6 +95,10 @@ class Operator:
         """``A^T @ V``; operators without a transpose product raise."""
         raise NotImplementedError(f"{type(self).__name__} has no transpose product")
 
+    def asymmetry(self) -> str | None:
+        """Why this operator is known not to be symmetric, or None (a Hessian is)."""
+        return None
+
 
 class DenseOperator(Operator):
     """A dense matrix as an :class:`Operator`."""
@@ -101,6 +107,8 @@ class DenseOperator(Operator):
         A = torch.as_tensor(A)
         if A.ndim != 2:
             raise ValueError(f"a dense operator needs a 2-D matrix, got shape {tuple(A.shape)}")
+        if A.is_complex():
+            raise TypeError(f"a dense operator must be real, got {A.dtype}; pass A.real")
         if not A.is_floating_point():
             A = A.double()
         self.A = A
@@ -116,6 +124,16 @@ class DenseOperator(Operator):
 
     def to_dense(self, chunk: int | None = None) -> torch.Tensor:
         return self.A.clone()
+
+    def asymmetry(self) -> str | None:
+        r"""Set when :math:`\max|A - A^T| > \sqrt{\epsilon} \max|A|` (rounding allowed for)."""
+        if self.shape[0] != self.shape[1] or self.A.numel() == 0:
+            return None
+        gap = float((self.A - self.A.T).abs().max())
+        scale = float(self.A.abs().max())
+        if gap > torch.finfo(self.dtype).eps ** 0.5 * scale:
+            return f"max |A - A^T| = {gap:.3g} against max |A| = {scale:.3g}; pass (A + A.T) / 2"
+        return None
 
 
 class _ScipyOperator(Operator):
@@ -167,11 +185,27 @@ def as_operator(op: Any) -> Operator:
     )
 
 
+def check_positive_ints(**counts: Any) -> None:
+    """A ValueError naming the first count that is not an int >= 1."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def check_square(op: Operator) -> int:
     """The size ``n`` of a square operator, or a ValueError."""
     if op.shape[0] != op.shape[1]:
-        raise ValueError(f"this algorithm needs a square symmetric operator, got shape {op.shape}")
+        raise ValueError(f"this algorithm needs a square operator, got shape {op.shape}")
     return op.shape[0]
+
+
+def check_symmetric(op: Operator) -> int:
+    """The size ``n`` of a square operator not known to be asymmetric, or a ValueError."""
+    n = check_square(op)
+    reason = op.asymmetry()
+    if reason is not None:
+        raise ValueError(f"this algorithm needs a symmetric operator: {reason}")
+    return n
 
 
 def rademacher(

@@ -409,6 +409,11 @@ class HessianOperator(Operator):
                 "(detached, .item(), or computed under torch.no_grad()?): return the loss tensor "
                 "itself, and check params= names the parameters the loss uses"
             )
+        if not bool(torch.isfinite(a)):
+            raise HessianError(
+                f"the loss is {a.item()} at these parameters: the Hessian is undefined there. "
+                "Check the model's weights and the batch for NaN/Inf (e.g. after a diverged run)"
+            )
         if not self.check_determinism:
             return
         with torch.no_grad():
@@ -562,6 +567,14 @@ class RestrictedOperator(Operator):
 
     def _rmatmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.T._matmat(V)
+
+    def asymmetry(self) -> str | None:
+        if torch.equal(self.rows, self.cols):
+            return None
+        return (
+            "H_ab with rows a != columns b is not symmetric; restrict to a diagonal block "
+            "H.restrict(a) (eigenvalues), or use its singular values (to_scipy() and svds)"
+        )
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -16,6 +16,7 @@ its own basis and is fully reorthogonalized against it (twice) unless ``reorth=F
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import Operator, as_operator, check_square, rademacher
+from hessian.linop import Operator, as_operator, check_positive_ints, check_symmetric, rademacher
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,8 +43,10 @@ class SpectralDensity:
 
     def smooth(self, grid: Any, sigma: float) -> np.ndarray:
         r""":math:`\phi_\sigma(t) = \frac{1}{P}\sum_{p,j} w_{pj}\,\mathcal{N}(t;\theta_{pj},\sigma^2)` on ``grid``."""
-        if sigma <= 0:
-            raise ValueError(f"sigma is a standard deviation and must be > 0, got {sigma}")
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(
+                f"sigma is a standard deviation and must be finite and > 0, got {sigma}"
+            )
         t = np.asarray(grid, dtype=float)
         z = (t[..., None, None] - self.nodes) / sigma
         dens = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2 * np.pi))
@@ -63,23 +66,15 @@ def spectral_density(
     progress: bool = True,
 ) -> SpectralDensity:
     """SLQ of ``op`` with ``num_probes`` Rademacher probes and ``num_steps`` Lanczos steps each."""
-    check_counts(num_probes, num_steps)
+    check_positive_ints(num_probes=num_probes, num_steps=num_steps)
     A = as_operator(op)
-    n = check_square(A)
+    n = check_symmetric(A)
     steps = min(int(num_steps), n)
     gen = torch.Generator().manual_seed(seed)
     starts = [rademacher((n,), gen, A.dtype, A.device) for _ in range(num_probes)]
     runs, used = multi_lanczos(A, starts, [None] * num_probes, steps, reorth, progress, "slq")
     nodes, weights = zip(*(quadrature(a, b, steps) for a, b in runs), strict=True)
     return SpectralDensity(np.stack(nodes), np.stack(weights), n, used)
-
-
-def check_counts(num_probes: int, num_steps: int) -> None:
-    """A ValueError unless there is at least one probe and one Lanczos step."""
-    if num_probes < 1 or num_steps < 1:
-        raise ValueError(
-            f"SLQ needs num_probes >= 1 and num_steps >= 1, got {num_probes} and {num_steps}"
-        )
 
 
 def quadrature(alpha: np.ndarray, beta: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

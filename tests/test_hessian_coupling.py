@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from problems import tiny_gpt_problem
 
 import partition
@@ -60,6 +61,28 @@ def test_hutchinson_is_unbiased_on_a_dense_matrix():
     se = runs.std(axis=0, ddof=1) / np.sqrt(len(runs))
     z = (runs.mean(axis=0) - exact) / se
     assert np.abs(z).max() < 4 and np.mean(np.abs(z) > 3) < 0.1
+
+
+def test_hutchinson_standard_errors_match_the_closed_form():
+    """est[a,b] = z_b^T M z_b with M = H_ab^T H_ab and Rademacher z_b has variance
+    2 (||M||_F^2 - sum_i M_ii^2); mass[a,b] averages the independent est[a,b] and est[b,a]."""
+    sizes = [2, 3, 4]
+    rng = np.random.default_rng(2)
+    B = rng.standard_normal((9, 9))
+    H = B + B.T
+    S = 4000
+    cp = block_coupling(H, flat_partition(sizes), num_samples=S, seed=0, progress=False)
+    edges = np.cumsum([0, *sizes])
+    var = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            Hab = H[edges[a] : edges[a + 1], edges[b] : edges[b + 1]]
+            M = Hab.T @ Hab
+            var[a, b] = 2 * ((M * M).sum() - (np.diag(M) ** 2).sum()) / S
+    want = 0.5 * np.sqrt(var + var.T)
+    np.fill_diagonal(want, np.sqrt(np.diag(var)))
+    # the reported errors are themselves estimated from S samples: a few percent of spread
+    np.testing.assert_allclose(cp.stderr, want, rtol=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +143,31 @@ def test_blockwise_spectra_agree_with_slq_on_the_restricted_operator(gpt_hessian
     assert np.abs(out[label].weights - sub.weights).max() < 1e-10
     for sd in out.values():
         assert np.abs(sd.weights.sum() - 1.0) < 1e-12 and np.all(np.isfinite(sd.nodes))
+
+
+def test_blockwise_spectra_count_each_blocks_own_products():
+    H = block_diag([1, 20, 2])
+    blocks = {
+        name: torch.arange(lo, hi) for name, lo, hi in [("a", 0, 1), ("b", 1, 21), ("c", 21, 23)]
+    }
+    out = blockwise_spectra(H, blocks, num_probes=2, num_steps=10, seed=0, progress=False)
+    # a block of size s stops after min(s, num_steps) steps, one product column each
+    assert [out[k].num_matvecs for k in "abc"] == [2 * 1, 2 * 10, 2 * 2]
+
+
+def test_bad_blocks_and_asymmetric_restrictions_are_refused(gpt_hessian):
+    H = block_diag([2, 3])
+    for idx in (torch.zeros(0, dtype=torch.long), torch.tensor([0, 5]), torch.tensor([-1, 0])):
+        with pytest.raises(ValueError, match=r"must name at least one entry.*\[0, 5\)"):
+            blockwise_spectra(H, {"a": idx}, num_probes=1, num_steps=2, progress=False)
+    with pytest.raises(ValueError, match="chunk must be an int >= 1, got -1"):
+        block_coupling(H, flat_partition([2, 3]), chunk=-1, progress=False)
+    _, G = gpt_hessian
+    H_ab = G.restrict("ln_f.weight", "ln_f.bias")
+    assert H_ab.shape[0] == H_ab.shape[1]
+    with pytest.raises(ValueError, match="not symmetric; restrict to a diagonal block"):
+        spectral_density(H_ab, num_probes=1, num_steps=2, progress=False)
+    spectral_density(G.restrict("ln_f.bias"), num_probes=1, num_steps=2, progress=False)
 
 
 def test_partition_must_cover_the_operator(gpt_hessian):

@@ -140,8 +140,16 @@ def test_bad_arguments():
         lanczos(A, k=5, max_basis=6, progress=False)
     with pytest.raises(ValueError, match="max_iter=2 steps.*k=5"):
         lanczos(A, k=5, max_iter=2, max_basis=20, progress=False)
-    with pytest.raises(ValueError, match="max_iter=0"):
+    with pytest.raises(ValueError, match="max_iter must be an int >= 1, got 0"):
         lanczos(A, k=1, max_iter=0, progress=False)
+    with pytest.raises(ValueError, match="k must be an int >= 1, got 2.5"):
+        lanczos(A, k=2.5, progress=False)
+    with pytest.raises(ValueError, match="block_size must be an int >= 1, got -3"):
+        lanczos(A, k=1, block_size=-3, progress=False)
+    with pytest.raises(ValueError, match=r"symmetric operator: max \|A - A\^T\|.*\(A \+ A.T\) / 2"):
+        lanczos(np.triu(np.ones((4, 4))), k=1, progress=False)
+    with pytest.raises(TypeError, match="must be real"):
+        lanczos(np.eye(3) * 1j, k=1, progress=False)
 
 
 @pytest.mark.parametrize(

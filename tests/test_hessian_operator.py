@@ -14,6 +14,7 @@ from torch.func import functional_call, grad, jacfwd
 
 import partition
 from hessian import ForwardModeError, HessianError, HessianOperator, NonDeterministicError
+from hessian.data import fingerprint
 from lab.models import lm_loss
 
 F64 = torch.float64
@@ -307,6 +308,33 @@ def test_batches_with_scalar_tensors_from_an_iterable():
     assert (H.to_dense() - D).abs().max() < 1e-10
 
 
+def test_mapping_batches_that_are_not_dicts():
+    """transformers' BatchEncoding is a UserDict: one batch, counted and fingerprinted."""
+    from collections import UserDict
+
+    model, X, y = mlp_problem(n=8)
+
+    def loss_fn(m, b):
+        return ce_loss(m, (b["x"], b["y"]))
+
+    one = HessianOperator(model, loss_fn, UserDict(x=X, y=y))
+    two = HessianOperator(model, loss_fn, [UserDict(x=X[:3], y=y[:3]), UserDict(x=X[3:], y=y[3:])])
+    D = dense_reference(model, ce_loss, (X, y))
+    assert (one.to_dense() - D).abs().max() < 1e-10
+    assert (two.to_dense() - D).abs().max() < 1e-10
+    assert fingerprint(UserDict(x=X)) != fingerprint(UserDict(x=X + 1))
+
+
+def test_nan_loss_is_named_as_such():
+    model, X, y = mlp_problem(n=8)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    for check in (True, False):
+        H = HessianOperator(model, ce_loss, (X, y), check_determinism=check)
+        with pytest.raises(HessianError, match="the loss is nan"):
+            H @ torch.zeros(H.shape[0], dtype=F64)
+
+
 def test_restrict_matches_dense_slices(gpt):
     model, x, y, D = gpt
     H = HessianOperator(model, lm_loss, (x, y), mode="forward")
@@ -358,6 +386,7 @@ def test_wrong_shapes_name_the_expected_shape():
         H @ torch.zeros(n + 1)
     with pytest.raises(ValueError, match=rf"\({n}, k\)"):
         H.matmat(torch.zeros(n - 1, 2))
+    assert H.matmat(torch.zeros(n, 0, dtype=F64)).shape == (n, 0)
     bad = {k: torch.zeros(2) for k in H.params}
     with pytest.raises(ValueError, match="fc1.weight.*must have shape \\(6, 5\\)"):
         H @ bad

@@ -34,7 +34,7 @@ def test_weights_sum_to_one_and_smooth_integrates_to_one():
     assert abs(mean - sd.trace_estimate() / 32) < 1e-6
     with pytest.raises(ValueError, match="standard deviation"):
         sd.smooth(grid, 0.0)
-    with pytest.raises(ValueError, match="num_probes >= 1"):
+    with pytest.raises(ValueError, match="num_probes must be an int >= 1, got 0"):
         spectral_density(A, num_probes=0, progress=False)
 
 
@@ -115,3 +115,12 @@ def test_estimator_arguments():
         trace(A, method="nope")
     with pytest.raises(ValueError, match="hutchpp needs"):
         trace(A, method="hutchpp", num_matvecs=3)
+    for chunk in (0, -1):
+        with pytest.raises(ValueError, match=f"chunk must be an int >= 1, got {chunk}"):
+            trace(A, chunk=chunk)
+        with pytest.raises(ValueError, match=f"chunk must be an int >= 1, got {chunk}"):
+            diagonal(A, chunk=chunk)
+    sd = spectral_density(A, num_probes=1, num_steps=3, progress=False)
+    for sigma in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite and > 0"):
+            sd.smooth([0.0], sigma)
