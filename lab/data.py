@@ -52,7 +52,7 @@ def gaussian_classification(
     Returns ``(X (n, d) in dtype, y (n,) int64)``; the same seed gives the same data.
     """
     for name, value in (("n", n), ("d", d), ("num_classes", num_classes)):
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if labels not in ("uniform", "teacher"):
         raise ValueError(f"labels must be 'uniform' or 'teacher', got {labels!r}")

@@ -45,6 +45,8 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
             f"logits of shape {tuple(logits.shape)} need targets of shape "
             f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
         )
+    if targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"targets must be integer class ids, got {targets.dtype}; pass y.long()")
     _check_ids(targets, logits.shape[-1], "target class ids", "num_classes / vocab_size")
     logp = torch.log_softmax(logits, dim=-1)
     return -logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1).mean()
@@ -115,8 +117,10 @@ class TinyGPTConfig:
                 f"pick n_kv_heads dividing n_heads (GQA shares each k/v head among "
                 f"n_heads // n_kv_heads query heads)"
             )
-        if not self.init_std > 0:
-            raise ValueError(f"TinyGPTConfig.init_std must be > 0, got {self.init_std!r}")
+        if not 0 < self.init_std < math.inf:
+            raise ValueError(
+                f"TinyGPTConfig.init_std must be finite and > 0, got {self.init_std!r}"
+            )
 
     @property
     def kv_heads(self) -> int:

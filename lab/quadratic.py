@@ -12,6 +12,7 @@ Hessian is ``H`` and the unique minimizer is ``x* = 0`` with ``f(x*) = 0``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -183,10 +184,11 @@ def _normalize_ranges(
     out = []
     for i, r in enumerate(ranges):
         lo, hi = (float(v) for v in r)
-        if not 0 < lo <= hi:
+        if not (0 < lo <= hi and math.isfinite(hi / lo)):
             raise ValueError(
-                f"eigenvalue range {i} is ({lo}, {hi}): need 0 < lo <= hi "
-                f"(H must be positive definite so the minimizer x* = 0 is unique)"
+                f"eigenvalue range {i} is ({lo}, {hi}): need 0 < lo <= hi with a finite "
+                f"condition number hi / lo (H must be positive definite so the minimizer x* = 0 "
+                f"is unique)"
             )
         out.append((lo, hi))
     return out

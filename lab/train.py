@@ -277,6 +277,10 @@ def train(
     bar = tqdm(range(steps), desc=name, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         factor = schedule(step)
+        if not 0.0 <= factor < math.inf:
+            raise ValueError(
+                f"{name}: schedule({step}) = {factor}; an lr multiplier must be finite and >= 0"
+            )
         for group, lr0 in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = lr0 * factor
         lrs.append(base_lrs[0] * factor)

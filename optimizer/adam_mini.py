@@ -60,7 +60,13 @@ from torch import nn
 
 import partition as partition_lib
 from optimizer import cpu_fused, distributed
-from optimizer.groups import check_hyper, head_config, momentum_dtype_of, normalize_groups
+from optimizer.groups import (
+    check_hyper,
+    check_in_partition,
+    head_config,
+    momentum_dtype_of,
+    normalize_groups,
+)
 from optimizer.kernels import (
     Hyper,
     adamw_update_,
@@ -161,6 +167,11 @@ class AdamMini(torch.optim.Optimizer):
         self._heads = {**head_config(model), **{k: v for k, v in given.items() if v is not None}}
         if isinstance(partition, (str, os.PathLike)):
             partition = partition_lib.Partition.from_json(partition)
+        if partition is not None and not isinstance(partition, partition_lib.Partition):
+            raise TypeError(
+                f"partition must be a partition.Partition, a JSON path or None (built from the "
+                f"model), got {type(partition).__name__}"
+            )
         self._auto = partition is None
         self.partition = partition
         self._layouts: dict[torch.Tensor, BlockLayout] = {}
@@ -190,7 +201,13 @@ class AdamMini(torch.optim.Optimizer):
         )
         named = group["params"]
         taken = set(self._names.values())
+        first_name: dict[int, str] = {}
         for name, p in named:
+            if first_name.setdefault(id(p), name) != name:
+                raise ValueError(
+                    f"{first_name[id(p)]!r} and {name!r} are the same tensor (tied weights); "
+                    "pass each tensor once: model.named_parameters() drops such duplicates"
+                )
             if name in taken and p not in self._names:
                 raise ValueError(
                     f"two parameters are both named {name!r}; names must be unique across "
@@ -206,6 +223,11 @@ class AdamMini(torch.optim.Optimizer):
                     f"parameter {name!r} is complex ({p.dtype}); AdamMini's block means are defined "
                     "for real tensors: optimize torch.view_as_real(p) as a real parameter instead"
                 )
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"parameter {name!r} is {p.dtype}; only floating-point tensors can be "
+                    "optimized: leave integer buffers out of the parameter list"
+                )
         part = self.partition
         if self._auto:
             new = partition_lib.adam_mini([(n, p) for n, p in named], **self._heads)
@@ -214,16 +236,7 @@ class AdamMini(torch.optim.Optimizer):
             )
             self.partition = part
         for name, p in named:
-            if name not in part:
-                raise partition_lib.PartitionError(
-                    f"tensor {name!r} is not in the partition; build the partition from the same "
-                    "model (e.g. partition.adam_mini(model)) or pass partition=None"
-                )
-            if tuple(part[name].shape) != tuple(p.shape):
-                raise partition_lib.PartitionError(
-                    f"tensor {name!r} has shape {tuple(p.shape)} but the partition says "
-                    f"{tuple(part[name].shape)}; rebuild the partition for this model"
-                )
+            check_in_partition(part, name, p)
         layouts = {}
         for name, p in named:
             lo, hi = distributed.row_range(p, name)
@@ -342,6 +355,17 @@ class AdamMini(torch.optim.Optimizer):
                         "by hand, so AdamMini has no name or partition blocks for it; add it with "
                         "optimizer.add_param_group({'params': [(name, tensor)]})"
                     )
+                if param.is_meta:
+                    raise RuntimeError(
+                        f"parameter {self._names[param]!r} is on the meta device (no storage); "
+                        "materialize the model (e.g. model.to_empty(device=...)) before stepping"
+                    )
+                if param.shape != layout.shape:
+                    raise partition_lib.PartitionError(
+                        f"parameter {self._names[param]!r} has shape {tuple(param.shape)}, not "
+                        f"{layout.shape}, since AdamMini was built: after resizing a parameter, "
+                        "rebuild the partition and the optimizer"
+                    )
                 state = self._init_state(param, layout)
                 g = distributed.local(param.grad)
                 if group["maximize"]:
@@ -386,6 +410,8 @@ class AdamMini(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _step(self) -> None:
+        for group in self.param_groups:  # a scheduler or user may have changed them
+            check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         tasks = self._tasks()
         if not tasks:
             return

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from partition import Partition, PartitionError
 
 
 def head_config(model: nn.Module | None) -> dict[str, int]:
@@ -57,6 +60,20 @@ def normalize_groups(params: Any) -> list[dict]:
     return groups
 
 
+def check_in_partition(part: Partition, name: str, param: torch.Tensor) -> None:
+    """A PartitionError unless ``part`` has tensor ``name`` with ``param``'s shape."""
+    if name not in part:
+        raise PartitionError(
+            f"tensor {name!r} is not in the partition; build the partition from the same model "
+            "(e.g. partition.adam_mini(model)) or pass partition=None"
+        )
+    if tuple(part[name].shape) != tuple(param.shape):
+        raise PartitionError(
+            f"tensor {name!r} has shape {tuple(param.shape)} but the partition says "
+            f"{tuple(part[name].shape)}; rebuild the partition for this model"
+        )
+
+
 def _is_named_pair(item: Any) -> bool:
     return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
 
@@ -79,16 +96,20 @@ def momentum_dtype_of(value: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """A ValueError naming the first hyperparameter out of its range."""
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError("lr as a tensor must have one element")
-    if not float(lr) >= 0.0:
-        raise ValueError(f"lr={lr} is invalid: the learning rate must be >= 0")
+    if not 0.0 <= float(lr) < math.inf:
+        raise ValueError(f"lr={lr} is invalid: the learning rate must be finite and >= 0")
     if len(tuple(betas)) != 2:
         raise ValueError(f"betas={betas} must be a pair (beta1, beta2)")
     for i, b in enumerate(betas):
         if not 0.0 <= float(b) < 1.0:
             raise ValueError(f"betas[{i}]={b} is invalid: each beta must be in [0, 1)")
-    if not float(eps) >= 0.0:
-        raise ValueError(f"eps={eps} is invalid: eps must be >= 0")
-    if not float(weight_decay) >= 0.0:
-        raise ValueError(f"weight_decay={weight_decay} is invalid: it must be >= 0")
+    if not 0.0 < float(eps) < math.inf:
+        raise ValueError(
+            f"eps={eps} is invalid: eps must be finite and > 0 (a block with a zero gradient "
+            "would divide 0 by 0); the default is 1e-8"
+        )
+    if not 0.0 <= float(weight_decay) < math.inf:
+        raise ValueError(f"weight_decay={weight_decay} is invalid: it must be finite and >= 0")

@@ -15,6 +15,7 @@ models on the meta device work.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 import partition as partition_lib
-from optimizer.groups import momentum_dtype_of
+from optimizer.groups import check_in_partition, momentum_dtype_of
 
 
 @dataclass(frozen=True)
@@ -89,16 +90,20 @@ def state_bytes(
     """
     m_dtype = momentum_dtype_of(momentum_dtype)
     named = _named(model)
+    if isinstance(partition, str | os.PathLike):
+        partition = partition_lib.Partition.from_json(partition)
+    if partition is not None and not isinstance(partition, partition_lib.Partition):
+        raise TypeError(
+            f"partition must be a partition.Partition, a JSON path or None, got "
+            f"{type(partition).__name__}"
+        )
     if partition is None:
         partition = partition_lib.adam_mini(
             model if isinstance(model, nn.Module) else named, **adam_mini_kwargs
         )
     exp_avg = exp_avg_sq = adamw_m = adamw_v = num_params = num_blocks = 0
     for name, p in named:
-        if name not in partition:
-            raise partition_lib.PartitionError(
-                f"tensor {name!r} is not in the partition; build it from the same model"
-            )
+        check_in_partition(partition, name, p)
         size = p.element_size()
         v_size = size if p.dtype in (torch.float32, torch.float64) else 4
         blocks = partition[name].num_blocks

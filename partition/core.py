@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,8 @@ class Partition:
 
     def locate(self, block_id: int) -> tuple[str, int]:
         """``(tensor name, local id)`` of global block ``block_id``."""
+        if isinstance(block_id, bool) or not isinstance(block_id, numbers.Integral):
+            raise PartitionError(f"block id must be an int, got {block_id!r}")
         if not 0 <= block_id < self.num_blocks:
             raise PartitionError(f"block id {block_id} out of range [0, {self.num_blocks})")
         for name, tb in self._tensors.items():

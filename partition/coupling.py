@@ -52,6 +52,11 @@ class BlockCoupling:
             )
         if not np.all(np.isfinite(mass)):
             raise PartitionError("BlockCoupling.mass has non-finite entries")
+        if (mass < 0).any():
+            raise PartitionError(
+                f"BlockCoupling.mass has a negative entry ({mass.min():.3g}); masses are squared "
+                "Frobenius norms ||H_ab||_F^2 >= 0"
+            )
         scale = float(np.abs(mass).max(initial=0.0))
         if not np.allclose(mass, mass.T, rtol=1e-6, atol=1e-12 * scale):
             raise PartitionError("BlockCoupling.mass must be symmetric (mass[a, b] = mass[b, a])")

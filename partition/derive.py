@@ -187,7 +187,9 @@ def derive(coupling: BlockCoupling, threshold: float = 0.05, method: str = "gree
         raise PartitionError(f"derive needs a BlockCoupling, got {type(coupling).__name__}")
     if method not in METHODS:
         raise PartitionError(f"derive: unknown method {method!r}; use one of {METHODS}")
-    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+    if isinstance(threshold, bool) or not (
+        isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0
+    ):
         raise PartitionError(f"derive: threshold must be in [0, 1], got {threshold!r}")
     cand = coupling.partition
     for name in cand.names:

@@ -216,8 +216,8 @@ def adam_mini(
         PartitionError: head counts are needed but unknown, or shapes do not split into heads.
     """
     model = model_or_named_parameters
-    if not isinstance(model, (nn.Module, Mapping)):
-        model = list(model)
+    if not isinstance(model, (nn.Module, Mapping)) and isinstance(model, Iterable):
+        model = list(model)  # read a generator once; named_shapes refuses what is not iterable
     shapes = named_shapes(model)
     n_heads, n_kv_heads, head_dim = _head_counts(model, n_heads, n_kv_heads, head_dim)
     transposed = _transposed_names(model, shapes)

@@ -37,6 +37,8 @@ def test_gaussian_classification_deterministic_and_shaped():
 def test_gaussian_classification_refuses_integer_dtype():
     with pytest.raises(ValueError, match="floating dtype"):
         gaussian_classification(4, 3, 2, seed=0, dtype=torch.int64)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        gaussian_classification(4, 3, True, seed=0)
 
 
 def test_gaussian_classification_teacher_labels_are_learnable():

@@ -206,6 +206,10 @@ def test_bad_inputs_raise():
         model(torch.full((1, 4), -1))
     with pytest.raises(ValueError, match=r"target class ids must lie in \[0, 3\)"):
         cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="integer class ids, got torch.float32"):
+        cross_entropy(torch.zeros(2, 3), torch.tensor([1.7, 2.2]))
+    with pytest.raises(ValueError, match="init_std must be finite"):
+        TinyGPTConfig(init_std=float("inf"))
 
 
 def test_classification_loss_checks_width_and_dtype():

@@ -250,6 +250,18 @@ def test_state_bytes_counts_the_state_adam_mini_holds(dtype, momentum_dtype):
     assert sb.total == sum(t.nbytes for st in opt.state.values() for t in st.values())
 
 
+def test_state_bytes_takes_a_json_path_and_refuses_a_partition_of_other_shapes(tmp_path):
+    model = nn.Linear(4, 3)
+    part = partition.adam_mini(model, n_heads=1)
+    part.to_json(tmp_path / "p.json")
+    assert optimizer.state_bytes(model, tmp_path / "p.json") == optimizer.state_bytes(model, part)
+    wrong = partition.adam_mini(nn.Linear(50, 3), n_heads=1)
+    with pytest.raises(partition.PartitionError, match=r"shape \(3, 4\) but the partition says"):
+        optimizer.state_bytes(model, wrong)
+    with pytest.raises(TypeError, match="partition must be"):
+        optimizer.state_bytes(model, {"weight": 1})
+
+
 def test_auto_partition_reads_model_config_and_json_path(tmp_path):
     model = tiny_llama()
     part = partition.adam_mini(model)
@@ -409,7 +421,10 @@ def test_bad_input_fails_early_with_names():
         ({"betas": (1.0, 0.9)}, "betas"),
         ({"betas": (0.9, -0.1)}, "betas"),
         ({"eps": -1e-8}, "eps"),
+        ({"eps": 0.0}, "eps=0.0 is invalid: eps must be finite and > 0"),
+        ({"lr": float("inf")}, "lr=inf"),
         ({"weight_decay": -0.1}, "weight_decay"),
+        ({"weight_decay": float("inf")}, "weight_decay=inf"),
         ({"nonfinite": "maybe"}, "nonfinite"),
         ({"momentum_dtype": "fp8"}, "momentum_dtype"),
     ):
@@ -420,6 +435,38 @@ def test_bad_input_fails_early_with_names():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+    with pytest.raises(TypeError, match="partition must be a partition.Partition"):
+        optimizer.AdamMini(model.named_parameters(), partition=3)
+    with pytest.raises(TypeError, match="'i' is torch.int64; only floating-point"):
+        optimizer.AdamMini([("i", torch.zeros(3, dtype=torch.long))], n_heads=1)
+    w = nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="'a' and 'b' are the same tensor"):
+        optimizer.AdamMini([("a", w), ("b", w)], n_heads=1)
+
+
+@pytest.mark.parametrize("fused", FUSED_MODES)
+@pytest.mark.parametrize("rows", [2, 16])
+def test_a_parameter_resized_after_construction_is_refused(fused, rows):
+    """The fused kernel used to walk the old block table over the new buffers (a crash)."""
+    emb = nn.Embedding(8, 4)
+    opt = optimizer.AdamMini(emb.named_parameters(), lr=0.1, fused=fused, n_heads=1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    emb.weight.data = torch.zeros(rows, 4)
+    emb.weight.grad = torch.ones(rows, 4)
+    with pytest.raises(partition.PartitionError, match=rf"shape \({rows}, 4\), not \(8, 4\)"):
+        opt.step()
+
+
+def test_a_learning_rate_set_out_of_range_after_construction_is_refused():
+    model = quad_model()
+    opt = optimizer.AdamMini(model.named_parameters(), n_heads=1)
+    quad_loss(model).backward()
+    opt.param_groups[0]["lr"] = -0.1
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="lr=-0.1"):
+        opt.step()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("fused", FUSED_MODES)

@@ -104,6 +104,14 @@ def test_derive_rejects_bad_input():
         BlockCoupling(cp.partition, np.triu(np.ones((4, 4))))
     with pytest.raises(PartitionError, match=r"must be \(4, 4\)"):
         BlockCoupling(cp.partition, np.ones((3, 3)))
+    with pytest.raises(PartitionError, match="threshold"):
+        derive(cp, threshold=True)
+    with pytest.raises(PartitionError, match="negative entry"):
+        BlockCoupling(cp.partition, np.eye(4) - 0.5)
+    with pytest.raises(PartitionError, match="block id must be an int"):
+        cp.partition.locate(1.5)
+    with pytest.raises(PartitionError, match="got NoneType"):
+        partition.adam_mini(None)
 
 
 def test_from_dense_matches_a_loop_over_entries():

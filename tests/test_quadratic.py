@@ -116,6 +116,8 @@ def test_module_parameters_are_the_blocks(problem):
         ([2, 3], [(1.0, 2.0)], "2 blocks"),
         ([2], [(0.0, 2.0)], "0 < lo <= hi"),
         ([2], [(3.0, 2.0)], "0 < lo <= hi"),
+        ([2], [(1.0, float("inf"))], "finite condition number"),
+        ([2], [(1e-300, 1e300)], "finite condition number"),
     ],
 )
 def test_bad_arguments_raise(sizes, ranges, match):

@@ -140,6 +140,13 @@ def test_diverging_run_names_the_fix() -> None:
         )
 
 
+def test_a_schedule_that_returns_a_negative_multiplier_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"schedule\(0\) = -1.0; an lr multiplier must be"):
+        train(lambda: TinyGPT(CFG), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+              RecordingCorpus(), steps=2, batch_size=2, context=8, schedule=lambda t: -1.0,
+              progress=False)  # fmt: skip
+
+
 def test_evaluate_refuses_no_batches_and_restores_train_mode_on_error() -> None:
     model = TinyGPT(CFG).train()
     with pytest.raises(ValueError, match="at least one batch"):
