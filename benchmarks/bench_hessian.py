@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -42,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from hessian import HessianOperator, lanczos  # noqa: E402
 from lab.models import TinyGPT, TinyGPTConfig, cross_entropy, lm_loss  # noqa: E402
+from partition.io import write_text  # noqa: E402
 
 README = ROOT / "benchmarks" / "README.md"
 KEPT = "ours reverse, kept first backward (default)"
@@ -482,10 +481,7 @@ def write_section(text: str, section: str) -> None:
     head, rest = content.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = head + BEGIN + "\n" + text.strip() + "\n" + END + tail
-    fd, tmp = tempfile.mkstemp(dir=README.parent, prefix=".README.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new)
-    os.replace(tmp, README)
+    write_text(README, new)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import optimizer  # noqa: E402
 import partition  # noqa: E402
+from partition.io import write_text  # noqa: E402
 
 BEGIN, END = "<!-- section: optimizer -->", "<!-- end: optimizer -->"
 NOTES = [
@@ -216,10 +216,7 @@ def write_section(section: str, path: Path) -> None:
     text = path.read_text()
     a, b = text.index(BEGIN), text.index(END) + len(END)
     new = text[:a] + section.rstrip("\n") + text[b:]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    write_text(path, new)
 
 
 def main() -> None:

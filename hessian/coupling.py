@@ -17,7 +17,10 @@ uses its expectation over permutations,
 :math:`\big(D + (F - D)\,q\big)/F` with :math:`F = \|H\|_F^2 = \sum_{ab} M_{ab}`,
 :math:`D = \sum_i H_{ii}^2` and :math:`q = \sum_a s_a(s_a-1) / (n(n-1))` the chance that two
 distinct entries share a block. :math:`D` is estimated without bias from products of
-independent Bekas diagonal estimates :math:`z_i (H z_b)_i` of different rounds.
+independent Bekas diagonal estimates :math:`z_i (H z_b)_i` of different rounds (and kept in
+:math:`[0, F]`, so that the null stays a share). The standard error of the estimated
+:math:`r_\text{diag}` is the ratio estimator's, from the diagonal and total masses
+:math:`T_s, F_s` of the rounds: :math:`\sqrt{\sum_s (T_s - r F_s)^2 / (S(S-1))} / \bar F`.
 
 :func:`blockwise_spectra` runs SLQ on every diagonal block :math:`H_{aa}` at once: a probe on
 block :math:`a` is zero elsewhere, so :math:`H_{aa} v = (H v)_a`, and one ``matmat`` per Lanczos
@@ -88,6 +91,7 @@ def block_coupling(
     total_sq = torch.zeros(B, B, dtype=torch.float64)
     diag_sum = torch.zeros(n, dtype=torch.float64)
     diag_sq = torch.zeros(n, dtype=torch.float64)
+    rounds = []  # (diagonal mass, total mass) of every round
     chunks = []  # (lo, hi, entries of blocks lo..hi-1, their column in the probe matrix)
     for lo in range(0, B, chunk):
         hi = min(B, lo + chunk)
@@ -109,6 +113,7 @@ def block_coupling(
             bar.update(1)
         total += est
         total_sq += est * est
+        rounds.append((float(est.trace()), float(est.sum())))
         diag_sum += d
         diag_sq += d * d
     bar.close()
@@ -119,12 +124,18 @@ def block_coupling(
     # off the diagonal the two estimates (probes on b and on a) are independent; on it, one
     stderr = 0.5 * np.sqrt(var + var.T)
     np.fill_diagonal(stderr, np.sqrt(np.diag(var)))
-    d2 = float(((diag_sum**2 - diag_sq) / (S * (S - 1))).sum())
+    F = float(mass.sum())
+    # unbiased for sum_i H_ii^2 but noisy for few rounds: kept in [0, F] so the null is a share
+    d2 = min(max(float(((diag_sum**2 - diag_sq) / (S * (S - 1))).sum()), 0.0), F)
     sizes = partition.block_sizes().double()
     q = float((sizes * (sizes - 1)).sum()) / (n * (n - 1)) if n > 1 else 1.0
-    F = float(mass.sum())
     null_r = (d2 + (F - d2) * q) / F if F > 0 else 1.0
-    return BlockCoupling(partition, mass, stderr, False, S, float(null_r))
+    T_s, F_s = np.array(rounds).T
+    r = T_s.sum() / F_s.sum() if F > 0 else 1.0
+    r_se = (
+        float(np.sqrt(((T_s - r * F_s) ** 2).sum() / (S * (S - 1))) / F_s.mean()) if F > 0 else 0.0
+    )
+    return BlockCoupling(partition, mass, stderr, False, S, float(null_r), r_se)
 
 
 def blockwise_spectra(

@@ -56,6 +56,11 @@ class StructureResult:
         return self.coupling.r_diag
 
     @property
+    def r_diag_stderr(self) -> float:
+        """Standard error of the estimated ``r_diag`` (over the Hutchinson rounds)."""
+        return float(self.coupling.r_diag_stderr)
+
+    @property
     def r_diag_null(self) -> float:
         """The same share for a random partition with the same block sizes."""
         return float(self.coupling.r_diag_null)

@@ -59,7 +59,7 @@ def save_figure(
     for ext in formats:
         path = out / f"{name}.{ext}"
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=dpi or "figure")
+            fig.savefig(tmp, format=ext, dpi=dpi or plt.rcParams["savefig.dpi"])
         paths.append(path)
     plt.close(fig)
     return paths

@@ -100,6 +100,11 @@ class TinyGPTConfig:
             value = getattr(self, name)
             if not _is_positive_int(value):
                 raise ValueError(f"TinyGPTConfig.{name} must be a positive int, got {value!r}")
+        for name in ("tie_weights", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"TinyGPTConfig.{name} must be true or false, got {getattr(self, name)!r}"
+                )
         for name in ("n_kv_heads", "head_dim", "d_ff"):
             value = getattr(self, name)
             if value is not None and not _is_positive_int(value):

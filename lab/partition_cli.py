@@ -70,6 +70,15 @@ LAB_MODELS: dict[str, Callable[[], nn.Module]] = {
     "mlp": lambda: OneHiddenMLP(seed=0),
 }
 PRESETS = (*LAB_MODELS, *HF_PRESETS)
+# the flags only --rule derived reads, with their defaults
+DERIVED = {
+    "method": "greedy",
+    "threshold": 0.05,
+    "exact": False,
+    "num_samples": 8,
+    "batch_size": 8,
+    "seed": 0,
+}
 _ENCODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2"}
 
 
@@ -88,12 +97,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--n-kv-heads", type=int, help="override the key/value head count")
     p.add_argument("--head-dim", type=int, help="override head_dim")
     d = p.add_argument_group("--rule derived (TinyGPT / MLP only)")
-    d.add_argument("--method", choices=("greedy", "spectral"), default="greedy")
-    d.add_argument("--threshold", type=float, default=0.05)
+    d.add_argument("--method", choices=("greedy", "spectral"), default=DERIVED["method"])
+    d.add_argument("--threshold", type=float, default=DERIVED["threshold"])
     d.add_argument("--exact", action="store_true", help="dense Hessian (tiny models only)")
-    d.add_argument("--num-samples", type=int, default=8, help="Hutchinson rounds (default 8)")
-    d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-samples", type=int, default=DERIVED["num_samples"],
+                   help=f"Hutchinson rounds (default {DERIVED['num_samples']})")  # fmt: skip
+    d.add_argument("--batch-size", type=int, default=DERIVED["batch_size"])
+    d.add_argument("--seed", type=int, default=DERIVED["seed"])
     d.add_argument("--no-progress", action="store_true")
     sub = p.add_subparsers(dest="partition_command", metavar="{show}")
     show = sub.add_parser("show", help="print the summary table of a partition file")
@@ -104,6 +114,11 @@ def add_parser(subparsers: Any) -> None:
 
 def run_show(args: argparse.Namespace) -> int:
     """``partition show FILE``: print the summary table."""
+    if args.model is not None or args.out is not None or args.rule != "adam-mini":
+        print("adam-mini-lab partition show: it takes only a FILE; drop --model, --rule and "
+              "--out (they build a partition: 'partition --model M --out FILE')",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         part = Partition.from_json(args.path)
     except PartitionError as exc:
@@ -145,6 +160,15 @@ def build(args: argparse.Namespace) -> Partition:
             f"{', '.join(given)} only shape --rule adam-mini (heads are not used by --rule "
             f"{args.rule}); drop them or use --rule adam-mini"
         )
+    if args.rule == "derived":
+        _check_derived_args(args)
+    else:
+        changed = [f"--{k.replace('_', '-')}" for k, v in DERIVED.items() if getattr(args, k) != v]
+        if changed:
+            raise PartitionError(
+                f"{', '.join(changed)} only shape --rule derived (not used by --rule "
+                f"{args.rule}); drop them or use --rule derived"
+            )
     model = load_model(args.model, meta=True)
     if args.rule == "derived":
         if not isinstance(model, TinyGPT | OneHiddenMLP):  # checked on meta: nothing allocated
@@ -194,7 +218,7 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
         try:
             hf_config = transformers.AutoConfig.for_model(model_type, **config)
         except Exception as exc:  # ValueError, huggingface_hub's strict-dataclass errors, ...
-            raise PartitionError(f"config file {spec!r}: {_first_line(exc)}") from exc
+            raise PartitionError(f"config file {spec!r}: {_brief(exc)}") from exc
         return _hf_model(hf_config, meta)
     known = {f.name for f in fields(TinyGPTConfig)}
     unknown = sorted(set(config) - known)
@@ -238,13 +262,28 @@ def _hf_model(config: Any, meta: bool) -> nn.Module:
                 last = exc
     raise PartitionError(
         f"cannot build a transformers model for model_type {config.model_type!r}: "
-        f"{_first_line(last)}; check the config's sizes (e.g. heads must divide the hidden size)"
+        f"{_brief(last)}; check the config's sizes (e.g. heads must divide the hidden size)"
     )
 
 
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc).strip() if exc is not None else ""
-    return text.splitlines()[0] if text else type(exc).__name__
+def _brief(exc: BaseException | None, limit: int = 300) -> str:
+    """The exception's message on one line (its lines joined), cut at ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _check_derived_args(args: argparse.Namespace) -> None:
+    """Refuse bad --rule derived settings before the (minutes-long) Hessian measurement."""
+    if not 0.0 <= args.threshold <= 1.0:
+        raise PartitionError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if not args.exact and args.num_samples < 2:
+        raise PartitionError(
+            f"--num-samples must be >= 2 (the estimate's standard errors), got {args.num_samples}"
+        )
+    if args.batch_size < 1:
+        raise PartitionError(f"--batch-size must be >= 1, got {args.batch_size}")
 
 
 def _derive(model: nn.Module, args: argparse.Namespace) -> Partition:

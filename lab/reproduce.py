@@ -71,7 +71,7 @@ DEFAULT = ReproduceConfig(
     hessian_warmup_steps=100,
     hessian_batches=1,
     hessian_batch_size=4,
-    coupling_samples=2,
+    coupling_samples=4,
     threshold=0.05,
     spectra_probes=1,
     spectra_steps=20,
@@ -223,6 +223,7 @@ def _slug(name: str) -> str:
 
 def _figures(structure: StructureResult, variants: list[VariantResult], out: Path) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     plots.set_style()
     cand = structure.candidate
@@ -233,15 +234,20 @@ def _figures(structure: StructureResult, variants: list[VariantResult], out: Pat
     fig.colorbar(im, ax=ax1, shrink=0.7, label="log10 ||H_ab||²_F")
     ax1.set_title(
         f"coupling over {cand.num_blocks} row blocks: r_diag = {structure.r_diag:.3f} "
-        f"(random partition: {structure.r_diag_null:.4f})",
+        f"± {structure.r_diag_stderr:.3f} (random partition: {structure.r_diag_null:.4f})",
         fontsize=9,
     )
     tensor_mass = _tensor_mass(structure)
     norm = tensor_mass / np.sqrt(np.outer(np.diag(tensor_mass), np.diag(tensor_mass)))
-    sns_im = ax2.imshow(norm, cmap="rocket_r", vmin=0, vmax=1)
+    # an indefinite Hessian's normalized coupling can exceed 1: log scale up to the largest
+    top = float(norm.max())
+    scale = LogNorm(vmin=top * 1e-4, vmax=top, clip=True)
+    sns_im = ax2.imshow(norm, cmap="rocket_r", norm=scale)
     ax2.set_xticks(range(len(names)), [plots.short_name(n) for n in names], rotation=90, fontsize=6)
     ax2.set_yticks(range(len(names)), [plots.short_name(n) for n in names], fontsize=6)
-    fig.colorbar(sns_im, ax=ax2, shrink=0.7, label="||H_tu||²_F / (||H_tt||_F ||H_uu||_F)")
+    fig.colorbar(
+        sns_im, ax=ax2, shrink=0.7, label="||H_tu||²_F / (||H_tt||_F ||H_uu||_F), log scale"
+    )
     ax2.set_title("coupling between whole tensors (normalized)", fontsize=9)
     fig.suptitle("Hessian block coupling of the TinyGPT (Hutchinson estimate)")
     plots.save_figure(fig, "coupling", out, formats=("png",))
@@ -289,6 +295,7 @@ def _results_dict(r: ReproduceResult) -> dict[str, Any]:
             "num_matvecs": s.num_matvecs,
             "candidate_blocks": s.candidate.num_blocks,
             "r_diag": s.r_diag,
+            "r_diag_stderr": s.r_diag_stderr,
             "r_diag_null": s.r_diag_null,
             "derived_blocks": s.derived.num_blocks,
             "derived_provenance": s.derived.provenance,
@@ -368,9 +375,10 @@ def render(r: ReproduceResult) -> str:
                 f"Coupling masses M_ab = ‖H_ab‖²_F over {s.candidate.num_blocks:,} candidate blocks "
                 f"(one per output row of every matrix, one per vector), estimated with "
                 f"{c.coupling_samples} Hutchinson rounds. The share of the Hessian's squared "
-                f"Frobenius mass inside the diagonal blocks is r_diag = **{s.r_diag:.3f}**, against "
+                f"Frobenius mass inside the diagonal blocks is r_diag = **{s.r_diag:.3f}** "
+                f"(standard error {s.r_diag_stderr:.3f} over the rounds), against "
                 f"**{s.r_diag_null:.4f}** for a random partition with the same block sizes. The same "
-                "masses summed over coarser partitions:",
+                "masses summed over coarser partitions (estimates of the same precision):",
                 md.markdown_table(
                     ["partition", "blocks", "r_diag", "area share", "r_diag / area"], shares
                 ),

@@ -165,7 +165,9 @@ class AdamMini(torch.optim.Optimizer):
             )
         given = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
         self._heads = {**head_config(model), **{k: v for k, v in given.items() if v is not None}}
+        self._source = None  # the JSON file the partition came from, for error messages
         if isinstance(partition, (str, os.PathLike)):
+            self._source = os.fspath(partition)
             partition = partition_lib.Partition.from_json(partition)
         if partition is not None and not isinstance(partition, partition_lib.Partition):
             raise TypeError(
@@ -236,7 +238,7 @@ class AdamMini(torch.optim.Optimizer):
             )
             self.partition = part
         for name, p in named:
-            check_in_partition(part, name, p)
+            check_in_partition(part, name, p, self._source)
         layouts = {}
         for name, p in named:
             lo, hi = distributed.row_range(p, name)

@@ -60,16 +60,20 @@ def normalize_groups(params: Any) -> list[dict]:
     return groups
 
 
-def check_in_partition(part: Partition, name: str, param: torch.Tensor) -> None:
-    """A PartitionError unless ``part`` has tensor ``name`` with ``param``'s shape."""
+def check_in_partition(
+    part: Partition, name: str, param: torch.Tensor, source: str | None = None
+) -> None:
+    """A PartitionError unless ``part`` (read from file ``source``, if any) has tensor ``name``
+    with ``param``'s shape."""
+    where = f"the partition in {source!r}" if source else "the partition"
     if name not in part:
         raise PartitionError(
-            f"tensor {name!r} is not in the partition; build the partition from the same model "
+            f"tensor {name!r} is not in {where}; build the partition from the same model "
             "(e.g. partition.adam_mini(model)) or pass partition=None"
         )
     if tuple(part[name].shape) != tuple(param.shape):
         raise PartitionError(
-            f"tensor {name!r} has shape {tuple(param.shape)} but the partition says "
+            f"tensor {name!r} has shape {tuple(param.shape)} but {where} says "
             f"{tuple(part[name].shape)}; rebuild the partition for this model"
         )
 

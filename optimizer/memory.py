@@ -68,7 +68,7 @@ def _named(model: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[
 
 def state_bytes(
     model: nn.Module | Iterable[tuple[str, torch.Tensor]],
-    partition: partition_lib.Partition | None = None,
+    partition: partition_lib.Partition | str | os.PathLike | None = None,
     *,
     momentum_dtype: str | torch.dtype | None = None,
     **adam_mini_kwargs: Any,
@@ -77,7 +77,8 @@ def state_bytes(
 
     Args:
         model: a module (meta device fine) or its named parameters.
-        partition: the partition; None builds ``partition.adam_mini(model, **adam_mini_kwargs)``.
+        partition: the partition or its JSON file; None builds
+            ``partition.adam_mini(model, **adam_mini_kwargs)``.
         momentum_dtype: as ``AdamMini``: None / "fp32" (momentum in the parameter dtype)
             or "bf16".
 
@@ -90,8 +91,9 @@ def state_bytes(
     """
     m_dtype = momentum_dtype_of(momentum_dtype)
     named = _named(model)
-    if isinstance(partition, str | os.PathLike):
-        partition = partition_lib.Partition.from_json(partition)
+    source = os.fspath(partition) if isinstance(partition, str | os.PathLike) else None
+    if source is not None:
+        partition = partition_lib.Partition.from_json(source)
     if partition is not None and not isinstance(partition, partition_lib.Partition):
         raise TypeError(
             f"partition must be a partition.Partition, a JSON path or None, got "
@@ -103,7 +105,7 @@ def state_bytes(
         )
     exp_avg = exp_avg_sq = adamw_m = adamw_v = num_params = num_blocks = 0
     for name, p in named:
-        check_in_partition(partition, name, p)
+        check_in_partition(partition, name, p, source)
         size = p.element_size()
         v_size = size if p.dtype in (torch.float32, torch.float64) else 4
         blocks = partition[name].num_blocks

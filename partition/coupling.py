@@ -29,6 +29,8 @@ class BlockCoupling:
         exact: whether ``mass`` is exact (dense Hessian) rather than estimated.
         num_samples: number of random probes behind the estimate (0 when exact).
         r_diag_null: ``r_diag`` of a random partition with the same block sizes (filled by hessian).
+        r_diag_stderr: standard error of an estimated ``r_diag`` (the ratio estimator's,
+            from the rounds' diagonal and total masses), or ``None`` when exact.
     """
 
     partition: Partition
@@ -37,6 +39,7 @@ class BlockCoupling:
     exact: bool = True
     num_samples: int = 0
     r_diag_null: float | None = None
+    r_diag_stderr: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.partition, Partition):

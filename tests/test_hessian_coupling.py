@@ -85,6 +85,22 @@ def test_hutchinson_standard_errors_match_the_closed_form():
     np.testing.assert_allclose(cp.stderr, want, rtol=0.1)
 
 
+def test_r_diag_standard_error_matches_the_spread_over_seeds():
+    rng = np.random.default_rng(3)
+    B = rng.standard_normal((9, 9))
+    H = B + B.T
+    part = flat_partition([2, 3, 4])
+    exact = block_coupling(H, part, exact=True, progress=False)
+    assert exact.r_diag_stderr is None
+    runs = [block_coupling(H, part, num_samples=32, seed=s, progress=False) for s in range(200)]
+    r = np.array([cp.r_diag for cp in runs])
+    reported = np.sqrt(np.mean([cp.r_diag_stderr**2 for cp in runs]))
+    # the spread of 200 draws is known to about 1/sqrt(2 * 199) = 5%
+    assert reported == pytest.approx(r.std(ddof=1), rel=0.15)
+    assert abs(r.mean() - exact.r_diag) < 3 * r.std(ddof=1) / np.sqrt(len(r))
+    assert all(0.0 <= cp.r_diag_null <= 1.0 for cp in runs)
+
+
 @pytest.fixture(scope="module")
 def gpt_hessian():
     model, (x, y) = tiny_gpt_problem(seed=1)

@@ -258,6 +258,10 @@ def test_state_bytes_takes_a_json_path_and_refuses_a_partition_of_other_shapes(t
     wrong = partition.adam_mini(nn.Linear(50, 3), n_heads=1)
     with pytest.raises(partition.PartitionError, match=r"shape \(3, 4\) but the partition says"):
         optimizer.state_bytes(model, wrong)
+    wrong.to_json(tmp_path / "wrong.json")
+    for build in (optimizer.state_bytes, optimizer.AdamMini):
+        with pytest.raises(partition.PartitionError, match=r"the partition in '.*wrong.json' says"):
+            build(model.named_parameters(), str(tmp_path / "wrong.json"))
     with pytest.raises(TypeError, match="partition must be"):
         optimizer.state_bytes(model, {"weight": 1})
 

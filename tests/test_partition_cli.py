@@ -60,6 +60,13 @@ def test_config_files_transformers_and_tinygpt(tmp_path, capsys):
         ),
         ([], "--model is required"),
         (["--model", "tinygpt", "--rule", "rows", "--n-heads", "4"], "only shape --rule adam-mini"),
+        (
+            ["--model", "tinygpt", "--exact", "--method", "spectral", "--seed", "5"],
+            "--method, --exact, --seed only shape --rule derived",
+        ),
+        (["--model", "mlp", "--rule", "derived", "--threshold", "2"], "--threshold must be in"),
+        (["--model", "mlp", "--rule", "derived", "--num-samples", "1"], "--num-samples must be"),
+        (["--model", "tinygpt", "show", "x.json"], "it takes only a FILE"),
     ],
 )
 def test_errors_are_one_line_messages(argv, message, capsys):
@@ -78,6 +85,30 @@ def test_show_rejects_bad_files(tmp_path, capsys):
     bad.write_text('{"format": "adam-mini-lab.partition", "version": 1, "tensors": [')
     code, _, err = run(["show", str(bad)], capsys)
     assert code == 1 and "not valid JSON" in err
+
+
+def test_config_errors_keep_their_cause_and_refuse_string_booleans(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"d_model": 8, "n_heads": 2, "bias": "false"}))
+    code, _, err = run(["--model", str(cfg)], capsys)
+    assert code == 1 and "TinyGPTConfig.bias must be true or false, got 'false'" in err
+    pytest.importorskip("transformers")
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 65, "num_attention_heads": 4}))
+    code, _, err = run(["--model", str(cfg)], capsys)
+    assert code == 1 and "hidden size (65) is not a multiple" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`adam-mini-lab ... | head -1`: the reader leaves early; no error line, exit code 0."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "lab.cli", "partition", "--model", "mlp", "--rule", "rows"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the summary is printed (the model is built first)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
 
 
 def test_unknown_tinygpt_config_field(tmp_path, capsys):
