@@ -200,7 +200,9 @@ def report(rounds: int, steps: int, seeds: list[int], threads: list[int], comman
     lines += [
         "",
         f"Quality of bf16 momentum: TinyGPT (2 layers, d 64, 4 heads, 2 kv heads) on the byte-level stdlib "
-        f"corpus, {steps} steps, batch 16 × 64, lr 3e-3, betas (0.9, 0.95), wd 0.1, same init and batches; "
+        f"corpus, {steps} steps, batch 16 × 64, lr 3e-3, betas (0.9, 0.95), wd 0.1 (AdamW decays every "
+        f"tensor, torch's default; AdamMini leaves 1-D tensors undecayed, decay_1d=False, the paper's "
+        f"setting), same init and batches; "
         f"validation loss (nats/byte, 4 batches of 64 × 64) per seed {seeds}:",
         "",
         "| optimizer | val loss per seed | mean |",
