@@ -56,8 +56,9 @@ NOTES = [
     "(AdamW fused took 14.6 to 19.8 ms with 2 threads in three runs on a quiet machine); on a "
     "machine busy with other jobs, multi-threaded OpenMP figures suffer most (barriers wait for "
     "descheduled threads), and the 1-thread column is the steadier comparison.",
-    "- bf16 momentum uses stochastic rounding (a counter-based hash of step, tensor and index in the "
-    "fused kernel; a seeded generator in the eager path), so a run is reproducible and resumes "
+    "- bf16 momentum uses stochastic rounding (a counter-based hash of step, tensor and global index, "
+    "the same in the fused kernel and the eager path, so a tensor rounds alike whole or sharded), "
+    "so a run is reproducible and resumes "
     "bitwise. It halves the momentum: state 25% of AdamW's.",
     "- Not measured: GPU (no GPU was lent to this task). On CUDA the eager path runs "
     "(`vector_norm` block sums, in-place `lerp_`/`mul_`/`addcmul_`).",

@@ -48,6 +48,7 @@ sum, so every rank takes the same decision.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import zlib
@@ -545,14 +546,13 @@ class AdamMini(torch.optim.Optimizer):
         if t.layout.rule == "elements" and not lowp:
             adamw_update_(t.p, t.g.to(t.p.dtype), m, v, h)
             return
-        gen = None
-        if lowp:
-            gen = torch.Generator(device=t.p.device)
-            gen.manual_seed(self._rounding_key(t.name, h.step))
+        if lowp:  # the rounding bits hash the global index: the same whole or sharded
+            key = self._rounding_key(t.name, h.step)
+            offset = t.layout.row_lo * math.prod(t.layout.shape[1:])
         if t.layout.rule == "elements":
             if h.weight_decay != 0:
                 t.p.mul_(1 - h.lr * h.weight_decay)
-            m32 = lowp_momentum_(m, t.g, h.beta1, gen)
+            m32 = lowp_momentum_(m, t.g, h.beta1, key, offset)
             v.mul_(h.beta2).addcmul_(t.g, t.g, value=1 - h.beta2)
             denom = (v.sqrt() / h.bias_correction2_sqrt).add_(h.eps)
             t.p.addcdiv_(m32.to(t.p.dtype), denom, value=-h.step_size)
@@ -562,7 +562,7 @@ class AdamMini(torch.optim.Optimizer):
             v.mul_(h.beta2).add_(mean.to(v.dtype), alpha=1 - h.beta2)
             if h.weight_decay != 0:
                 t.p.mul_(1 - h.lr * h.weight_decay)
-            m_used = lowp_momentum_(m, t.g, h.beta1, gen)
+            m_used = lowp_momentum_(m, t.g, h.beta1, key, offset)
         else:
             update_moments_(t.p, t.g, m, v, mean, h)
             m_used = m

@@ -24,6 +24,7 @@ so ``partition.elements(model)`` reproduces ``torch.optim.AdamW`` bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +126,7 @@ def block_sumsq(g: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     out = torch.zeros(hi - lo, dtype=acc, device=g.device)
     if layout.row_ids is not None:
-        rows = g.reshape(g.shape[0], -1)
+        rows = g.reshape(g.shape[0], math.prod(g.shape[1:]))  # -1 is ambiguous for 0 rows
         row_sums = torch.linalg.vector_norm(rows, dim=1, dtype=acc).square_()
         out.index_add_(0, layout.row_ids.to(g.device), row_sums)
         return out
@@ -152,7 +153,8 @@ def apply_update_(
     scale = scale.to(p.dtype)
     if layout.row_ids is not None:
         s = scale[layout.row_ids.to(p.device) - lo]
-        p.view(p.shape[0], -1).addcmul_(m.view(p.shape[0], -1).to(p.dtype), s.view(-1, 1))
+        rows = (p.shape[0], math.prod(p.shape[1:]))
+        p.view(rows).addcmul_(m.view(rows).to(p.dtype), s.view(-1, 1))
         return
     shifted = scale if lo == 0 else torch.nn.functional.pad(scale, (lo, 0))
     for run in layout.runs:
@@ -166,16 +168,27 @@ def mean_square(sums: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return sums / sizes.to(device=sums.device, dtype=sums.dtype)
 
 
-def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The fused kernel's 32-bit integer hash, on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF  # int64 products wrap; the low 32 bits are exact
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, key: int, offset: int = 0) -> torch.Tensor:
     """Round float32 ``x`` to bfloat16, up or down with probability by distance (unbiased).
 
-    Adds uniform random bits below the bf16 mantissa to the float32 bit pattern
-    and truncates: ``E[round(x)] = x``.
+    Adds 16 random bits below the bf16 mantissa to the float32 bit pattern and truncates:
+    ``E[round(x)] = x``. The bits are the fused kernel's counter-based hash of ``(key, i)``
+    with ``i = offset +`` the flat index, so a tensor rounds the same whole or sharded
+    (``offset``: the global flat index of this shard's first entry).
     """
     bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(
-        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
-    )
+    idx = (torch.arange(x.numel(), device=x.device) + offset) & 0xFFFFFFFF
+    salt = _mix32(torch.tensor(key & 0xFFFFFFFF, device=x.device))
+    noise = (_mix32(idx ^ salt) & 0xFFFF).to(torch.int32).view(x.shape)
     rounded = (bits + noise) & -65536  # clear the 16 low bits
     out = rounded.view(torch.float32)
     out = torch.where(torch.isfinite(x), out, x)  # keep inf/nan, never round past them
@@ -183,9 +196,9 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None)
 
 
 def lowp_momentum_(
-    m: torch.Tensor, g: torch.Tensor, beta1: float, generator: torch.Generator | None
+    m: torch.Tensor, g: torch.Tensor, beta1: float, key: int, offset: int = 0
 ) -> torch.Tensor:
     """bf16 momentum step with stochastic rounding; returns the fp32 momentum used this step."""
     m32 = m.float().lerp_(g.float(), 1 - beta1)
-    m.copy_(stochastic_round_to_bf16(m32, generator))
+    m.copy_(stochastic_round_to_bf16(m32, key, offset))
     return m32

@@ -33,6 +33,7 @@ SHAPES = {
     "cols": ((5, 7), "columns", {}),
     "qkv": ((14, 3), "fused_heads", {"head_dim": 2, "sections": [4, 4, 6], "orientation": "rows"}),
     "groups": ((6, 3), "row_groups", {"groups": [1, 0, 1, 2, 0, 2]}),
+    "groups_one": ((1, 3), "row_groups", {"groups": [0]}),  # rank 1's shard is empty
     "bias": ((5,), "elements", {}),
 }
 STEPS, SAVE_AT = 5, 3
@@ -130,6 +131,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     train(resumed, opt2, range(SAVE_AT, STEPS))
     result["resumed"] = {n: p.full_tensor() for n, p in resumed.named_parameters()}
 
+    # bf16 momentum: every rank rounds its rows as a single process rounds them
+    low = Zoo().float()
+    fully_shard(low, mesh=mesh)
+    opt_low = optimizer.AdamMini(low.named_parameters(), part, momentum_dtype="bf16", **HYPER)
+    train(low, opt_low, range(1))
+    result["bf16_m"] = {
+        n: opt_low.state[p]["exp_avg"].full_tensor() for n, p in low.named_parameters()
+    }
+
     ddp = DDP(Tiny())
     opt3 = optimizer.AdamMini(ddp.named_parameters(), **HYPER, n_heads=1)
     train(ddp, opt3, range(STEPS), batch=lambda m, k: ddp_batch(m, k, rank, world))
@@ -164,7 +174,9 @@ def test_fsdp2_dcp_and_ddp_match_single_process(tmp_path):
     torch.testing.assert_close(result["q_v"], opt.state[model.q]["exp_avg_sq"], rtol=1e-12, atol=0)
     for rank in range(2):
         copies = torch.load(tmp_path / f"v_rank{rank}.pt", weights_only=True)
-        assert set(copies) == {"norm", "q", "q_aligned", "one", "cols", "qkv", "groups"}
+        assert set(copies) == {
+            "norm", "q", "q_aligned", "one", "cols", "qkv", "groups", "groups_one"
+        }  # fmt: skip
         for name, v in copies.items():
             expect = opt.state[getattr(model, name)]["exp_avg_sq"]
             torch.testing.assert_close(v, expect, rtol=1e-12, atol=0, msg=f"{name} rank {rank}")
@@ -172,6 +184,14 @@ def test_fsdp2_dcp_and_ddp_match_single_process(tmp_path):
     torch.testing.assert_close(
         result["emb_v_local"], opt.state[model.emb]["exp_avg_sq"][:5], rtol=1e-12, atol=0
     )
+
+    low = Zoo().float()
+    opt = optimizer.AdamMini(
+        low.named_parameters(), zoo_partition(), momentum_dtype="bf16", **HYPER
+    )
+    train(low, opt, range(1))
+    for name, p in low.named_parameters():
+        assert torch.equal(result["bf16_m"][name], opt.state[p]["exp_avg"]), name
 
     tiny = Tiny()
     opt = optimizer.AdamMini(tiny.named_parameters(), **HYPER, n_heads=1)
