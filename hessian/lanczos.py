@@ -108,6 +108,7 @@ def lanczos(
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     check_positive_ints(k=k, block_size=block_size)
+    k, block_size = int(k), int(block_size)
     if max_iter is not None:
         check_positive_ints(max_iter=max_iter)
     A = as_operator(op)

@@ -22,10 +22,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hessian import distributed
+from hessian import distributed as dist_glue
 from hessian.data import Batches, fingerprint, sample_count
 from hessian.hvp import Product, hvp_forward, hvp_reverse, is_forward_ad_error, prepare_reverse
 from hessian.linop import Operator, as_real_tensor
@@ -87,8 +88,15 @@ class HessianOperator(Operator):
             cache is rebuilt when a parameter, buffer, train/eval flag or kept batch changes
             value, by any route (:mod:`hessian.snapshot`); :meth:`clear_cache` frees it.
 
-    Under ``torch.distributed`` each rank passes its own shard; every product is all-reduced with
-    weights ``n_b / N_global``, so all ranks see the Hessian of the global mean loss.
+        distributed: ``None`` (default): all-reduce every product when a process group with more
+            than one rank is initialized; ``False``: this rank's own Hessian (e.g. a diagnostic
+            run on rank 0 alone; the default would wait for the other ranks); ``True``: require a
+            process group.
+
+    Under ``torch.distributed`` each rank passes its own shard (possibly with no sample); every
+    product is all-reduced with weights ``n_b / N_global``, so all ranks see the Hessian of the
+    global mean loss. Every rank must then call the same products in the same order; an error on
+    one rank (bad data, a NaN loss) is raised on every rank instead of leaving the others waiting.
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class HessianOperator(Operator):
         check_determinism: bool = True,
         progress: bool = False,
         cache: bool | str = "auto",
+        distributed: bool | None = None,
     ):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -110,6 +119,14 @@ class HessianOperator(Operator):
             raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
         if cache not in ("auto", True, False):
             raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+        if distributed and not dist_glue.is_distributed():
+            raise ValueError(
+                "distributed=True needs an initialized torch.distributed process group with more "
+                "than one rank; call torch.distributed.init_process_group first, or leave it None"
+            )
+        self.distributed = dist_glue.is_distributed() if distributed is None else distributed
         self.model = model
         self.loss_fn = loss_fn
         self.reduction = reduction
@@ -346,16 +363,30 @@ class HessianOperator(Operator):
             )
 
     def _prepare(self) -> None:
-        if self.check_determinism:  # every product: the model may have been put in train mode
-            _check_modules(self.model)
+        """Sample counts and batch weights, once (a collective step when distributed)."""
         if self._weights is not None:
             return
+        with self._together("the operator's setup"):
+            if self.check_determinism:
+                _check_modules(self.model)
+            counts = self._count_samples()
+        total = dist_glue.global_count(sum(counts), self.distributed)
+        if total <= 0:
+            raise ValueError(
+                f"the data holds {total} samples (batch sizes {counts[:8]}): the Hessian of a "
+                "mean over no samples is undefined; check batch_size_fn"
+            )
+        self.num_samples = total
+        self._weights = [c / total if self.reduction == "mean" else float(c) for c in counts]
+
+    def _count_samples(self) -> list[int]:
+        """Samples per local batch, after the data and first-loss checks."""
         counts, prints = [], []
         for batch in self._batches:
             counts.append(sample_count(batch, self.batch_size_fn))
             if self.check_determinism and not self._batches.is_fixed:
                 prints.append(fingerprint(batch))
-        if not counts:
+        if not counts and not self.distributed:
             raise ValueError(
                 "data holds no batch: pass one batch or a non-empty iterable of batches (an "
                 "exhausted iterator or an empty DataLoader gives none)"
@@ -369,15 +400,30 @@ class HessianOperator(Operator):
                 )
                 raise NonDeterministicError(_DATA_MSG.format(i=first))
             self._prints = prints
-        self._check_loss(next(iter(self._batches)))
-        total = distributed.global_count(sum(counts))
-        if total <= 0:
-            raise ValueError(
-                f"the data holds {total} samples (batch sizes {counts[:8]}): the Hessian of a "
-                "mean over no samples is undefined; check batch_size_fn"
+        first = next((b for b, c in zip(self._batches, counts, strict=False) if c > 0), None)
+        if first is not None:  # a rank of a distributed run may hold no sample
+            self._check_loss(first)
+        return counts
+
+    @contextlib.contextmanager
+    def _together(self, what: str) -> Iterator[None]:
+        """This rank's local part of a collective step: when distributed, the ranks agree on
+        whether every rank succeeded before the next collective, so one rank's error is raised
+        on all of them instead of leaving the others waiting for the process-group timeout."""
+        if not self.distributed:
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            dist_glue.count_failures(True, True)
+            raise
+        failed = dist_glue.count_failures(False, True)
+        if failed:
+            raise HessianError(
+                f"{what} failed on {failed} other rank(s) (their error says why); every rank "
+                "stops here"
             )
-        self.num_samples = total
-        self._weights = [c / total if self.reduction == "mean" else float(c) for c in counts]
 
     def _check_loss(self, batch: Any) -> None:
         """The first batch's loss is a differentiable scalar; with ``check_determinism`` it is
@@ -430,7 +476,6 @@ class HessianOperator(Operator):
     ) -> dict[str, torch.Tensor] | torch.Tensor:
         """``H v`` as a dict, or with ``flat`` as the flat ``(n,)`` / ``(k, n)`` buffer it views."""
         self._prepare()
-        mode = self._mode_for(v, batched)
         k = next(iter(v.values())).shape[0] if batched else None
         # accumulate into one flat buffer (the dict holds views of it): no cat, one all_reduce
         buf = torch.zeros(
@@ -445,15 +490,21 @@ class HessianOperator(Operator):
             out[n] = piece.view(shape) if k is None else piece.view(k, *shape)
         # no_grad: products are numbers; parameters outside ``params`` may still require grad,
         # and the HVPs differentiate internally (torch.func and enable_grad ignore this context)
-        with torch.no_grad():
+        with torch.no_grad(), self._together("a Hessian product"):
+            if self.check_determinism:  # every product: the model may have been put in train mode
+                _check_modules(self.model)
+            mode = self._mode_for(v, batched)
             if self._cached(mode):
-                for i, product in enumerate(self._cached_products()):
-                    self._accumulate(out, product(v, batched), self._weights[i])
+                for product, w in zip(self._cached_products(), self._live_weights(), strict=True):
+                    self._accumulate(out, product(v, batched), w)
             else:
                 p = self._primal()
                 for i, batch in self._iter_batches():
-                    self._accumulate(out, self._hvp(mode, batch, p, v, batched), self._weights[i])
-        distributed.all_reduce_sum(buf)
+                    if self._weights[i]:  # a batch without samples adds nothing
+                        self._accumulate(
+                            out, self._hvp(mode, batch, p, v, batched), self._weights[i]
+                        )
+        dist_glue.all_reduce_sum(buf, self.distributed)
         return buf if flat else out
 
     def _accumulate(self, out: dict, hv: dict, weight: float) -> None:
@@ -482,7 +533,11 @@ class HessianOperator(Operator):
         """Whether products in ``mode`` use kept first-backward graphs (see ``cache``)."""
         if self.cache is False or mode == "forward":
             return False
-        return self.cache is True or len(self._weights) == 1
+        return self.cache is True or len(self._live_weights()) <= 1
+
+    def _live_weights(self) -> list[float]:
+        """The weights of the batches that hold samples (the kept graphs' order)."""
+        return [w for w in self._weights if w]
 
     def _cached_products(self) -> list[Product]:
         """One prepared reverse product per batch, rebuilt when the model or the batches changed."""
@@ -490,7 +545,7 @@ class HessianOperator(Operator):
         if self._products is None or not fresh:
             self.clear_cache()  # free the old graphs before building new ones
             p = self._primal()
-            batches = [b for _, b in self._iter_batches()]
+            batches = [b for i, b in self._iter_batches() if self._weights[i]]
             self._products = [prepare_reverse(self._loss(b), p) for b in batches]
             self._kept = batches
             self._snapshot = Snapshot.take(self.model, batches)
@@ -508,7 +563,10 @@ class HessianOperator(Operator):
             return self.mode
         if batched in self._chosen:
             return self._chosen[batched]
-        batch = next(iter(self._batches))
+        live = [b for b, w in zip(self._batches, self._weights, strict=False) if w]
+        if not live:  # a rank without samples computes nothing: any mode will do
+            return "reverse"
+        batch = live[0]
         p = self._primal()
         times = {}
         for mode in ("forward", "reverse"):

@@ -17,7 +17,7 @@ All runs are deterministic (float64); :func:`tune` picks the lr of a grid with t
 from __future__ import annotations
 
 import math
-import numbers
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,17 +43,18 @@ class QuadraticRun:
 
 def _block_slices(block_sizes: Sequence[int], x0: torch.Tensor) -> list[slice]:
     """Consecutive slices of ``x0`` of the given sizes, which must be positive and cover it."""
-    sizes = list(block_sizes)
-    if not sizes or any(
-        not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1 for n in sizes
-    ):
-        raise ValueError(f"block_sizes must be positive ints, got {sizes}")
+    try:  # ints, numpy ints, a LongTensor (e.g. Partition.block_sizes())
+        sizes = [operator.index(n) for n in block_sizes]
+    except TypeError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"block_sizes must be positive ints, got {list(block_sizes)}")
     if sum(sizes) != x0.numel():
         raise ValueError(
             f"block_sizes {sizes} add up to {sum(sizes)} but x0 has {x0.numel()} entries; "
             "pass the problem's block sizes (BlockDiagonalQuadratic.block_sizes)"
         )
-    bounds = [0, *torch.tensor([int(n) for n in sizes]).cumsum(0).tolist()]
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 

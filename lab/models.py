@@ -326,22 +326,36 @@ class DeepMLP(nn.Module):
 def classification_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
     """Mean cross-entropy of ``model(X)`` against labels; ``batch = (X (N, d), y (N,))``."""
     inputs, labels = batch
-    first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if first is not None and (inputs.dim() != 2 or inputs.shape[1] != first.in_features):
-        raise ValueError(
-            f"X must have shape (N, {first.in_features}) for this model, got "
-            f"{tuple(inputs.shape)}; build the data with d={first.in_features}"
-        )
-    if first is not None and inputs.dtype != first.weight.dtype:
-        raise ValueError(
-            f"X is {inputs.dtype} but the model is {first.weight.dtype}; pass X.to(dtype) or "
-            "convert the model (e.g. model.double())"
-        )
+    first = {OneHiddenMLP: "fc1", DeepMLP: "layers.0"}.get(type(model))
+    if first is not None:  # the paper's MLPs: name a wrong width or dtype before torch does
+        layer = model.get_submodule(first)
+        if inputs.shape[-1:] != (layer.in_features,):
+            raise ValueError(
+                f"X must have {layer.in_features} features (shape (N, {layer.in_features})) for "
+                f"this model, got {tuple(inputs.shape)}; build the data with d={layer.in_features}"
+            )
+        if inputs.dtype != layer.weight.dtype and not torch.is_autocast_enabled():
+            raise ValueError(
+                f"X is {inputs.dtype} but the model is {layer.weight.dtype}; pass X.to(dtype) "
+                "or convert the model (e.g. model.double())"
+            )
     return cross_entropy(model(inputs), labels)
+
+
+def _has_values(t: Tensor) -> bool:
+    """Whether ``t`` holds concrete values to check (not under compile, vmap, meta or fake)."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (
+        torch.compiler.is_compiling() or t.is_meta or is_fake(t) or is_functorch_wrapped_tensor(t)
+    )
 
 
 def _check_ids(ids: Tensor, size: int, what: str, knob: str) -> None:
     """Raise when an id lies outside ``[0, size)`` (torch would fail deep inside a gather)."""
+    if not _has_values(ids):
+        return
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
         raise ValueError(
             f"{what} must lie in [0, {size}), got ids from {int(ids.min())} to "

@@ -239,10 +239,9 @@ def train(
         raise ValueError(f"eval_every={eval_every} must be >= 1")
     if eval_batches < 1:
         raise ValueError(f"eval_batches={eval_batches} must be >= 1 (the val loss is their mean)")
-    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+    if grad_clip is not None and not grad_clip > 0:  # also refuses NaN
         raise ValueError(
-            f"grad_clip={grad_clip} must be a finite number > 0 (max gradient norm), or None "
-            "for no clipping"
+            f"grad_clip={grad_clip} must be > 0 (the max gradient norm), or None for no clipping"
         )
     device = torch.device(device)
     schedule = schedule or WarmupCosine(steps, warmup_steps=steps // 20)

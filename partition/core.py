@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
+import operator
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -173,8 +173,10 @@ class Partition:
 
     def locate(self, block_id: int) -> tuple[str, int]:
         """``(tensor name, local id)`` of global block ``block_id``."""
-        if isinstance(block_id, bool) or not isinstance(block_id, numbers.Integral):
-            raise PartitionError(f"block id must be an int, got {block_id!r}")
+        try:
+            block_id = operator.index(block_id)  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            raise PartitionError(f"block id must be an int, got {block_id!r}") from None
         if not 0 <= block_id < self.num_blocks:
             raise PartitionError(f"block id {block_id} out of range [0, {self.num_blocks})")
         for name, tb in self._tensors.items():

@@ -152,6 +152,22 @@ def test_bad_arguments():
         lanczos(np.eye(3) * 1j, k=1, progress=False)
 
 
+def test_integer_like_counts_sparse_and_slightly_asymmetric_matrices_are_accepted():
+    A = planted(SPECTRA["known"])
+    ref = lanczos(A, k=2, progress=False).values
+    for k in (np.int64(2), torch.tensor(2)):
+        assert np.allclose(lanczos(A, k=k, progress=False).values, ref, atol=1e-10)
+    sparse = torch.as_tensor(A).to_sparse()
+    assert np.allclose(lanczos(sparse, k=2, progress=False).values, ref, atol=1e-10)
+    # float32 rounding of a computed Hessian: a 1e-4 relative asymmetry is not refused
+    noisy = torch.as_tensor(A) * (
+        1
+        + 1e-4
+        * torch.rand(A.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
+    lanczos(noisy, k=1, progress=False)
+
+
 @pytest.mark.parametrize(
     ("n", "k", "block_size", "max_basis"),
     [(10, 3, 3, None), (10, 3, 4, None), (5, 5, 2, 5), (28, 18, 4, 26), (28, 14, 4, 26)],

@@ -212,6 +212,23 @@ def test_bad_inputs_raise():
         TinyGPTConfig(init_std=float("inf"))
 
 
+def test_id_checks_stay_out_of_transforms_meta_and_compile_tracing():
+    """The range check reads values only when there are values: not under vmap over data, on
+    meta tensors, or while torch.compile / export trace the model."""
+    model = TinyGPT(TinyGPTConfig(**SMALL), seed=0)
+    x = tokens(3, 4, 17)
+    per_row = torch.func.vmap(lambda row: model(row[None])[0])(x)
+    torch.testing.assert_close(per_row, model(x))
+    with torch.device("meta"):
+        meta = TinyGPT(TinyGPTConfig(**SMALL))
+        assert meta(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 17)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = mode.from_tensor(x)
+        assert cross_entropy(model(fake), fake).shape == ()
+
+
 def test_classification_loss_checks_width_and_dtype():
     model = OneHiddenMLP(d=5, m=2, num_classes=3, seed=0)
     y = torch.zeros(4, dtype=torch.long)

@@ -110,6 +110,7 @@ def test_derive_rejects_bad_input():
         BlockCoupling(cp.partition, np.eye(4) - 0.5)
     with pytest.raises(PartitionError, match="block id must be an int"):
         cp.partition.locate(1.5)
+    assert cp.partition.locate(torch.tensor(1)) == cp.partition.locate(1)
     with pytest.raises(PartitionError, match="got NoneType"):
         partition.adam_mini(None)
 

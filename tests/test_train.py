@@ -193,6 +193,7 @@ def test_gd_matches_the_closed_form() -> None:
 def test_quadratic_methods_refuse_blocks_that_do_not_cover_x(sizes, lrs, message) -> None:
     _, _, loss, grad = _quadratic()
     x0 = torch.zeros(6, dtype=torch.float64)
+    assert eq.blockwise_gd(loss, grad, x0, torch.tensor([3, 3]), [0.1, 0.1], iters=1).loss
     with pytest.raises(ValueError, match=message):
         eq.blockwise_gd(loss, grad, x0, sizes, lrs, iters=1)
     if len(sizes) == len(lrs):
