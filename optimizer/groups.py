@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from partition import Partition, PartitionError
+from partition.rules import config_of
 
 
 def head_config(model: nn.Module | None) -> dict[str, int]:
     """Head counts from ``model.config`` (transformers or TinyGPT names), for ``partition.adam_mini``."""
-    cfg = getattr(model, "config", None)
+    cfg = config_of(model) if model is not None else None
     if cfg is None:
         return {}
     out = {}
@@ -67,10 +68,15 @@ def check_in_partition(
     with ``param``'s shape."""
     where = f"the partition in {source!r}" if source else "the partition"
     if name not in part:
-        raise PartitionError(
-            f"tensor {name!r} is not in {where}; build the partition from the same model "
-            "(e.g. partition.adam_mini(model)) or pass partition=None"
+        wrapped = name.startswith("module.") and name.removeprefix("module.") in part
+        fix = (
+            "the name carries DDP's 'module.' prefix: pass ddp.module.named_parameters() (the "
+            "same tensors)"
+            if wrapped
+            else "build the partition from the same model (e.g. partition.adam_mini(model)) or "
+            "pass partition=None"
         )
+        raise PartitionError(f"tensor {name!r} is not in {where}; {fix}")
     if tuple(part[name].shape) != tuple(param.shape):
         raise PartitionError(
             f"tensor {name!r} has shape {tuple(param.shape)} but {where} says "

@@ -147,11 +147,22 @@ def _config_int(config: Any, *keys: str) -> int | None:
     return None
 
 
+def config_of(model: nn.Module) -> Any:
+    """``model.config``, looking through wrappers: DDP / DataParallel (``.module``) and
+    ``torch.compile`` (``._orig_mod``); None when there is none."""
+    while getattr(model, "config", None) is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return model.config
+
+
 def _head_counts(
     model: ModelLike, n_heads: int | None, n_kv_heads: int | None, head_dim: int | None
 ) -> tuple[int | None, int | None, int | None]:
     """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers)."""
-    config = getattr(model, "config", None) if isinstance(model, nn.Module) else None
+    config = config_of(model) if isinstance(model, nn.Module) else None
     if config is not None:
         if n_heads is None:
             n_heads = _config_int(config, "n_heads", "num_attention_heads", "n_head")

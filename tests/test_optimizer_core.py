@@ -266,6 +266,24 @@ def test_state_bytes_takes_a_json_path_and_refuses_a_partition_of_other_shapes(t
         optimizer.state_bytes(model, {"weight": 1})
 
 
+def test_wrapped_models_read_the_inner_config_and_prefixed_names_name_the_fix():
+    """DDP and DataParallel keep the model in ``.module`` and prefix every name with it."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+    inner = tiny_llama()
+    wrapped = Wrapper(inner)
+    part = partition.adam_mini(wrapped)  # heads from inner.config
+    assert part["module.model.layers.0.self_attn.k_proj.weight"].num_blocks == 2
+    opt = optimizer.AdamMini(wrapped.named_parameters(), model=wrapped)
+    assert opt.partition == part
+    with pytest.raises(partition.PartitionError, match=r"pass ddp.module.named_parameters\(\)"):
+        optimizer.AdamMini(wrapped.named_parameters(), partition.adam_mini(inner))
+
+
 def test_auto_partition_reads_model_config_and_json_path(tmp_path):
     model = tiny_llama()
     part = partition.adam_mini(model)
