@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "TinyGPTConfig",
@@ -344,9 +346,6 @@ def classification_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
 
 def _has_values(t: Tensor) -> bool:
     """Whether ``t`` holds concrete values to check (not under compile, vmap, meta or fake)."""
-    from torch._C._functorch import is_functorch_wrapped_tensor
-    from torch._subclasses.fake_tensor import is_fake
-
     return not (
         torch.compiler.is_compiling() or t.is_meta or is_fake(t) or is_functorch_wrapped_tensor(t)
     )
@@ -356,10 +355,13 @@ def _check_ids(ids: Tensor, size: int, what: str, knob: str) -> None:
     """Raise when an id lies outside ``[0, size)`` (torch would fail deep inside a gather)."""
     if not _has_values(ids):
         return
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+    if ids.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(ids))  # one pass
+    if lo < 0 or hi >= size:
         raise ValueError(
-            f"{what} must lie in [0, {size}), got ids from {int(ids.min())} to "
-            f"{int(ids.max())}; build the model with a larger {knob} (the byte corpus needs 256)"
+            f"{what} must lie in [0, {size}), got ids from {lo} to {hi}; build the model with a "
+            f"larger {knob} (the byte corpus needs 256)"
         )
 
 

@@ -378,7 +378,7 @@ def render(r: ReproduceResult) -> str:
                 f"Frobenius mass inside the diagonal blocks is r_diag = **{s.r_diag:.3f}** "
                 f"(standard error {s.r_diag_stderr:.3f} over the rounds), against "
                 f"**{s.r_diag_null:.4f}** for a random partition with the same block sizes. The same "
-                "masses summed over coarser partitions (estimates of the same precision):",
+                "estimated masses summed over coarser partitions:",
                 md.markdown_table(
                     ["partition", "blocks", "r_diag", "area share", "r_diag / area"], shares
                 ),

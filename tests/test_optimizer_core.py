@@ -583,6 +583,8 @@ def test_bf16_momentum_rounding_is_unbiased_in_every_path(fused):
 def test_bf16_fused_and_eager_paths_round_alike():
     """Both paths draw the rounding bits from one hash of (step, tensor, index): the bf16
     momenta agree bit for bit and the parameters to float32 rounding."""
+    if len(FUSED_MODES) < 2:
+        pytest.skip("the fused CPU kernel could not be built here: one path only")
     runs = []
     for fused in FUSED_MODES:
         model = tiny_llama(torch.float32)
