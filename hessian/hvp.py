@@ -37,16 +37,27 @@ LossFn = Callable[[Params], torch.Tensor]
 Product = Callable[[Params, bool], Params]
 
 
-def hvp_forward(f: LossFn, params: Params, tangents: Params, batched: bool) -> Params:
-    """``H @ v`` by ``jvp(grad(f))``; with ``batched`` the tangents carry a leading vector axis."""
+def forward_product(f: LossFn, params: Params, tangents: Params, batched: bool) -> Params:
+    """``H @ v`` by ``jvp(grad(f))`` (``vmap`` over a leading vector axis with ``batched``), with
+    no fallback: the traceable core that ``torch.compile`` takes."""
 
     def one(t: Params) -> Params:
         return jvp(grad(f), (params,), (t,))[1]
 
+    return vmap(one)(tangents) if batched else one(tangents)
+
+
+def hvp_forward(f: LossFn, params: Params, tangents: Params, batched: bool) -> Params:
+    """``H @ v`` by ``jvp(grad(f))``; with ``batched`` the tangents carry a leading vector axis,
+    and a model that ``vmap`` cannot batch falls back to a loop over the vectors."""
+
+    def one(t: Params) -> Params:
+        return forward_product(f, params, t, False)
+
     if not batched:
         return one(tangents)
     try:
-        return vmap(one)(tangents)
+        return forward_product(f, params, tangents, True)
     except (RuntimeError, NotImplementedError) as err:
         if is_forward_ad_error(err):
             raise
@@ -102,6 +113,12 @@ def is_forward_ad_error(err: BaseException) -> bool:
     return "forward ad" in msg or "forward-mode" in msg or ("jvp" in msg and "not" in msg)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _loop(one: Callable[[Params], Params], tangents: Params) -> Params:
     """``one`` applied to each vector of a batched dict, stacked back along the leading axis."""
     k = next(iter(tangents.values())).shape[0]
@@ -116,9 +133,8 @@ def _warn_loop(mode: str, err: BaseException) -> None:
     if mode in _warned:
         return
     _warned.add(mode)
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     warnings.warn(
-        f"matmat in {mode!r} mode could not batch the vectors ({first}); falling back to a loop "
+        f"matmat in {mode!r} mode could not batch the vectors ({first_line(err)}); falling back to a loop "
         "over vectors, which is correct but slower per vector",
         RuntimeWarning,
         stacklevel=3,

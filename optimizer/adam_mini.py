@@ -114,8 +114,9 @@ class AdamMini(torch.optim.Optimizer):
             ``(name, tensor)`` pairs (or that carry ``"param_names"``), PyTorch's
             named-parameter convention.
         partition: a :class:`partition.Partition`, a path to its JSON, or None for
-            ``partition.adam_mini`` on these named parameters, with head counts read
-            from ``model.config`` (``model=``) or given as ``n_heads``/``n_kv_heads``/``head_dim``.
+            ``partition.adam_mini``: of ``model`` when given (its module types and config tell
+            GPT-2 ``Conv1D`` from ``nn.Linear`` and the fused q|k|v layout), else of these named
+            parameters, with head counts from ``n_heads``/``n_kv_heads``/``head_dim``.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay).
         decay_1d: apply weight decay to 1-D tensors (norm weights, biases) too.
             Default False: they are never decayed. A group can override it.
@@ -176,6 +177,7 @@ class AdamMini(torch.optim.Optimizer):
                 f"model), got {type(partition).__name__}"
             )
         self._auto = partition is None
+        self._model_partition = self._whole_model_partition(model) if self._auto else None
         self.partition = partition
         self._layouts: dict[torch.Tensor, BlockLayout] = {}
         self._names: dict[torch.Tensor, str] = {}
@@ -193,6 +195,26 @@ class AdamMini(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
     # ----------------------------------------------------------------- groups
+    def _whole_model_partition(self, model: nn.Module | None) -> partition_lib.Partition | None:
+        """``partition.adam_mini(model)``, or None without a model or when the model as a whole
+        does not split (then each group is partitioned from its names, which raise if needed)."""
+        if model is None:
+            return None
+        try:
+            return partition_lib.adam_mini(model, **self._heads)
+        except partition_lib.PartitionError:
+            return None
+
+    def _auto_partition(self, named: list[tuple[str, torch.Tensor]]) -> partition_lib.Partition:
+        """The paper's blocks of a group's tensors: from the whole model's partition when every
+        tensor is in it, else from the group's names."""
+        whole = self._model_partition
+        if whole is not None and all(
+            n in whole and whole[n].shape == tuple(p.shape) for n, p in named
+        ):
+            return partition_lib.Partition([whole[n] for n, _ in named], whole.provenance)
+        return partition_lib.adam_mini(list(named), **self._heads)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of ``(name, tensor)`` params; each name must be in the partition."""
         group = normalize_groups([param_group])[0]
@@ -233,7 +255,7 @@ class AdamMini(torch.optim.Optimizer):
                 )
         part = self.partition
         if self._auto:
-            new = partition_lib.adam_mini([(n, p) for n, p in named], **self._heads)
+            new = self._auto_partition(named)
             part = (
                 new if part is None else partition_lib.Partition([*part.tensors(), *new.tensors()])
             )

@@ -70,7 +70,7 @@ _NEURON = {
     "w1", "w2", "w3", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "wi", "wi_0", "wi_1",
 }  # fmt: skip
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate"}
-_FUSED_QKV = {"c_attn", "qkv_proj", "wqkv"}
+_FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "query_key_value"}
 
 
 def _is_attention(parts: list[str]) -> bool:
@@ -92,7 +92,7 @@ def _kind(name: str, ndim: int = 2) -> str:
     if leaf in _POSITIONAL or "position" in leaf:
         return "positional"
     if leaf in _FUSED_QKV:
-        return "fused"
+        return "fused_unordered" if leaf == "query_key_value" else "fused"
     if leaf in _QUERY or (leaf == "q" and _is_attention(parents)):
         return "q"
     if leaf in _KEY or (leaf == "k" and _is_attention(parents)):
@@ -132,11 +132,84 @@ def _transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]
     )
     if linear_layout:
         return set()
-    return {
+    guessed = {
         n
         for n, s in shapes
         if len(s) == 2 and n.lower().endswith(".weight") and n.lower().split(".")[-2] in gpt2_leaves
     }
+    if guessed and not any(n.lower().split(".")[-2:-1] == ["c_attn"] for n in guessed):
+        warnings.warn(
+            f"adam_mini: {sorted(guessed)[0]!r} is taken to be a GPT-2 Conv1D weight stored "
+            "(in, out), with one block per column, but without a c_attn weight among the names "
+            "this is a guess (nanoGPT and GPTBigCode store (out, in)); pass the model itself, or "
+            "AdamMini(..., model=model), so its module types decide",
+            PartitionWarning,
+            stacklevel=3,
+        )
+    return guessed
+
+
+def _fused_layout(model: ModelLike, n_heads: int | None) -> tuple[str | None, int | None]:
+    """Row order of fused q|k|v weights from ``model.config.model_type``, and the key/value head
+    count it implies (None: from the config as usual).
+
+    ``sections`` is q | k | v (GPT-2, Phi-3); ``interleaved`` is q, k, v per head (GPT-NeoX,
+    Bloom, Falcon without multi-query); ``grouped`` is the q heads of each kv group, then its k
+    and v (Falcon's new decoder); ``codegen`` is 4 shards of q, v, k. Without a config the order
+    of a ``query_key_value`` weight is unknown: None.
+    """
+    config = config_of(model) if isinstance(model, nn.Module) else None
+    kind = getattr(config, "model_type", None)
+    if kind in ("gpt_neox", "bloom"):
+        return "interleaved", None
+    if kind == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            return "grouped", _config_int(config, "num_kv_heads")
+        if getattr(config, "multi_query", False):
+            return "sections", 1
+        return "interleaved", n_heads
+    if kind == "codegen":
+        return "codegen", None
+    return None, None
+
+
+def _fused_row_groups(
+    name: str,
+    shape: tuple[int, ...],
+    layout: str,
+    n_heads: int | None,
+    n_kv_heads: int | None,
+    head_dim: int,
+) -> TensorBlocks:
+    """``row_groups`` for an interleaved fused q|k|v weight ``(out, in)``: one group per q or k
+    head and one per v row, numbered in row order."""
+    kv = n_kv_heads or n_heads
+    shards = {"interleaved": n_heads, "grouped": kv, "codegen": 4}[layout]
+    if not n_heads or not shards or n_heads % shards:
+        run, rows = [], -1
+    else:
+        per = n_heads // shards  # query heads per shard
+        order = {"interleaved": "qkv", "grouped": "qkv", "codegen": "qvk"}[layout]
+        run = [(role, per if role == "q" or layout == "codegen" else 1) for role in order]
+        rows = shards * sum(heads for _, heads in run) * head_dim
+    if rows != shape[0]:
+        raise PartitionError(
+            f"tensor {name!r} has {shape[0]} fused q|k|v rows, which the model's {layout} layout "
+            f"cannot split with n_heads={n_heads}, n_kv_heads={kv}, head_dim={head_dim}; pass "
+            "the right n_heads=/n_kv_heads=/head_dim="
+        )
+    groups: list[int] = []
+    next_id = 0
+    for _ in range(shards):
+        for role, heads in run:
+            for _ in range(heads):
+                if role == "v":  # one block per output neuron
+                    groups.extend(range(next_id, next_id + head_dim))
+                    next_id += head_dim
+                else:  # one block per head
+                    groups.extend([next_id] * head_dim)
+                    next_id += 1
+    return TensorBlocks(name, shape, "row_groups", {"groups": groups})
 
 
 def _config_int(config: Any, *keys: str) -> int | None:
@@ -198,7 +271,9 @@ def adam_mini(
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron
     GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``)     ``columns`` (stored ``(in, out)``)
-    GPT-2 fused ``c_attn``                      ``fused_heads``: q, k by head, v by neuron
+    GPT-2 fused ``c_attn``, ``qkv_proj``        ``fused_heads``: q, k by head, v by neuron
+    interleaved q|k|v (GPT-NeoX, Bloom,         ``row_groups``: the same blocks in the row
+    Falcon, CodeGen; from ``config``)           order of ``config.model_type``
     norms, biases, positional embeddings,       ``tensor``: one block
     every other 1-D tensor
     anything else                               ``tensor``, with one :class:`PartitionWarning`
@@ -233,6 +308,11 @@ def adam_mini(
     n_heads, n_kv_heads, head_dim = _head_counts(model, n_heads, n_kv_heads, head_dim)
     transposed = _transposed_names(model, shapes)
     kinds = {name: _kind(name, len(shape)) if len(shape) >= 2 else "1d" for name, shape in shapes}
+    layout, layout_kv = _fused_layout(model, n_heads)
+    n_kv_heads = n_kv_heads or layout_kv
+    unordered = [n for n, k in kinds.items() if k == "fused_unordered"]
+    for name in unordered:  # a known layout makes them ordinary fused weights
+        kinds[name] = "fused" if layout else ""
     needs_heads = [n for n, k in kinds.items() if k in ("q", "k", "fused")]
     if needs_heads and head_dim is None:
         if n_heads is None:
@@ -259,6 +339,8 @@ def adam_mini(
                     "n_heads=/n_kv_heads=/head_dim="
                 )
             tensors.append(TensorBlocks(name, shape, "heads", {"head_dim": head_dim}))
+        elif kind == "fused" and layout not in (None, "sections") and name not in transposed:
+            tensors.append(_fused_row_groups(name, shape, layout, n_heads, n_kv_heads, head_dim))
         elif kind == "fused":
             tensors.append(_fused(name, shape, name in transposed, n_heads, n_kv_heads, head_dim))
         elif kind in ("token", "neuron"):
@@ -267,11 +349,21 @@ def adam_mini(
         else:
             unrecognized.append(name)
             tensors.append(TensorBlocks(name, shape, "tensor", {}))
-    if unrecognized:
-        shown = ", ".join(repr(n) for n in unrecognized[:10])
-        more = f" and {len(unrecognized) - 10} more" if len(unrecognized) > 10 else ""
+    if unordered and not layout:
         warnings.warn(
-            f"adam_mini: no Adam-mini rule matches {len(unrecognized)} tensor(s): {shown}{more}; "
+            f"adam_mini: {unordered[0]!r} fuses q|k|v in an order that differs between models "
+            "(GPT-NeoX and Bloom interleave q, k, v per head; Falcon has three layouts), and names "
+            "alone do not tell which; pass the model itself (its config names the layout) for "
+            f"per-head blocks. The {len(unordered)} such tensor(s) get one block each",
+            PartitionWarning,
+            stacklevel=2,
+        )
+    unmatched = [n for n in unrecognized if n not in unordered]  # those were warned about
+    if unmatched:
+        shown = ", ".join(repr(n) for n in unmatched[:10])
+        more = f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""
+        warnings.warn(
+            f"adam_mini: no Adam-mini rule matches {len(unmatched)} tensor(s): {shown}{more}; "
             "they get one block per tensor ('tensor'). Build a Partition by hand for other rules.",
             PartitionWarning,
             stacklevel=2,
@@ -307,9 +399,16 @@ def _head_dim_from_query(
     for name, shape in shapes:
         if kinds[name] not in ("q", "fused"):
             continue
-        out = shape[1] if name in transposed else shape[0]
+        out, d_in = (shape[1], shape[0]) if name in transposed else (shape[0], shape[1])
         heads = n_heads
         if kinds[name] == "fused":
+            if n_kv_heads is None and out != 3 * d_in:
+                raise PartitionError(
+                    f"tensor {name!r} fuses q|k|v into {out} outputs from {d_in} inputs, not "
+                    f"3 x {d_in}: its key/value heads differ from its {n_heads} query heads "
+                    "(GQA/MQA) or head_dim differs from hidden / n_heads, so the split is "
+                    "ambiguous; pass n_kv_heads=... (and head_dim=... if it is not hidden / n_heads)"
+                )
             heads = n_heads + 2 * (n_kv_heads or n_heads)
         if out % heads:
             what = "query" if kinds[name] == "q" else "fused q|k|v"

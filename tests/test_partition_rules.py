@@ -241,3 +241,123 @@ def test_names_only_edge_layouts():
 def test_row_group_ids_beyond_the_row_count_are_refused_at_once():
     with pytest.raises(PartitionError, match="group ids"):
         partition.TensorBlocks("w", (4, 3), "row_groups", {"groups": [0, 0, 0, 10**20]})
+
+
+def _row_roles(layout, out, nh, nkv, hd):
+    """(role, head[, neuron]) of every row of a fused q|k|v weight, read off the reshapes that
+    transformers' attention modules apply to the fused output (their ``_split_heads``)."""
+    r = torch.arange(out)
+    if layout == "interleaved":  # GPT-NeoX, Bloom, Falcon: view(heads, 3, head_dim)
+        v = r.view(nh, 3, hd)
+        q, k, val = v[:, 0], v[:, 1], v[:, 2]
+    elif layout == "multi_query":  # Falcon multi_query: view(heads + 2, head_dim)
+        v = r.view(nh + 2, hd)
+        q, k, val = v[:-2], v[-2:-1], v[-1:]
+    elif layout == "grouped":  # Falcon new decoder: view(kv, heads / kv + 2, head_dim)
+        v = r.view(nkv, nh // nkv + 2, hd)
+        q, k, val = v[:, :-2].reshape(nh, hd), v[:, -2], v[:, -1]
+    else:  # CodeGen: 4 shards, each split into q, v, k of heads / 4 heads
+        shards = r.view(4, -1)
+        local = out // 12
+        q, val, k = (shards[:, i * local : (i + 1) * local].reshape(nh, hd) for i in range(3))
+    roles = [None] * out
+    for role, rows in (("q", q), ("k", k)):
+        for head, hrows in enumerate(rows):
+            for row in hrows.tolist():
+                roles[row] = (role, head)
+    for head, hrows in enumerate(val):
+        for j, row in enumerate(hrows.tolist()):
+            roles[row] = ("v", head, j)
+    return roles
+
+
+@pytest.mark.parametrize(
+    "arch, layout",
+    [
+        ("gpt_neox", "interleaved"),
+        ("bloom", "interleaved"),
+        ("falcon_mha", "interleaved"),
+        ("falcon_multi_query", "multi_query"),
+        ("falcon_new", "grouped"),
+        ("codegen", "codegen"),
+    ],
+)
+def test_fused_query_key_value_row_orders(arch, layout):
+    """One block per q head, per k head and per v row, whatever the fused row order."""
+    t, h, nh = transformers, 64, 8
+    nkv = {"falcon_multi_query": 1, "falcon_new": 2}.get(arch, nh)
+    falcon = dict(hidden_size=h, num_hidden_layers=1, num_attention_heads=nh, vocab_size=50)
+    model_and_config = {
+        "gpt_neox": (
+            t.GPTNeoXForCausalLM,
+            t.GPTNeoXConfig(
+                hidden_size=h,
+                num_hidden_layers=1,
+                num_attention_heads=nh,
+                intermediate_size=4 * h,
+                vocab_size=50,
+            ),
+        ),
+        "bloom": (
+            t.BloomForCausalLM,
+            t.BloomConfig(hidden_size=h, n_layer=1, n_head=nh, vocab_size=50),
+        ),
+        "falcon_mha": (t.FalconForCausalLM, t.FalconConfig(**falcon, multi_query=False)),
+        "falcon_multi_query": (t.FalconForCausalLM, t.FalconConfig(**falcon, multi_query=True)),
+        "falcon_new": (
+            t.FalconForCausalLM,
+            t.FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=nkv),
+        ),
+        "codegen": (
+            t.CodeGenForCausalLM,
+            t.CodeGenConfig(n_embd=h, n_layer=1, n_head=nh, rotary_dim=4, vocab_size=50),
+        ),
+    }[arch]
+    model = meta(*model_and_config)
+    part = check_no_warning(model)
+    [name] = [n for n in part.names if "query_key_value.weight" in n or "qkv_proj.weight" in n]
+    tb = part[name]
+    hd = h // nh
+    roles = _row_roles(layout, tb.shape[0], nh, nkv, hd)
+    ids = tb.axis_ids().tolist()
+    assert len(set(zip(roles, ids, strict=True))) == len(set(roles)) == len(set(ids))
+    assert tb.num_blocks == nh + nkv + nkv * hd
+
+
+def test_query_key_value_without_a_config_warns_instead_of_guessing():
+    named = {"layers.0.attention.query_key_value.weight": torch.empty(3 * 64, 64)}
+    with pytest.warns(PartitionWarning, match="interleave q, k, v per head.*pass the model") as rec:
+        part = partition.adam_mini(named, n_heads=8)
+    assert len(rec) == 1, "one warning, not a second generic one"
+    assert part["layers.0.attention.query_key_value.weight"].rule == "tensor"
+
+
+def test_fused_gqa_weight_without_kv_heads_is_refused_not_guessed():
+    """96 outputs of 64 inputs with 8 query heads: (8 + 2 x 2) x 8 (GQA) or 3 x 32 (MHA, 4-wide
+    heads); without n_kv_heads the split is ambiguous."""
+    phi = {"layers.0.self_attn.qkv_proj.weight": torch.empty(96, 64)}
+    with pytest.raises(PartitionError, match="96 outputs from 64 inputs.*pass n_kv_heads"):
+        partition.adam_mini(phi, n_heads=8)
+    assert partition.adam_mini(phi, n_heads=8, n_kv_heads=2)[
+        "layers.0.self_attn.qkv_proj.weight"
+    ].params["sections"] == (64, 16, 16)
+
+
+def test_param_groups_take_conv1d_or_linear_from_the_model():
+    """GPTBigCode stores c_fc as nn.Linear (out, in): one block per row, also in a param group
+    without c_attn; names alone must say that the GPT-2 Conv1D layout is a guess."""
+    optimizer = pytest.importorskip("optimizer")
+    c = transformers.GPTBigCodeConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=8)
+    model = transformers.GPTBigCodeForCausalLM(c)
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [(n, p) for n, p in named if ".mlp." in n]},
+        {"params": [(n, p) for n, p in named if ".mlp." not in n], "lr": 1e-4},
+    ]
+    opt = optimizer.AdamMini(groups, partition=None, model=model)
+    c_fc = opt.partition["transformer.h.0.mlp.c_fc.weight"]
+    assert c_fc.shape == (128, 32) and c_fc.rule == "rows" and c_fc.num_blocks == 128
+    assert set(opt.partition.tensors()) == set(partition.adam_mini(model).tensors())
+    mlp_only = [(n, p) for n, p in named if ".mlp." in n]
+    with pytest.warns(PartitionWarning, match="c_fc.weight' is taken to be a GPT-2 Conv1D"):
+        partition.adam_mini(mlp_only)
