@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from hessian.linop import Operator, as_operator, check_positive_ints, check_square, rademacher
 
@@ -41,35 +42,52 @@ class DiagonalEstimate:
 
 
 def trace(
-    op: Any, method: str = "hutchinson", num_matvecs: int = 30, seed: int = 0, chunk: int = 64
+    op: Any,
+    method: str = "hutchinson",
+    num_matvecs: int = 30,
+    seed: int = 0,
+    chunk: int = 64,
+    progress: bool = True,
 ) -> TraceEstimate:
-    """Estimate :math:`\\mathrm{tr}\\,H` with ``num_matvecs`` products (see module docstring)."""
+    """Estimate :math:`\\mathrm{tr}\\,H` with ``num_matvecs`` products (see module docstring),
+    ``chunk`` vectors per ``matmat``; ``progress`` shows a tqdm bar over the products."""
     check_positive_ints(num_matvecs=num_matvecs, chunk=chunk)
+    if method not in ("hutchinson", "hutchpp"):
+        raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
     A = as_operator(op)
     n = check_square(A)
     gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=num_matvecs, desc=f"trace ({method})", disable=not progress, leave=False)
+    with bar:
+        return _trace(A, n, method, num_matvecs, gen, chunk, bar)
+
+
+def _trace(
+    A: Operator, n: int, method: str, num_matvecs: int, gen: torch.Generator, chunk: int, bar: Any
+) -> TraceEstimate:
     if method == "hutchinson":
         if num_matvecs < 2:
             raise ValueError("hutchinson needs num_matvecs >= 2 for a standard error")
         Z = _signs(n, num_matvecs, gen, A)
-        samples = (Z * _apply(A, Z, chunk)).sum(0).double().cpu().numpy()
+        samples = (Z * _apply(A, Z, chunk, bar)).sum(0).double().cpu().numpy()
         return TraceEstimate(float(samples.mean()), _sem(samples), num_matvecs, method)
-    if method == "hutchpp":
-        third = num_matvecs // 3
-        if third < 2:
-            raise ValueError("hutchpp needs num_matvecs >= 6 (three thirds of at least 2)")
-        S = _signs(n, third, gen, A)
-        Q, _ = torch.linalg.qr(_apply(A, S, chunk))
-        exact = float(torch.trace(Q.T @ _apply(A, Q, chunk)))
-        G = _signs(n, num_matvecs - 2 * third, gen, A)
-        G = G - Q @ (Q.T @ G)
-        samples = (G * _apply(A, G, chunk)).sum(0).double().cpu().numpy()
-        return TraceEstimate(exact + float(samples.mean()), _sem(samples), num_matvecs, method)
-    raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
+    third = num_matvecs // 3  # hutchpp
+    if third < 2:
+        raise ValueError("hutchpp needs num_matvecs >= 6 (three thirds of at least 2)")
+    S = _signs(n, third, gen, A)
+    Q, _ = torch.linalg.qr(_apply(A, S, chunk, bar))
+    exact = float(torch.trace(Q.T @ _apply(A, Q, chunk, bar)))
+    G = _signs(n, num_matvecs - 2 * third, gen, A)
+    G = G - Q @ (Q.T @ G)
+    samples = (G * _apply(A, G, chunk, bar)).sum(0).double().cpu().numpy()
+    return TraceEstimate(exact + float(samples.mean()), _sem(samples), num_matvecs, method)
 
 
-def diagonal(op: Any, num_matvecs: int = 30, seed: int = 0, chunk: int = 64) -> DiagonalEstimate:
-    """Estimate :math:`\\mathrm{diag}\\,H` as the mean of :math:`z \\odot Hz` over Rademacher z."""
+def diagonal(
+    op: Any, num_matvecs: int = 30, seed: int = 0, chunk: int = 64, progress: bool = True
+) -> DiagonalEstimate:
+    """Estimate :math:`\\mathrm{diag}\\,H` as the mean of :math:`z \\odot Hz` over Rademacher z;
+    ``progress`` shows a tqdm bar over the products."""
     check_positive_ints(num_matvecs=num_matvecs, chunk=chunk)
     A = as_operator(op)
     n = check_square(A)
@@ -77,7 +95,8 @@ def diagonal(op: Any, num_matvecs: int = 30, seed: int = 0, chunk: int = 64) -> 
         raise ValueError("diagonal needs num_matvecs >= 2 for standard errors")
     gen = torch.Generator().manual_seed(seed)
     Z = _signs(n, num_matvecs, gen, A)
-    samples = (Z * _apply(A, Z, chunk)).double().cpu().numpy()
+    with tqdm(total=num_matvecs, desc="diagonal", disable=not progress, leave=False) as bar:
+        samples = (Z * _apply(A, Z, chunk, bar)).double().cpu().numpy()
     est = samples.mean(axis=1)
     err = samples.std(axis=1, ddof=1) / np.sqrt(num_matvecs)
     return DiagonalEstimate(est, err, num_matvecs)
@@ -87,8 +106,13 @@ def _signs(n: int, k: int, gen: torch.Generator, A: Operator) -> torch.Tensor:
     return rademacher((n, k), gen, A.dtype, A.device)
 
 
-def _apply(A: Operator, V: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([A.matmat(V[:, s : s + chunk]) for s in range(0, V.shape[1], chunk)], dim=1)
+def _apply(A: Operator, V: torch.Tensor, chunk: int, bar: Any) -> torch.Tensor:
+    """``A @ V`` in column chunks of ``chunk`` vectors, advancing ``bar`` by the products done."""
+    out = []
+    for s in range(0, V.shape[1], chunk):
+        out.append(A.matmat(V[:, s : s + chunk]))
+        bar.update(out[-1].shape[1])
+    return torch.cat(out, dim=1)
 
 
 def _sem(x: np.ndarray) -> float:

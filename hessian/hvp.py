@@ -113,6 +113,12 @@ def is_forward_ad_error(err: BaseException) -> bool:
     return "forward ad" in msg or "forward-mode" in msg or ("jvp" in msg and "not" in msg)
 
 
+def is_double_backward_error(err: BaseException) -> bool:
+    """True when ``err`` says that a backward operation has no derivative (no double backward)."""
+    msg = str(err).lower()
+    return "derivative for" in msg and "not implemented" in msg
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message, or its type when the message is empty."""
     text = str(err).strip()

@@ -42,6 +42,7 @@ from hessian.hvp import (
     forward_product,
     hvp_forward,
     hvp_reverse,
+    is_double_backward_error,
     is_forward_ad_error,
     prepare_reverse,
 )
@@ -469,6 +470,12 @@ class HessianOperator(Operator):
         try:
             with torch.enable_grad():
                 a = f(leaves)
+        except TypeError as err:
+            raise HessianError(
+                f"loss_fn failed on the first batch: {first_line(err)}. That batch is "
+                f"{_describe(batch)}. A tuple or list of tensors is read as one batch (e.g. "
+                "(x, y)); pass several batches as a list of such tuples, or a DataLoader"
+            ) from err
         except RuntimeError as err:
             msg = str(err).lower()
             if "dtype" not in msg and "device" not in msg and "scalar type" not in msg:
@@ -529,19 +536,26 @@ class HessianOperator(Operator):
         with torch.no_grad(), self._together("a Hessian product"):
             if self.check_determinism:  # every product: the model may have been put in train mode
                 _check_modules(self.model)
-            mode = self._mode_for(v, batched)
-            if self._cached(mode):
-                for product, w in zip(self._cached_products(), self._live_weights(), strict=True):
-                    self._accumulate(out, product(v, batched), w)
-            else:
-                p = self._primal()
-                for i, batch in self._iter_batches():
-                    if self._weights[i]:  # a batch without samples adds nothing
-                        self._accumulate(
-                            out, self._hvp(mode, batch, p, v, batched), self._weights[i]
-                        )
+            try:
+                self._products_into(out, v, batched)
+            except RuntimeError as err:
+                if not is_double_backward_error(err):
+                    raise
+                raise self._double_backward_error(err) from err
         dist_glue.all_reduce_sum(buf, self.distributed)
         return buf if flat else out
+
+    def _products_into(self, out: dict, v: dict, batched: bool) -> None:
+        """Add every batch's weighted ``H_b v`` into ``out``, in the mode for this product."""
+        mode = self._mode_for(v, batched)
+        if self._cached(mode):
+            for product, w in zip(self._cached_products(), self._live_weights(), strict=True):
+                self._accumulate(out, product(v, batched), w)
+            return
+        p = self._primal()
+        for i, batch in self._iter_batches():
+            if self._weights[i]:  # a batch without samples adds nothing
+                self._accumulate(out, self._hvp(mode, batch, p, v, batched), self._weights[i])
 
     def _accumulate(self, out: dict, hv: dict, weight: float) -> None:
         for n in self.params:
@@ -642,9 +656,14 @@ class HessianOperator(Operator):
         where = _module_from_traceback(self.model, err)
         place = f"in module {where!r}" if where else "in the backward pass"
         return ForwardModeError(
-            f"an operation {place} has no forward-mode (jvp) rule: {first_line(err)} Fix: use "
-            "mode='reverse' (double backward), or for transformers models build them with "
-            "attn_implementation='eager' (fused SDPA kernels have no forward-mode rule on CPU)"
+            f"an operation {place} has no forward-mode (jvp) rule: {first_line(err)} Fix: "
+            + _fix(err, "mode='reverse' (double backward)")
+        )
+
+    def _double_backward_error(self, err: BaseException) -> HessianError:
+        return HessianError(
+            "an operation of the model has no double backward (the derivative of its backward): "
+            f"{first_line(err)} Fix: " + _fix(err, "mode='forward' (jvp of grad)")
         )
 
 
@@ -689,6 +708,14 @@ _DATA_FIX = (
 _DATA_MSG = "batch {i} differs from the previous pass over the data (shuffled?); " + _DATA_FIX
 
 
+def _fix(err: BaseException, other_mode: str) -> str:
+    """The fix for an operation that one differentiation mode lacks."""
+    eager = "build transformers models with attn_implementation='eager'"
+    if "scaled_dot_product" in str(err):
+        return f"{eager} (fused SDPA kernels have neither a forward-mode rule nor a double backward on CPU)"
+    return f"use {other_mode}, or {eager} (fused attention kernels lack both)"
+
+
 def _check_modules(model: nn.Module) -> None:
     bad = []
     for name, m in model.named_modules():
@@ -704,6 +731,18 @@ def _check_modules(model: nn.Module) -> None:
             + (" ..." if len(bad) > 5 else "")
             + ". Call model.eval() first, or pass check_determinism=False if this is intended"
         )
+
+
+def _describe(batch: Any) -> str:
+    """A batch's structure, e.g. ``tuple(Tensor(4, 5), Tensor(4,))``."""
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{tuple(batch.shape)}"
+    if isinstance(batch, (list, tuple)):
+        inner = ", ".join(_describe(b) for b in batch[:4]) + (", ..." if len(batch) > 4 else "")
+        return f"{type(batch).__name__}({inner})"
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in list(batch.items())[:4]) + "}"
+    return type(batch).__name__
 
 
 def _tensor_kinds(batch: Any) -> str:

@@ -59,6 +59,15 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "Llama 2-7B": _llama(4096, 32, 32, 11008),
     "Llama 2-13B": _llama(5120, 40, 40, 13824),
 }
+# command-line names, as the presets of ``adam-mini-lab partition --model``
+ALIASES = {
+    "gpt2": "GPT-2 125M",
+    "gpt2-medium": "GPT-2 355M",
+    "gpt2-large": "GPT-2 774M",
+    "gpt2-xl": "GPT-2 1.5B",
+    "llama2-7b": "Llama 2-7B",
+    "llama2-13b": "Llama 2-13B",
+}
 
 
 @dataclass(frozen=True)
@@ -78,11 +87,13 @@ class MemoryRow:
 
 
 def memory_rows(names: list[str] | None = None) -> list[MemoryRow]:
-    """Count the state of every model in ``names`` (default: all of :data:`MODELS`)."""
+    """Count the state of every model in ``names`` (default: all of :data:`MODELS`), given by
+    table name or command-line alias (:data:`ALIASES`)."""
     rows = []
-    for name in names or list(MODELS):
+    for given in names or list(MODELS):
+        name = ALIASES.get(given, given)
         if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+            raise ValueError(f"unknown model {given!r}; choose from {', '.join(ALIASES)}")
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = MODELS[name]()
@@ -132,8 +143,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--models",
         nargs="+",
         metavar="NAME",
-        choices=list(MODELS),
-        help="subset of: " + ", ".join(repr(m) for m in MODELS),
+        choices=[*ALIASES, *MODELS],
+        help="subset of: " + ", ".join(ALIASES) + " (or the table's names, e.g. 'Llama 2-7B')",
     )
     p.add_argument("--out", help="also write the table as markdown to this path")
     p.set_defaults(func=run)

@@ -211,6 +211,14 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
         raise PartitionError(f"config file {spec!r} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise PartitionError(f"config file {spec!r} must hold a JSON object")
+    for key in _SIZE_KEYS & set(config):
+        value = config[key]
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise PartitionError(
+                f"config file {spec!r}: {key} must be a positive integer, got {value!r}"
+            )
     if "model_type" in config:
         transformers = _transformers(spec)
         config = dict(config)
@@ -229,6 +237,15 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
         )
     with torch.device("meta" if meta else "cpu"):
         return TinyGPT(TinyGPTConfig(**config), seed=0)
+
+
+# sizes of TinyGPT and transformers configs, checked before any division by them
+_SIZE_KEYS = {
+    "vocab_size", "context", "n_layer", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "n_embd", "n_head", "n_positions", "max_position_embeddings",
+    "num_kv_heads",
+}  # fmt: skip
 
 
 def _transformers(spec: str) -> Any:
@@ -307,6 +324,13 @@ def _derive(model: nn.Module, args: argparse.Namespace) -> Partition:
         X, y = gaussian_classification(max(args.batch_size, 4 * c), d, c, seed=args.seed)
         data = (X.double(), y)  # the float32 draw, in float64 for the Hessian
         loss = classification_loss
+    n = sum(p.numel() for p in model.parameters())
+    if args.exact and n > hessian.coupling.EXACT_MAX:
+        raise PartitionError(
+            f"--exact builds the dense Hessian, refused above {hessian.coupling.EXACT_MAX:,} "
+            f"parameters, and this model has {n:,}: drop --exact and give --num-samples N (the "
+            "matrix-free estimate)"
+        )
     model = model.double()
     H = hessian.HessianOperator(model, loss, data)
     coupling = hessian.block_coupling(

@@ -213,7 +213,15 @@ class AdamMini(torch.optim.Optimizer):
             n in whole and whole[n].shape == tuple(p.shape) for n, p in named
         ):
             return partition_lib.Partition([whole[n] for n, _ in named], whole.provenance)
-        return partition_lib.adam_mini(list(named), **self._heads)
+        try:
+            return partition_lib.adam_mini(list(named), **self._heads)
+        except partition_lib.PartitionError as err:
+            if "number of heads is unknown" not in str(err):
+                raise
+            raise partition_lib.PartitionError(
+                f"{err}. Here: AdamMini(..., partition=None, model=model) reads them from the "
+                "model's .config, or pass n_heads=... to AdamMini"
+            ) from err
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of ``(name, tensor)`` params; each name must be in the partition."""

@@ -159,6 +159,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise IsADirectoryError(
             f"{str(path)!r} is a directory; give a file path, e.g. {str(path / 'out.json')!r}"
         )
+    blocker = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder; choose "
+            "another path"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

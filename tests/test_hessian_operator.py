@@ -6,6 +6,8 @@ on a flat parameter vector (not ``torch.func.hessian``, which is wrong through L
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from problems import tiny_gpt_problem
@@ -282,6 +284,23 @@ def test_bad_loss_and_batch_name_the_fix():
             HessianOperator(model, loss_fn, (X, y)) @ torch.zeros(n)
     with pytest.raises(HessianError, match="float64 on cpu, the batch holds torch.float32"):
         HessianOperator(model, ce_loss, (X.float(), y)) @ torch.zeros(n)
+
+    def mean_output(m, x):  # a loss of inputs only: each batch is one tensor
+        return m(x).square().mean()
+
+    with pytest.raises(
+        HessianError,
+        match=r"(?s)That batch is list\(Tensor\(4, 5\), Tensor\(4, 5\)\).*list of such",
+    ):
+        HessianOperator(model, mean_output, [X[:4], X[4:]]) @ torch.zeros(n)
+
+    # the fix the message names: a list of one-tensor tuples is two batches
+    def first(m, b):
+        return mean_output(m, b[0])
+
+    v = torch.randn(n, dtype=F64)
+    two = HessianOperator(model, first, [(X[:4],), (X[4:],)]) @ v
+    assert (two - HessianOperator(model, first, (X,)) @ v).abs().max() < 1e-12
     with pytest.raises(ValueError, match="0 samples.*batch_size_fn"):
         HessianOperator(model, ce_loss, (X, y), batch_size_fn=lambda b: 0) @ torch.zeros(n)
     with pytest.raises(TypeError, match="real"):
@@ -547,8 +566,19 @@ def test_transformers_sdpa_error_names_attention_and_eager_fix():
         return nn.functional.cross_entropy(logits.reshape(-1, 11), b[1].reshape(-1))
 
     H = HessianOperator(model, loss, (x, x), mode="forward")
-    with pytest.raises(ForwardModeError, match=r"(?s)h\.0\.attn.*attn_implementation='eager'"):
+    with pytest.raises(ForwardModeError, match=r"(?s)h\.0\.attn.*attn_implementation='eager'") as e:
         H @ torch.zeros(H.shape[0])
+    assert "mode='reverse'" not in str(e.value), "SDPA has no double backward either"
+    # reverse mode (and auto, which falls back to it) fail in the second backward
+    for mode in ("reverse", "auto"):
+        H = HessianOperator(model, loss, (x, x), mode=mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # auto: "uses 'reverse'"
+            with pytest.raises(
+                HessianError, match=r"no double backward.*attn_implementation='eager' \(fused SDPA"
+            ) as e:
+                H @ torch.zeros(H.shape[0])
+        assert "mode='forward'" not in str(e.value)
 
 
 def test_forward_mode_names_in_place_buffer_updates():

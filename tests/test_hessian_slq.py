@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hessian import diagonal, spectral_density, trace
+from hessian import diagonal, estimators, spectral_density, trace
 from hessian.linop import as_operator, rademacher
 from hessian.slq import multi_lanczos, quadrature
 
@@ -81,7 +81,7 @@ def test_invariant_krylov_space_pads_with_zero_weight():
 @pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
 def test_trace_estimators_are_unbiased(method):
     exact = np.trace(A)
-    runs = [trace(A, method=method, num_matvecs=9, seed=s) for s in range(200)]
+    runs = [trace(A, method=method, num_matvecs=9, seed=s, progress=False) for s in range(200)]
     est = np.array([r.estimate for r in runs])
     se = est.std(ddof=1) / np.sqrt(len(est))
     assert abs(est.mean() - exact) < 3 * se
@@ -94,7 +94,9 @@ def test_trace_estimators_are_unbiased(method):
 def test_hutchpp_beats_hutchinson_on_a_low_rank_dominated_matrix():
     B = planted(np.r_[np.full(4, 100.0), np.linspace(0, 1, 60)], seed=3)
     errs = {
-        m: np.std([trace(B, method=m, num_matvecs=24, seed=s).estimate for s in range(60)])
+        m: np.std(
+            [trace(B, method=m, num_matvecs=24, seed=s, progress=False).estimate for s in range(60)]
+        )
         for m in ("hutchinson", "hutchpp")
     }
     assert errs["hutchpp"] < 0.2 * errs["hutchinson"]
@@ -102,7 +104,7 @@ def test_hutchpp_beats_hutchinson_on_a_low_rank_dominated_matrix():
 
 def test_diagonal_is_unbiased():
     exact = np.diag(A)
-    runs = [diagonal(A, num_matvecs=5, seed=s) for s in range(300)]
+    runs = [diagonal(A, num_matvecs=5, seed=s, progress=False) for s in range(300)]
     est = np.stack([r.estimate for r in runs])
     se = est.std(axis=0, ddof=1) / np.sqrt(len(runs))
     z = (est.mean(axis=0) - exact) / se
@@ -124,3 +126,25 @@ def test_estimator_arguments():
     for sigma in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite and > 0"):
             sd.smooth([0.0], sigma)
+
+
+def test_trace_and_diagonal_progress_bars_count_every_product(monkeypatch, capsys):
+    """The bars advance by the products made (hutchpp: its three thirds) and switch off."""
+    bars = []
+
+    class Recorded(estimators.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(estimators, "tqdm", Recorded)
+    trace(A, method="hutchpp", num_matvecs=14, chunk=5, progress=True)
+    diagonal(A, num_matvecs=7, chunk=3, progress=True)
+    assert [(b.desc, b.n, b.total) for b in bars] == [
+        ("trace (hutchpp)", 14, 14),
+        ("diagonal", 7, 7),
+    ]
+    assert "trace (hutchpp)" in capsys.readouterr().err
+    trace(A, num_matvecs=4, progress=False)
+    diagonal(A, num_matvecs=4, progress=False)
+    assert capsys.readouterr().err == ""

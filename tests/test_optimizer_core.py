@@ -289,6 +289,10 @@ def test_auto_partition_reads_model_config_and_json_path(tmp_path):
     part = partition.adam_mini(model)
     auto = optimizer.AdamMini(model.named_parameters(), model=model)
     assert auto.partition == part
+    with pytest.raises(
+        partition.PartitionError, match=r"heads is unknown.*partition=None, model=model"
+    ):
+        optimizer.AdamMini(model.named_parameters())
     part.to_json(tmp_path / "p.json")
     from_file = optimizer.AdamMini(model.named_parameters(), tmp_path / "p.json")
     assert from_file.partition == part

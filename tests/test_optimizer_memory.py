@@ -26,6 +26,8 @@ def test_memory_command_matches_paper_llama2_7b(tmp_path, capsys):
     assert "| Llama 2-7B | 6,738.4M |" in printed and "| 53.91 | 26.96 |" in printed
 
 
-def test_unknown_model_is_named():
-    with pytest.raises(ValueError, match="GPT-3"):
+def test_unknown_model_is_named_and_aliases_are_the_partition_presets():
+    with pytest.raises(ValueError, match="'GPT-3'; choose from gpt2, gpt2-medium"):
         memory.memory_rows(["GPT-3"])
+    [row] = memory.memory_rows(["gpt2-medium"])
+    assert row.model == "GPT-2 355M" and row.num_params == 354_823_168

@@ -67,6 +67,10 @@ def test_config_files_transformers_and_tinygpt(tmp_path, capsys):
         (["--model", "mlp", "--rule", "derived", "--threshold", "2"], "--threshold must be in"),
         (["--model", "mlp", "--rule", "derived", "--num-samples", "1"], "--num-samples must be"),
         (["--model", "tinygpt", "show", "x.json"], "it takes only a FILE"),
+        (
+            ["--model", "tinygpt", "--rule", "derived", "--exact"],
+            "this model has 135,808: drop --exact and give --num-samples N",
+        ),
     ],
 )
 def test_errors_are_one_line_messages(argv, message, capsys):
@@ -97,6 +101,9 @@ def test_config_errors_keep_their_cause_and_refuse_string_booleans(tmp_path, cap
     code, _, err = run(["--model", str(cfg)], capsys)
     assert code == 1 and "hidden size (65) is not a multiple" in err
     assert len(err.strip().splitlines()) == 1
+    cfg.write_text(json.dumps({"model_type": "llama", "num_attention_heads": 0}))
+    code, _, err = run(["--model", str(cfg)], capsys)
+    assert code == 1 and "num_attention_heads must be a positive integer, got 0" in err
 
 
 def test_a_closed_pipe_ends_quietly():
@@ -148,6 +155,9 @@ def test_cli_errors_name_path_and_fix(tmp_path, capsys):
     assert "Not a directory" in capsys.readouterr().err
     assert main(["memory", "--out", str(tmp_path)]) == 1
     assert "is a directory; give a file path" in capsys.readouterr().err
+    for command in (["memory", "--models", "gpt2"], ["partition", "--model", "mlp"]):
+        assert main([*command, "--out", str(not_a_dir / "sub" / "x.json")]) == 1
+        assert f"{str(not_a_dir)!r} is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["memory", "--models", "gpt2"])
+        main(["memory", "--models", "gpt3"])
     assert "invalid choice" in capsys.readouterr().err
