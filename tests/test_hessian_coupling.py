@@ -48,6 +48,24 @@ def test_exact_planted_block_diagonal_has_r_diag_one():
     assert np.trace(est.mass) / est.mass.sum() == pytest.approx(1.0, abs=1e-12)
 
 
+def test_estimated_null_is_unbiased_for_its_closed_form():
+    """E[r_diag_null] = (D + (F - D) q) / F: the diagonal entries stay in their block, and an
+    off-diagonal entry lands in a diagonal block with probability q = sum s(s-1) / (n(n-1))."""
+    sizes = [2, 3, 4]
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((9, 9))
+    H = B + B.T
+    D, F = float(np.sum(np.diag(H) ** 2)), float(np.sum(H**2))
+    q = sum(s * (s - 1) for s in sizes) / (9 * 8)
+    want = (D + (F - D) * q) / F
+    part = flat_partition(sizes)
+    nulls = [
+        block_coupling(H, part, num_samples=4, seed=s, progress=False).r_diag_null
+        for s in range(300)
+    ]
+    assert abs(np.mean(nulls) - want) < 4 * np.std(nulls, ddof=1) / np.sqrt(len(nulls))
+
+
 def test_hutchinson_is_unbiased_on_a_dense_matrix():
     sizes = [2, 3, 4]
     rng = np.random.default_rng(1)

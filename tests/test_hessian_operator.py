@@ -187,6 +187,15 @@ def test_cache_on_and_off_match_dense_on_ragged_batches(cache):
     assert (H.to_dense(chunk=5) - D).abs().max() < 1e-10
 
 
+def test_cached_graphs_get_their_own_weights_around_an_empty_batch():
+    """Kept graphs exist for non-empty batches only; each keeps its own n_b / N."""
+    model, X, y = mlp_problem(n=8)
+    batches = [(X[:3], y[:3]), (X[3:3], y[3:3]), (X[3:], y[3:])]
+    H = HessianOperator(model, ce_loss, batches, mode="reverse", cache=True)
+    D = dense_reference(model, ce_loss, (X, y))
+    assert (H.to_dense(chunk=9) - D).abs().max() < 1e-10
+
+
 def test_cached_products_skip_the_forward_and_follow_parameter_updates():
     model, (x, y) = tiny_gpt_problem()
     forwards = []

@@ -8,7 +8,7 @@ import torch
 
 from hessian import diagonal, estimators, spectral_density, trace
 from hessian.linop import as_operator, rademacher
-from hessian.slq import multi_lanczos, quadrature
+from hessian.slq import SpectralDensity, multi_lanczos, quadrature
 
 
 def planted(eigs: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -20,6 +20,22 @@ def planted(eigs: np.ndarray, seed: int = 0) -> np.ndarray:
 
 EIGS = np.r_[np.linspace(-1.0, 2.0, 30), [5.0, 8.0]]
 A = planted(EIGS)
+
+
+def test_smooth_is_the_gaussian_mixture_with_sigma_a_standard_deviation():
+    from scipy.stats import norm
+
+    sd = SpectralDensity(
+        nodes=np.array([[0.0, 1.0], [2.0, 2.0]]),
+        weights=np.array([[0.3, 0.7], [1.0, 0.0]]),
+        dimension=2,
+        num_matvecs=0,
+    )
+    grid = np.linspace(-2, 4, 61)
+    want = (
+        0.3 * norm.pdf(grid, 0, 0.2) + 0.7 * norm.pdf(grid, 1, 0.2) + norm.pdf(grid, 2, 0.2)
+    ) / 2
+    np.testing.assert_allclose(sd.smooth(grid, 0.2), want, rtol=1e-12, atol=1e-15)
 
 
 def test_weights_sum_to_one_and_smooth_integrates_to_one():
