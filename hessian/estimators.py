@@ -57,7 +57,10 @@ def trace(
     A = as_operator(op)
     n = check_square(A)
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=num_matvecs, desc=f"trace ({method})", disable=not progress, leave=False)
+    total = num_matvecs
+    if method == "hutchpp":  # the sketch Q has min(n, m/3) columns: fewer products when n < m/3
+        total -= num_matvecs // 3 - min(n, num_matvecs // 3)
+    bar = tqdm(total=total, desc=f"trace ({method})", disable=not progress, leave=False)
     with bar:
         return _trace(A, n, method, num_matvecs, gen, chunk, bar)
 
@@ -80,7 +83,8 @@ def _trace(
     G = _signs(n, num_matvecs - 2 * third, gen, A)
     G = G - Q @ (Q.T @ G)
     samples = (G * _apply(A, G, chunk, bar)).sum(0).double().cpu().numpy()
-    return TraceEstimate(exact + float(samples.mean()), _sem(samples), num_matvecs, method)
+    used = S.shape[1] + Q.shape[1] + G.shape[1]
+    return TraceEstimate(exact + float(samples.mean()), _sem(samples), used, method)
 
 
 def diagonal(

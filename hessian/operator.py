@@ -74,6 +74,15 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _compile_limits() -> dict[str, Any]:
+    """dynamo settings for compiled products. One graph per batch shape and vector count, shared
+    by all operators in the process (the cache belongs to ``_bound_product``); past the limit
+    dynamo would run eagerly without a word, so hitting it raises into the operator's
+    warn-and-run-eagerly path instead."""
+    wanted = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
+    return {k: v for k, v in wanted.items() if hasattr(torch._dynamo.config, k)}
+
+
 def _bound_loss(
     module: _LossModule, batch: Any
 ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -119,8 +128,9 @@ class HessianOperator(Operator):
             shape and vector count compiles (tens of seconds on a CPU); later ones run fused
             kernels, e.g. a 16-vector ``matmat`` per vector at about 1.1x (TinyGPT) / 1.5x
             (GPT-2) a gradient instead of 1.9x / 1.8x (``benchmarks/README.md``). Double backward
-            does not compile, so ``mode="reverse"`` refuses it. If compiling fails, a warning
-            says why and the products run eagerly.
+            does not compile, so ``mode="reverse"`` refuses it. If compiling fails, or the
+            process has compiled 64 shapes already, a warning says why and the products run
+            eagerly.
         distributed: ``None`` (default): all-reduce every product when a process group with more
             than one rank is initialized; ``False``: this rank's own Hessian (e.g. a diagnostic
             run on rank 0 alone; the default would wait for the other ranks); ``True``: require a
@@ -567,7 +577,8 @@ class HessianOperator(Operator):
             return hvp_reverse(f, p, v, batched)
         if self._compiled is not None:
             try:
-                return self._compiled(self._module, p, v, batch, batched)
+                with torch._dynamo.config.patch(_compile_limits()):
+                    return self._compiled(self._module, p, v, batch, batched)
             except Exception as err:  # noqa: BLE001 - the eager product below raises the real error
                 self._compiled = None
                 warnings.warn(

@@ -53,7 +53,7 @@ import os
 import warnings
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -178,6 +178,9 @@ class AdamMini(torch.optim.Optimizer):
             )
         self._auto = partition is None
         self._model_partition = self._whole_model_partition(model) if self._auto else None
+        # the model's name of each tensor: a wrapper (DDP's .module, torch.compile's ._orig_mod)
+        # names them with a prefix that the inner model's named_parameters() lacks
+        self._model_names = {id(p): n for n, p in model.named_parameters()} if model else {}
         self.partition = partition
         self._layouts: dict[torch.Tensor, BlockLayout] = {}
         self._names: dict[torch.Tensor, str] = {}
@@ -207,12 +210,15 @@ class AdamMini(torch.optim.Optimizer):
 
     def _auto_partition(self, named: list[tuple[str, torch.Tensor]]) -> partition_lib.Partition:
         """The paper's blocks of a group's tensors: from the whole model's partition when every
-        tensor is in it, else from the group's names."""
+        tensor is in it (found by identity, else by name), else from the group's names."""
         whole = self._model_partition
+        found = [self._model_names.get(id(p), n) for n, p in named]
         if whole is not None and all(
-            n in whole and whole[n].shape == tuple(p.shape) for n, p in named
+            m in whole and whole[m].shape == tuple(p.shape)
+            for m, (_, p) in zip(found, named, strict=True)
         ):
-            return partition_lib.Partition([whole[n] for n, _ in named], whole.provenance)
+            blocks = [replace(whole[m], name=n) for m, (n, _) in zip(found, named, strict=True)]
+            return partition_lib.Partition(blocks, whole.provenance)
         try:
             return partition_lib.adam_mini(list(named), **self._heads)
         except partition_lib.PartitionError as err:

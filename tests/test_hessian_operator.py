@@ -597,3 +597,27 @@ def test_forward_mode_names_in_place_buffer_updates():
     H = HessianOperator(model, ce_loss, (x, y), mode="forward", check_determinism=False)
     with pytest.raises(ForwardModeError, match="running statistics.*model.eval"):
         H @ torch.zeros(H.shape[0])
+
+
+def test_compile_limit_warns_and_runs_eagerly(monkeypatch):
+    """Past dynamo's recompile limit, compiled products would silently run eagerly: the
+    operator warns instead (dynamo's eager backend keeps this test fast)."""
+    from hessian import operator as operator_module
+
+    eager_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, backend="eager"))
+    monkeypatch.setattr(
+        operator_module,
+        "_compile_limits",
+        lambda: {"recompile_limit": 1, "fail_on_recompile_limit_hit": True},
+    )
+    torch._dynamo.reset()
+    model, X, y = mlp_problem()
+    D = dense_reference(model, ce_loss, (X, y))
+    H = HessianOperator(model, ce_loss, (X, y), mode="forward", compile=True)
+    V = torch.randn(H.shape[0], 3, dtype=F64)
+    assert (H.matmat(V[:, :2]) - D @ V[:, :2]).abs().max() < 1e-10  # the one graph allowed
+    with pytest.warns(RuntimeWarning, match="products run eagerly from now on"):
+        HV = H.matmat(V)  # a second vector count: a second graph
+    assert (HV - D @ V).abs().max() < 1e-10
+    torch._dynamo.reset()

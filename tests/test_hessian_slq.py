@@ -161,6 +161,10 @@ def test_trace_and_diagonal_progress_bars_count_every_product(monkeypatch, capsy
         ("diagonal", 7, 7),
     ]
     assert "trace (hutchpp)" in capsys.readouterr().err
+    # n = 32 < 99 / 3: the sketch has 32 columns, so 33 + 32 + 33 products, all counted
+    tr = trace(A, method="hutchpp", num_matvecs=99, progress=True)
+    assert tr.num_matvecs == 98 and (bars[-1].n, bars[-1].total) == (98, 98)
+    capsys.readouterr()
     trace(A, num_matvecs=4, progress=False)
     diagonal(A, num_matvecs=4, progress=False)
     assert capsys.readouterr().err == ""

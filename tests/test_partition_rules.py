@@ -361,3 +361,21 @@ def test_param_groups_take_conv1d_or_linear_from_the_model():
     mlp_only = [(n, p) for n, p in named if ".mlp." in n]
     with pytest.warns(PartitionWarning, match="c_fc.weight' is taken to be a GPT-2 Conv1D"):
         partition.adam_mini(mlp_only)
+
+
+def test_adam_mini_optimizer_reads_a_wrapped_models_fused_layout():
+    """AdamMini(inner.named_parameters(), model=wrapper): the wrapper's names carry a prefix
+    ('module.'); tensors are matched by identity, so CodeGen's q, v, k shards stay per head."""
+    optimizer = pytest.importorskip("optimizer")
+    c = transformers.CodeGenConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, vocab_size=50)
+    inner = transformers.CodeGenForCausalLM(c)
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like to named_parameters()
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    opt = optimizer.AdamMini(inner.named_parameters(), partition=None, model=Wrapper(inner))
+    name = "transformer.h.0.attn.qkv_proj.weight"
+    assert opt.partition[name] == partition.adam_mini(inner)[name]
+    assert opt.partition[name].rule == "row_groups"
