@@ -180,7 +180,11 @@ class AdamMini(torch.optim.Optimizer):
         self._model_partition = self._whole_model_partition(model) if self._auto else None
         # the model's name of each tensor: a wrapper (DDP's .module, torch.compile's ._orig_mod)
         # names them with a prefix that the inner model's named_parameters() lacks
-        self._model_names = {id(p): n for n, p in model.named_parameters()} if model else {}
+        self._model_names = (
+            {id(p): n for n, p in model.named_parameters()}
+            if self._model_partition is not None
+            else {}
+        )
         self.partition = partition
         self._layouts: dict[torch.Tensor, BlockLayout] = {}
         self._names: dict[torch.Tensor, str] = {}
