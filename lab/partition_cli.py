@@ -211,15 +211,15 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
         raise PartitionError(f"config file {spec!r} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise PartitionError(f"config file {spec!r} must hold a JSON object")
-    for key in _SIZE_KEYS & set(config):
-        value = config[key]
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise PartitionError(
-                f"config file {spec!r}: {key} must be a positive integer, got {value!r}"
-            )
     if "model_type" in config:
+        for key in _SIZE_KEYS & set(config):  # TinyGPTConfig checks its own fields
+            value = config[key]
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise PartitionError(
+                    f"config file {spec!r}: {key} must be a positive integer, got {value!r}"
+                )
         transformers = _transformers(spec)
         config = dict(config)
         model_type = config.pop("model_type")
@@ -239,12 +239,11 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
         return TinyGPT(TinyGPTConfig(**config), seed=0)
 
 
-# sizes of TinyGPT and transformers configs, checked before any division by them
+# sizes of transformers configs, checked before transformers divides by them
 _SIZE_KEYS = {
-    "vocab_size", "context", "n_layer", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "n_embd", "n_head", "n_positions", "max_position_embeddings",
-    "num_kv_heads",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "num_kv_heads", "head_dim", "intermediate_size", "n_embd", "n_head",
+    "n_layer", "n_positions", "max_position_embeddings",
 }  # fmt: skip
 
 

@@ -185,14 +185,12 @@ def _fused_row_groups(
     head and one per v row, numbered in row order."""
     kv = n_kv_heads or n_heads
     shards = {"interleaved": n_heads, "grouped": kv, "codegen": 4}[layout]
-    if not n_heads or not shards or n_heads % shards:
-        run, rows = [], -1
-    else:
+    run: list[tuple[str, int]] = []  # (role, heads) in the row order of one shard
+    if n_heads and shards and n_heads % shards == 0:
         per = n_heads // shards  # query heads per shard
         order = {"interleaved": "qkv", "grouped": "qkv", "codegen": "qvk"}[layout]
         run = [(role, per if role == "q" or layout == "codegen" else 1) for role in order]
-        rows = shards * sum(heads for _, heads in run) * head_dim
-    if rows != shape[0]:
+    if not run or shards * sum(heads for _, heads in run) * head_dim != shape[0]:
         raise PartitionError(
             f"tensor {name!r} has {shape[0]} fused q|k|v rows, which the model's {layout} layout "
             f"cannot split with n_heads={n_heads}, n_kv_heads={kv}, head_dim={head_dim}; pass "
