@@ -352,7 +352,8 @@ class AdamMini(torch.optim.Optimizer):
         saved = dict(zip(ids, params, strict=True))
         for i, s in state_dict.get("state", {}).items():
             if i in saved and "exp_avg_sq" in s:
-                self._check_saved_state(saved[i], s)
+                shapes = {k: tuple(s[k].shape) for k in ("exp_avg", "exp_avg_sq") if k in s}
+                self.check_saved_shapes(saved[i], shapes)
         super().load_state_dict(state_dict)
         for i, param in saved.items():
             s = state_dict["state"].get(i)
@@ -366,15 +367,17 @@ class AdamMini(torch.optim.Optimizer):
             state["exp_avg_sq"] = s["exp_avg_sq"].to(device=param.device, dtype=v_dtype)
             state["step"] = s["step"].to(device="cpu", dtype=torch.float32)
 
-    def _check_saved_state(self, param: torch.Tensor, s: dict) -> None:
+    def check_saved_shapes(self, param: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse saved ``exp_avg``/``exp_avg_sq`` shapes that this optimizer's partition
+        does not give ``param`` (a state saved under another partition)."""
         layout = self._layouts[param]
         want = tuple(param.shape) if layout.rule == "elements" else (layout.num_blocks,)
-        got = {k: tuple(s[k].shape) for k in ("exp_avg", "exp_avg_sq") if k in s}
-        if got.get("exp_avg_sq", want) != want or got.get("exp_avg", param.shape) != param.shape:
+        v, m = shapes.get("exp_avg_sq", want), shapes.get("exp_avg", tuple(param.shape))
+        if v != want or m != tuple(param.shape):
             name = self._names[param]
             raise partition_lib.PartitionError(
-                f"saved optimizer state of {name!r} has exp_avg {got.get('exp_avg')} and "
-                f"exp_avg_sq {got.get('exp_avg_sq')}, but this optimizer's partition gives "
+                f"saved optimizer state of {name!r} has exp_avg {shapes.get('exp_avg')} and "
+                f"exp_avg_sq {shapes.get('exp_avg_sq')}, but this optimizer's partition gives "
                 f"{tuple(param.shape)} and {want} (rule {layout.rule!r}); build the optimizer "
                 "with the partition the checkpoint was saved under (e.g. from its JSON file)"
             )

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import optimizer
-from partition import Partition, TensorBlocks
+from partition import Partition, PartitionError, TensorBlocks
 
 pytestmark = pytest.mark.distributed
 
@@ -131,6 +131,21 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     train(resumed, opt2, range(SAVE_AT, STEPS))
     result["resumed"] = {n: p.full_tensor() for n, p in resumed.named_parameters()}
 
+    helper = Zoo()  # the same resume through optimizer.load_checkpoint
+    fully_shard(helper, mesh=mesh)
+    dcp.load({"model": helper.state_dict()}, checkpoint_id=ckpt)
+    opt4 = optimizer.AdamMini(helper.named_parameters(), part, **HYPER)
+    optimizer.load_checkpoint(opt4, ckpt)
+    train(helper, opt4, range(SAVE_AT, STEPS))
+    result["resumed_helper"] = {n: p.full_tensor() for n, p in helper.named_parameters()}
+    other = Partition(  # emb saved with one v per row, loaded as one block
+        TensorBlocks(n, s, "tensor" if n == "emb" else r, p) for n, (s, r, p) in SHAPES.items()
+    )
+    try:
+        optimizer.load_checkpoint(optimizer.AdamMini(helper.named_parameters(), other), ckpt)
+    except PartitionError as e:
+        result["mismatch"] = str(e)
+
     # bf16 momentum: every rank rounds its rows as a single process rounds them
     low = Zoo().float()
     fully_shard(low, mesh=mesh)
@@ -171,6 +186,8 @@ def test_fsdp2_dcp_and_ddp_match_single_process(tmp_path):
             result["fsdp"][name], p.detach(), rtol=1e-12, atol=1e-14, msg=name
         )
         assert torch.equal(result["resumed"][name], result["fsdp"][name]), name
+        assert torch.equal(result["resumed_helper"][name], result["fsdp"][name]), name
+    assert "'emb'" in result["mismatch"] and "(9,)" in result["mismatch"]
     torch.testing.assert_close(result["q_v"], opt.state[model.q]["exp_avg_sq"], rtol=1e-12, atol=0)
     for rank in range(2):
         copies = torch.load(tmp_path / f"v_rank{rank}.pt", weights_only=True)
