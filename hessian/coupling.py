@@ -36,7 +36,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import Operator, as_operator, check_positive_ints, check_symmetric, rademacher
+from hessian.linop import (
+    Operator,
+    as_operator,
+    check_positive_ints,
+    check_symmetric,
+    rademacher,
+    seeded_generator,
+)
 from hessian.slq import SpectralDensity, multi_lanczos, quadrature
 from partition import BlockCoupling, Partition
 
@@ -69,7 +76,7 @@ def block_coupling(
     n = check_symmetric(A)
     labels = block_labels(A, partition)
     B = partition.num_blocks
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     if exact:
         if n > EXACT_MAX:
             raise ValueError(
@@ -157,7 +164,7 @@ def blockwise_spectra(
     A = as_operator(op)
     check_symmetric(A)
     groups = _groups(A, blocks)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     starts, supports, owner = [], [], []
     for label, idx in groups.items():
         for _ in range(num_probes):

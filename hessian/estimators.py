@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import Operator, as_operator, check_positive_ints, check_square, rademacher
+from hessian.linop import (
+    Operator,
+    as_operator,
+    check_positive_ints,
+    check_square,
+    rademacher,
+    seeded_generator,
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ def trace(
         raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
     A = as_operator(op)
     n = check_square(A)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     total = num_matvecs
     if method == "hutchpp":  # the sketch Q has min(n, m/3) columns: fewer products when n < m/3
         total -= num_matvecs // 3 - min(n, num_matvecs // 3)
@@ -97,7 +104,7 @@ def diagonal(
     n = check_square(A)
     if num_matvecs < 2:
         raise ValueError("diagonal needs num_matvecs >= 2 for standard errors")
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     Z = _signs(n, num_matvecs, gen, A)
     with tqdm(total=num_matvecs, desc="diagonal", disable=not progress, leave=False) as bar:
         samples = (Z * _apply(A, Z, chunk, bar)).double().cpu().numpy()

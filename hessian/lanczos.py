@@ -43,7 +43,7 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import as_operator, check_positive_ints, check_symmetric
+from hessian.linop import as_operator, check_positive_ints, check_symmetric, seeded_generator
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -137,7 +137,7 @@ def lanczos(
                 f"block_size = {k + 2 * p} vectors (or n={n}); raise max_basis or lower k"
             )
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     dtype, device = A.dtype, A.device
     basis = torch.zeros(n, cap + p, dtype=dtype, device=device)
     Q, _, _ = _orthonormalize(_randn(n, p, gen, dtype, device), basis[:, :0], gen)

@@ -63,8 +63,8 @@ class Operator:
         return self._dense(self.shape[1] if chunk is None else chunk)
 
     def _dense(self, chunk: int, progress: bool = False) -> torch.Tensor:
+        check_positive_ints(chunk=chunk)
         n = self.shape[1]
-        chunk = max(1, int(chunk))
         cols = []
         for start in tqdm(range(0, n, chunk), desc="to_dense", disable=not progress):
             stop = min(n, start + chunk)
@@ -124,6 +124,8 @@ class DenseOperator(Operator):
         return self.A.T @ V
 
     def to_dense(self, chunk: int | None = None) -> torch.Tensor:
+        if chunk is not None:
+            check_positive_ints(chunk=chunk)
         return self.A.clone()
 
     def asymmetry(self) -> str | None:
@@ -200,6 +202,17 @@ def check_positive_ints(**counts: Any) -> None:
             ok = False
         if not ok:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def seeded_generator(seed: Any) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``, or a ValueError if it is not an integer."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None:
+        raise ValueError(f"seed must be an int, got {seed!r}: pass an integer such as seed=0")
+    return torch.Generator().manual_seed(value)
 
 
 def check_square(op: Operator) -> int:

@@ -25,7 +25,14 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import Operator, as_operator, check_positive_ints, check_symmetric, rademacher
+from hessian.linop import (
+    Operator,
+    as_operator,
+    check_positive_ints,
+    check_symmetric,
+    rademacher,
+    seeded_generator,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,7 +77,7 @@ def spectral_density(
     A = as_operator(op)
     n = check_symmetric(A)
     steps = min(int(num_steps), n)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     starts = [rademacher((n,), gen, A.dtype, A.device) for _ in range(num_probes)]
     runs, used = multi_lanczos(A, starts, [None] * num_probes, steps, reorth, progress, "slq")
     nodes, weights = zip(*(quadrature(a, b, steps) for a, b in runs), strict=True)

@@ -8,8 +8,17 @@ import scipy.sparse.linalg
 import torch
 from problems import tiny_gpt_problem
 
-from hessian import HessianOperator, lanczos
+from hessian import (
+    HessianOperator,
+    as_operator,
+    block_coupling,
+    diagonal,
+    lanczos,
+    spectral_density,
+    trace,
+)
 from lab.models import lm_loss
+from partition import Partition, TensorBlocks
 
 N = 120
 
@@ -150,6 +159,27 @@ def test_bad_arguments():
         lanczos(np.triu(np.ones((4, 4))), k=1, progress=False)
     with pytest.raises(TypeError, match="must be real"):
         lanczos(np.eye(3) * 1j, k=1, progress=False)
+
+
+def test_seeds_and_chunks_that_are_not_integers_are_refused_everywhere():
+    A = torch.as_tensor(planted(SPECTRA["known"]))
+    part = Partition([TensorBlocks("x", (A.shape[0],), "elements", {})])
+    calls = {
+        "lanczos": lambda seed: lanczos(A, k=1, seed=seed, progress=False),
+        "spectral_density": lambda seed: spectral_density(A, 2, 3, seed=seed, progress=False),
+        "trace": lambda seed: trace(A, num_matvecs=3, seed=seed, progress=False),
+        "diagonal": lambda seed: diagonal(A, num_matvecs=3, seed=seed, progress=False),
+        "block_coupling": lambda seed: block_coupling(
+            A, part, num_samples=2, seed=seed, progress=False
+        ),
+    }
+    for name, call in calls.items():
+        for seed in (1.5, True, "0"):
+            with pytest.raises(ValueError, match=f"seed must be an int, got {seed!r}"):
+                call(seed)
+        call(np.int64(3))  # integer types are seeds
+    with pytest.raises(ValueError, match="chunk must be an int >= 1, got 0"):
+        as_operator(A).to_dense(chunk=0)
 
 
 def test_integer_like_counts_sparse_and_slightly_asymmetric_matrices_are_accepted():
