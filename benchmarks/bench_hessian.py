@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,59 @@ def matmul_flops(fns: dict[str, Callable], k: int) -> dict[str, float]:
             fn()
         flops[name] = counter.get_total_flops() / (k if name.startswith("ours matmat") else 1)
     return flops
+
+
+class _RecordMatmuls(TorchDispatchMode):
+    """Records the ``(batch, m, k, n)`` shape of every matmul that runs below it."""
+
+    OPS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, int, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            i, j = self.OPS[name]
+            a, b = args[i].shape, args[j].shape
+            self.shapes.append((a[0] if len(a) == 3 else 0, a[-2], a[-1], b[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def _best_matmul_seconds(batch: int, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` float32 matmuls of this shape (``batch`` 0: a plain ``mm``)."""
+    lead = (batch,) if batch else ()
+    a, b = torch.randn(*lead, m, k), torch.randn(*lead, k, n)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_floor(gradient: Callable, vectors: int) -> dict[str, float]:
+    """Seconds of matmuls alone: the gradient's, and a lower bound for one vector of a matmat.
+
+    A vector's product holds two matmuls of each shape (m, k, n) that the gradient runs (the
+    second table's 2.00x FLOPs), each with one operand shared by all vectors: the ``vectors``
+    copies fold into one matmul of ``vectors * m`` rows or ``vectors * n`` columns (or a batch
+    ``vectors`` times larger). The floor times the fastest of those foldings alone, with no
+    elementwise work and no data movement between them: no implementation on this core's
+    matmul library pays less for a vector's matmuls.
+    """
+    gradient()
+    with _RecordMatmuls() as rec:
+        gradient()
+    own = folded = 0.0
+    for batch, m, k, n in rec.shapes:
+        own += _best_matmul_seconds(batch, m, k, n)
+        foldings = [(batch, vectors * m, k, n), (batch, m, k, vectors * n)]
+        if batch:
+            foldings.append((vectors * batch, m, k, n))
+        folded += 2 * min(_best_matmul_seconds(*shape) for shape in foldings)
+    return {"gradient_matmuls": own, "matmat_vector_matmuls": folded / vectors}
 
 
 def sgemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -307,6 +361,8 @@ def run(args) -> dict:
         }
         best = "forward" if med["ours forward (jvp of grad)"] < med[KEPT] else "reverse"
         entry["sgemm_peak_gflops_per_second"] = peak
+        floor = matmul_floor(fns["gradient"], args.vectors)
+        entry["matmul_floor"] = {name: seconds / g for name, seconds in floor.items()}
         results[title] = entry
         if args.hvp_only:
             continue
@@ -433,6 +489,9 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
     def flops(name: str) -> dict[str, float]:
         return {t: results[t]["flop_ratios"][name] for t in titles}
 
+    def floor(name: str) -> dict[str, float]:
+        return {t: results[t]["matmul_floor"][name] for t in titles}
+
     def cells(values: dict[str, float], unit: str = "x") -> str:
         return ", ".join(f"{x:.2f}{unit}" for x in values.values())
 
@@ -472,6 +531,23 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
             + cells({t: flops(matmat)[t] * rate[t] / peak[t] for t in titles})
             + " a gradient."
             if all("sgemm_peak_gflops_per_second" in results[t] for t in titles)
+            else ""
+        )
+        + (
+            " Timed alone at their own shapes, the gradient's matmuls take "
+            + cells(floor("gradient_matmuls"))
+            + " of its time; the rest is elementwise work. A vector's matmuls, folded over the "
+            f"{args.vectors} vectors into the fastest shape (one operand is shared by all vectors) "
+            "and timed alone with nothing between them, take "
+            + cells(floor("matmat_vector_matmuls"))
+            + " a gradient (`matmul_floor`): no implementation's matmuls cost less on this core, "
+            "which leaves "
+            + cells({t: 1 - v for t, v in floor("matmat_vector_matmuls").items()})
+            + " a gradient for all of a vector's elementwise tangent work, forward and backward, "
+            "where the gradient alone spends "
+            + cells({t: 1 - v for t, v in floor("gradient_matmuls").items()})
+            + " on its own."
+            if all("matmul_floor" in results[t] for t in titles)
             else ""
         )
         + " `compile=True` fuses the elementwise work of the batched forward-mode products "
