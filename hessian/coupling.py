@@ -54,7 +54,7 @@ def block_coupling(
     op: Any,
     partition: Partition,
     num_samples: int = 16,
-    seed: int = 0,
+    seed: int | torch.Generator = 0,
     exact: bool = False,
     chunk: int = 256,
     progress: bool = True,
@@ -66,7 +66,8 @@ def block_coupling(
             be ``partition.names`` order.
         partition: the candidate partition; its tensors must be exactly the operator's params.
         num_samples: Hutchinson rounds (``num_samples * num_blocks`` products in all).
-        seed: seed of the probes and of the null permutation.
+        seed: an int, or a CPU ``torch.Generator`` to draw from, for the probes and the null
+            permutation.
         exact: from the dense Hessian (small models only).
         chunk: blocks per ``matmat``.
         progress: tqdm progress bar.
@@ -150,7 +151,7 @@ def blockwise_spectra(
     blocks: Partition | Mapping[str, Any] | Sequence[str],
     num_probes: int = 4,
     num_steps: int = 50,
-    seed: int = 0,
+    seed: int | torch.Generator = 0,
     reorth: bool = True,
     progress: bool = True,
 ) -> dict[str, SpectralDensity]:

@@ -52,7 +52,7 @@ def trace(
     op: Any,
     method: str = "hutchinson",
     num_matvecs: int = 30,
-    seed: int = 0,
+    seed: int | torch.Generator = 0,
     chunk: int = 64,
     progress: bool = True,
 ) -> TraceEstimate:
@@ -95,7 +95,11 @@ def _trace(
 
 
 def diagonal(
-    op: Any, num_matvecs: int = 30, seed: int = 0, chunk: int = 64, progress: bool = True
+    op: Any,
+    num_matvecs: int = 30,
+    seed: int | torch.Generator = 0,
+    chunk: int = 64,
+    progress: bool = True,
 ) -> DiagonalEstimate:
     """Estimate :math:`\\mathrm{diag}\\,H` as the mean of :math:`z \\odot Hz` over Rademacher z;
     ``progress`` shows a tqdm bar over the products."""

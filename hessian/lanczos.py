@@ -77,7 +77,7 @@ def lanczos(
     which: str = "LA",
     max_iter: int | None = None,
     tol: float = 1e-8,
-    seed: int = 0,
+    seed: int | torch.Generator = 0,
     block_size: int = 1,
     max_basis: int | None = None,
     true_residuals: bool = True,
@@ -94,7 +94,7 @@ def lanczos(
         max_iter: most Lanczos steps (default ``max(300, 20 k)``, and at most ``ceil(n/p)``
             without restarts).
         tol: relative residual tolerance, ``||H y - theta y|| <= tol * max|theta|``.
-        seed: seed of the random start block.
+        seed: an int, or a CPU ``torch.Generator`` to draw from, for the random start block.
         block_size: ``p``, vectors per step (one ``matmat`` each); ``p > 1`` finds multiplicities.
         max_basis: most basis vectors kept (memory ``n * max_basis``); thick restarts keep it
             there. At least ``k + 2 p``. Default: no restart.

@@ -204,14 +204,25 @@ def check_positive_ints(**counts: Any) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def seeded_generator(seed: Any) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``seed``, or a ValueError if it is not an integer."""
+def seeded_generator(seed: int | torch.Generator) -> torch.Generator:
+    """The CPU ``torch.Generator`` the estimators draw from: a fresh one seeded with an integer
+    ``seed``, or ``seed`` itself when it is a CPU generator (its state advances with each draw).
+    Anything else is a ValueError that names the two accepted forms."""
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != "cpu":
+            raise ValueError(
+                f"seed must be a CPU torch.Generator, got one on {seed.device}: probes are drawn "
+                "on the CPU so that every device sees the same numbers; pass torch.Generator()"
+            )
+        return seed
     try:
         value = None if isinstance(seed, bool) else operator.index(seed)
     except TypeError:
         value = None
     if value is None:
-        raise ValueError(f"seed must be an int, got {seed!r}: pass an integer such as seed=0")
+        raise ValueError(
+            f"seed must be an int or a torch.Generator, got {seed!r}: pass an integer such as seed=0"
+        )
     return torch.Generator().manual_seed(value)
 
 

@@ -68,7 +68,7 @@ def spectral_density(
     op: Any,
     num_probes: int = 10,
     num_steps: int = 100,
-    seed: int = 0,
+    seed: int | torch.Generator = 0,
     reorth: bool = True,
     progress: bool = True,
 ) -> SpectralDensity:

@@ -175,11 +175,31 @@ def test_seeds_and_chunks_that_are_not_integers_are_refused_everywhere():
     }
     for call in calls.values():
         for seed in (1.5, True, "0"):
-            with pytest.raises(ValueError, match=f"seed must be an int, got {seed!r}"):
+            with pytest.raises(
+                ValueError, match=f"seed must be an int or a torch.Generator, got {seed!r}"
+            ):
                 call(seed)
         call(np.int64(3))  # integer types are seeds
+
+    class CudaGenerator(torch.Generator):  # a CUDA generator's device, without CUDA
+        device = torch.device("cuda")
+
+    with pytest.raises(ValueError, match="CPU torch.Generator, got one on cuda"):
+        trace(A, num_matvecs=3, seed=CudaGenerator(), progress=False)
     with pytest.raises(ValueError, match="chunk must be an int >= 1, got 0"):
         as_operator(A).to_dense(chunk=0)
+
+
+def test_a_generator_is_a_seed_that_advances():
+    A = torch.as_tensor(planted(SPECTRA["known"]))
+
+    def estimate(seed):
+        return trace(A, num_matvecs=6, seed=seed, progress=False).estimate
+
+    gen = torch.Generator().manual_seed(5)
+    first, second = estimate(gen), estimate(gen)
+    assert first == estimate(5)  # a fresh generator seeded 5 draws what seed=5 draws
+    assert second != first  # the same generator goes on where it stopped
 
 
 def test_integer_like_counts_sparse_and_slightly_asymmetric_matrices_are_accepted():
