@@ -126,8 +126,8 @@ class HessianOperator(Operator):
         compile: run forward-mode products (``mode="forward"``, or ``"auto"`` when it picks
             forward) through ``torch.compile(dynamic=False)``. The first product for each batch
             shape and vector count compiles (tens of seconds on a CPU); later ones run fused
-            kernels, e.g. a 16-vector ``matmat`` per vector at 0.83x (TinyGPT) / 1.77x (GPT-2)
-            an eager gradient instead of 1.76x / 2.12x (``benchmarks/README.md``). Double backward
+            kernels, e.g. a 16-vector ``matmat`` per vector at 0.79x (TinyGPT) / 1.69x (GPT-2)
+            an eager gradient instead of 1.60x / 2.42x (``benchmarks/README.md``). Double backward
             does not compile, so ``mode="reverse"`` refuses it. If compiling fails, or the
             process has compiled 64 shapes already, a warning says why and the products run
             eagerly.
