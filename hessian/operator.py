@@ -78,9 +78,14 @@ def _compile_limits() -> dict[str, Any]:
     """dynamo settings for compiled products. One graph per batch shape and vector count, shared
     by all operators in the process (the cache belongs to ``_bound_product``); past the limit
     dynamo would run eagerly without a word, so hitting it raises into the operator's
-    warn-and-run-eagerly path instead."""
-    wanted = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
-    return {k: v for k, v in wanted.items() if hasattr(torch._dynamo.config, k)}
+    warn-and-run-eagerly path instead. torch<2.7 names them ``cache_size_limit`` and
+    ``fail_on_cache_limit_hit``; torch<2.6 has no such switch (dynamo only logs the hit)."""
+    config = torch._dynamo.config
+    names = ("recompile_limit", "fail_on_recompile_limit_hit")
+    if not hasattr(config, names[0]):
+        names = ("cache_size_limit", "fail_on_cache_limit_hit")
+    wanted = dict(zip(names, (64, True), strict=True))
+    return {k: v for k, v in wanted.items() if hasattr(config, k)}
 
 
 def _bound_loss(
@@ -98,6 +103,23 @@ def _bound_product(module: _LossModule, p: dict, v: dict, batch: Any, batched: b
     """The forward-mode product of ``batch``'s loss: a top-level function of everything it reads,
     so one compiled graph serves every operator and batch of the same shapes."""
     return forward_product(_bound_loss(module, batch), p, v, batched)
+
+
+def _compile_product(compile: bool) -> Callable[..., dict] | None:
+    """``torch.compile`` of :func:`_bound_product` with ``compile``; None (eager products) without
+    it or, with a warning, where this torch cannot compile on this Python (torch 2.5 on 3.13)."""
+    if not compile:
+        return None
+    try:
+        return torch.compile(_bound_product, dynamic=False)
+    except RuntimeError as err:
+        warnings.warn(
+            f"compile=True: torch.compile is unavailable ({first_line(err)}); the products run "
+            "eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 class HessianOperator(Operator):
@@ -128,8 +150,8 @@ class HessianOperator(Operator):
             shape and vector count compiles (tens of seconds on a CPU); later ones run fused
             kernels, e.g. a 16-vector ``matmat`` per vector at 0.79x (TinyGPT) / 1.69x (GPT-2)
             an eager gradient instead of 1.60x / 2.42x (``benchmarks/README.md``). Double backward
-            does not compile, so ``mode="reverse"`` refuses it. If compiling fails, or the
-            process has compiled 64 shapes already, a warning says why and the products run
+            does not compile, so ``mode="reverse"`` refuses it. If compiling fails, or (torch>=2.6)
+            the process has compiled 64 shapes already, a warning says why and the products run
             eagerly.
         distributed: ``None`` (default): all-reduce every product when a process group with more
             than one rank is initialized; ``False``: this rank's own Hessian (e.g. a diagnostic
@@ -187,7 +209,7 @@ class HessianOperator(Operator):
         self.progress = progress
         self.cache = cache
         self._module = _LossModule(model, loss_fn)
-        self._compiled = torch.compile(_bound_product, dynamic=False) if compile else None
+        self._compiled = _compile_product(compile)
         self._batches = Batches(data)
 
         named = dict(model.named_parameters())
@@ -202,8 +224,15 @@ class HessianOperator(Operator):
                 )
             unknown = sorted(wanted - set(named))
             if unknown:
-                near = {n: difflib.get_close_matches(n, named, 1) for n in unknown}
-                hint = "; ".join(f"{n!r} -> did you mean {m[0]!r}?" for n, m in near.items() if m)
+                owner = {id(p): n for n, p in named.items()}  # a tied tensor goes by one name
+                tied = {a: owner[id(p)] for a, p in model.named_parameters(remove_duplicate=False)}
+                hints = []
+                for n in unknown:
+                    if n in tied:
+                        hints.append(f"{n!r} is tied to {tied[n]!r}: the shared tensor's name")
+                    elif m := difflib.get_close_matches(n, named, 1):
+                        hints.append(f"{n!r} -> did you mean {m[0]!r}?")
+                hint = "; ".join(hints)
                 raise KeyError(
                     f"unknown parameter name(s) {unknown}; the model has {list(named)[:8]}"
                     + (" ..." if len(named) > 8 else "")
@@ -490,11 +519,20 @@ class HessianOperator(Operator):
             msg = str(err).lower()
             if "dtype" not in msg and "device" not in msg and "scalar type" not in msg:
                 raise
+            index = any(w in msg for w in ("index", "indices", "target")) and (
+                "long" in msg or "int64" in msg
+            )
             raise HessianError(
                 f"loss_fn failed on the first batch: {first_line(err)}. The "
                 f"differentiated parameters are {self.dtype} on {self.device}, the batch holds "
-                f"{_tensor_kinds(batch)}: give the batch the model's dtype and device (e.g. "
-                "model.double() with a float64 batch, or batch.to(device))"
+                f"{_tensor_kinds(batch)}: "
+                + (
+                    "token ids, class targets and other indices must stay integer (torch.long); "
+                    "give only the floating-point tensors the model's dtype"
+                    if index
+                    else "give the batch the model's dtype and device (e.g. model.double() with a "
+                    "float64 batch, or batch.to(device))"
+                )
             ) from err
         if not isinstance(a, torch.Tensor) or a.numel() != 1:
             got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
@@ -547,7 +585,8 @@ class HessianOperator(Operator):
             if self.check_determinism:  # every product: the model may have been put in train mode
                 _check_modules(self.model)
             try:
-                self._products_into(out, v, batched)
+                with _constant_padding_rows(self.model):
+                    self._products_into(out, v, batched)
             except RuntimeError as err:
                 if not is_double_backward_error(err):
                     raise
@@ -742,6 +781,37 @@ def _check_modules(model: nn.Module) -> None:
             + (" ..." if len(bad) > 5 else "")
             + ". Call model.eval() first, or pass check_determinism=False if this is intended"
         )
+
+
+@contextlib.contextmanager
+def _constant_padding_rows(model: nn.Module) -> Iterator[None]:
+    r"""Products with the padding lookups of ``nn.Embedding(padding_idx=p)`` held constant, as
+    autograd holds them.
+
+    The backward of such a lookup gives row :math:`p` nothing from the positions that read it, so
+    ``grad`` is :math:`g = \nabla_\theta \tilde L(\theta, \theta')|_{\theta'=\theta}`, where those
+    positions read a constant copy :math:`\theta'`. Double backward returns the symmetric
+    :math:`\nabla^2_{\theta\theta} \tilde L`; ``jvp(grad)`` would also push the tangent through the
+    lookup and add :math:`\nabla^2_{\theta\theta'} \tilde L\, v` (asymmetric; O(1) on BERT).
+    Detaching the padding positions of the output removes that term and changes no gradient.
+    """
+    handles = [
+        m.register_forward_hook(_detach_padding, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _detach_padding(
+    module: nn.Embedding, args: tuple, kwargs: dict, out: torch.Tensor
+) -> torch.Tensor:
+    ids = args[0] if args else kwargs["input"]
+    return torch.where((ids == module.padding_idx).unsqueeze(-1), out.detach(), out)
 
 
 def _describe(batch: Any) -> str:

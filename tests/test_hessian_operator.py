@@ -133,6 +133,43 @@ def test_params_subset_is_the_submatrix(gpt, mode):
     assert (dense - D[idx][:, idx]).abs().max() < 1e-10
 
 
+class PaddedLM(nn.Module):
+    """A token embedding with a padding row (BERT's, Llama's with a pad token), optionally tied."""
+
+    def __init__(self, tie: bool):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.ln = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 7)
+        if tie:
+            self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.ln(self.emb(x)))).flatten(0, 1)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_padding_embedding_matches_double_backward(tie, mode):
+    """autograd gives the padding row nothing from the positions that read it; forward mode must
+    hold those lookups constant too (jacfwd(grad) does not: it is asymmetric here)."""
+    torch.manual_seed(0)
+    model = PaddedLM(tie).double()
+    x, y = torch.tensor([[0, 1, 2], [3, 0, 0]]), torch.tensor([1, 0, 5, 2, 6, 0])
+    params = list(model.parameters())
+
+    def flat(ts):
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    g = flat(torch.autograd.grad(ce_loss(model, (x, y)), params, create_graph=True))
+    D = torch.stack([flat(torch.autograd.grad(gi, params, retain_graph=True)) for gi in g], 1)
+    assert (D - D.T).abs().max() < 1e-12
+    H = HessianOperator(model, ce_loss, (x, y), mode=mode)
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert (H @ V[:, 0] - D @ V[:, 0]).abs().max() < 1e-12
+    assert (H.matmat(V) - D @ V).abs().max() < 1e-12
+
+
 def test_linear_regression_closed_form():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(11, 4, generator=g, dtype=F64)
@@ -293,6 +330,8 @@ def test_bad_loss_and_batch_name_the_fix():
             HessianOperator(model, loss_fn, (X, y)) @ torch.zeros(n)
     with pytest.raises(HessianError, match="float64 on cpu, the batch holds torch.float32"):
         HessianOperator(model, ce_loss, (X.float(), y)) @ torch.zeros(n)
+    with pytest.raises(HessianError, match="class targets and other indices must stay integer"):
+        HessianOperator(model, ce_loss, (X, y.double())) @ torch.zeros(n)  # all of it cast
 
     def mean_output(m, x):  # a loss of inputs only: each batch is one tensor
         return m(x).square().mean()
@@ -424,6 +463,9 @@ def test_wrong_shapes_name_the_expected_shape():
         HessianOperator(model, ce_loss, (X, y), params=["nope"])
     with pytest.raises(KeyError, match="did you mean 'fc1.weight'"):
         HessianOperator(model, ce_loss, (X, y), params=["fc1.weigth"])
+    tied = PaddedLM(tie=True)  # named_parameters() lists the shared tensor once
+    with pytest.raises(KeyError, match="'out.weight' is tied to 'emb.weight'"):
+        HessianOperator(tied, ce_loss, (X, y), params=["out.weight", "ln.weight"])
     with pytest.raises(KeyError, match="names"):
         HessianOperator(model, ce_loss, (X, y), params=list(model.parameters()))
     with pytest.raises(ValueError, match="no batch.*non-empty"):
