@@ -48,6 +48,7 @@ sum, so every rank takes the same decision.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -284,6 +285,9 @@ class AdamMini(torch.optim.Optimizer):
         for name, p in named:
             lo, hi = distributed.row_range(p, name)
             layouts[p] = layout_of(part[name], lo, hi, distributed.is_sharded(p))
+        # split the pairs as torch>=2.6 does; torch 2.4/2.5 would refuse (name, tensor) params
+        group["params"] = [p for _, p in named]
+        group["param_names"] = [n for n, _ in named]
         super().add_param_group(group)
         self._layouts.update(layouts)
         self._fusable_layout.update(
@@ -302,11 +306,17 @@ class AdamMini(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     def _init_state(self, param: torch.Tensor, layout: BlockLayout) -> dict:
         state = self.state[param]
-        if state:
-            return state
+        if not state:
+            state.update(self.new_state(param, layout))
+        return state
+
+    def new_state(self, param: torch.Tensor, layout: BlockLayout | None = None) -> dict:
+        """Zero state of ``param`` (step 0, ``m = 0``, ``v_b = 0``), not stored in ``self.state``:
+        tensors of the right shapes for a checkpoint loader to fill."""
+        layout = layout or self._layouts[param]
         m_dtype = self.momentum_dtype or param.dtype
         v_dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state = {"step": torch.tensor(0.0, dtype=torch.float32)}
         state["exp_avg"] = torch.zeros_like(
             param, dtype=m_dtype, memory_format=torch.preserve_format
         )
@@ -335,12 +345,28 @@ class AdamMini(torch.optim.Optimizer):
             for param in group["params"]:
                 self._init_state(param, self._layouts[param])
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict()`` plus ``"blocks"``: ``{name: "rule params"}``
+        of every tensor, so that a state saved under another partition is refused even where
+        the block counts agree (``rows`` and ``columns`` of a square matrix)."""
+        state_dict = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        state_dict["blocks"] = {self._names[p]: self._blocks_key(p) for p in params}
+        return state_dict
+
+    def _blocks_key(self, param: torch.Tensor) -> str:
+        """``param``'s rule and rule parameters, e.g. ``'heads {"head_dim": 64}'``."""
+        blocks = self.partition[self._names[param]]
+        return f"{blocks.rule} {json.dumps(dict(blocks.params), sort_keys=True)}"
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state saved by :meth:`state_dict`, bit for bit.
 
         Momentum keeps ``momentum_dtype`` and v keeps float32 for low-precision parameters
         (torch's loader would cast both to the parameter's dtype first, which rounds them).
-        A state saved under another partition (other block counts) is refused.
+        A state saved under another partition (other block counts, or another rule or rule
+        parameters), for another model (other shapes) or without ``step``/``exp_avg``/
+        ``exp_avg_sq`` is refused before anything is loaded.
         """
         saved_groups = state_dict.get("param_groups", ())
         if [len(g["params"]) for g in saved_groups] != [
@@ -351,13 +377,28 @@ class AdamMini(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         saved = dict(zip(ids, params, strict=True))
         for i, s in state_dict.get("state", {}).items():
-            if i in saved and "exp_avg_sq" in s:
-                shapes = {k: tuple(s[k].shape) for k in ("exp_avg", "exp_avg_sq") if k in s}
+            if i in saved and s:
+                name = self._names[saved[i]]
+                missing = sorted({"step", "exp_avg", "exp_avg_sq"} - set(s))
+                if missing:
+                    raise ValueError(
+                        f"saved optimizer state of {name!r} lacks {missing} (it has "
+                        f"{sorted(s)}); load a state_dict saved by AdamMini.state_dict()"
+                    )
+                shapes = {k: tuple(s[k].shape) for k in ("exp_avg", "exp_avg_sq")}
                 self.check_saved_shapes(saved[i], shapes)
+                blocks = state_dict.get("blocks", {}).get(name)  # absent in torch.optim's format
+                if blocks is not None and blocks != self._blocks_key(saved[i]):
+                    raise partition_lib.PartitionError(
+                        f"saved optimizer state of {name!r} has blocks "
+                        f"{blocks!r}, but this optimizer's partition gives "
+                        f"{self._blocks_key(saved[i])!r}; build the optimizer with the partition "
+                        "the checkpoint was saved under (e.g. from its JSON file)"
+                    )
         super().load_state_dict(state_dict)
         for i, param in saved.items():
             s = state_dict["state"].get(i)
-            if not s or "exp_avg" not in s:
+            if not s:
                 continue
             state = self.state[param]
             low = param.dtype not in (torch.float32, torch.float64)
@@ -373,8 +414,14 @@ class AdamMini(torch.optim.Optimizer):
         layout = self._layouts[param]
         want = tuple(param.shape) if layout.rule == "elements" else (layout.num_blocks,)
         v, m = shapes.get("exp_avg_sq", want), shapes.get("exp_avg", tuple(param.shape))
-        if v != want or m != tuple(param.shape):
-            name = self._names[param]
+        name = self._names[param]
+        if m != tuple(param.shape):
+            raise partition_lib.PartitionError(
+                f"saved optimizer state of {name!r} has exp_avg {m}, but the parameter has shape "
+                f"{tuple(param.shape)}: the checkpoint is of another model; load it into a model "
+                "of the same architecture and sizes"
+            )
+        if v != want:
             raise partition_lib.PartitionError(
                 f"saved optimizer state of {name!r} has exp_avg {shapes.get('exp_avg')} and "
                 f"exp_avg_sq {shapes.get('exp_avg_sq')}, but this optimizer's partition gives "

@@ -14,6 +14,7 @@ import os
 import re
 
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from optimizer.adam_mini import AdamMini
 
@@ -27,8 +28,9 @@ def load_checkpoint(opt: AdamMini, checkpoint_id: str | os.PathLike, *, key: str
     The same as ``opt.init_state(); sd = opt.state_dict(); dcp.load({key: sd}, checkpoint_id);
     opt.load_state_dict(sd)``, with the partition checked first: a state saved under another
     partition is a :class:`partition.PartitionError` naming the tensor. Parameters that had no
-    state when saved (never stepped) have none after loading. Under a process group (FSDP2,
-    DDP) every rank calls it, as with ``dcp.load``.
+    state when saved (never stepped) have none after loading. A missing, corrupt or
+    mismatched checkpoint raises before ``opt`` changes. Under a process group (FSDP2, DDP)
+    every rank calls it, as with ``dcp.load``.
     """
     if not isinstance(opt, AdamMini):
         raise TypeError(f"load_checkpoint takes an AdamMini, got {type(opt).__name__}")
@@ -40,6 +42,11 @@ def load_checkpoint(opt: AdamMini, checkpoint_id: str | os.PathLike, *, key: str
             f"no torch.distributed.checkpoint at {path!r} (its '.metadata' file is missing); "
             "pass the directory given to dcp.save(..., checkpoint_id=...)"
         ) from None
+    except Exception as err:
+        raise ValueError(
+            f"checkpoint {path!r}: its '.metadata' file cannot be read ({type(err).__name__}: "
+            f"{err}); it is corrupt or was cut short: save it again or resume from an earlier one"
+        ) from err
     saved = _saved_shapes(metadata.state_dict_metadata, key, path)
     params = [p for group in opt.param_groups for p in group["params"]]
     groups = {
@@ -56,10 +63,19 @@ def load_checkpoint(opt: AdamMini, checkpoint_id: str | os.PathLike, *, key: str
         )
     for index, shapes in saved.items():
         opt.check_saved_shapes(params[index], shapes)
-    opt.init_state()
+    # DCP fills fresh tensors, never opt's own: a failed read leaves opt unchanged
     state_dict = opt.state_dict()
-    state_dict["state"] = {i: s for i, s in state_dict["state"].items() if i in saved}
-    dcp.load({key: state_dict}, checkpoint_id=path)
+    state_dict["state"] = {i: opt.new_state(params[i]) for i in saved}
+    if not any(k.startswith(f"{key}.blocks.") for k in metadata.state_dict_metadata):
+        del state_dict["blocks"]  # saved without the partition record (torch.optim's format)
+    try:
+        dcp.load({key: state_dict}, checkpoint_id=path)
+    except CheckpointException as err:  # a BaseException, with every rank's traceback
+        causes = "; ".join(f"rank {r}: {e!r}" for r, (e, _) in err.failures.items())
+        raise RuntimeError(
+            f"checkpoint {path!r} could not be read ({causes}); it is corrupt or incomplete: "
+            "save it again or resume from an earlier one. The optimizer is unchanged"
+        ) from err
     opt.load_state_dict(state_dict)
 
 

@@ -1,9 +1,9 @@
 """DTensor / FSDP2 support: local shards, sharded state and the block-sum all-reduce.
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``) turns every parameter into a
-``DTensor`` sharded on dim 0 over a 1-D device mesh: rank ``r`` holds rows
-``[lo_r, hi_r)`` (``torch.chunk`` sizes). The optimizer works on the local
-shards (``to_local()``) in place:
+FSDP2 (``torch.distributed.fsdp.fully_shard``; ``torch.distributed._composable.fsdp`` before
+torch 2.6) turns every parameter into a ``DTensor`` sharded on dim 0 over a 1-D device mesh:
+rank ``r`` holds rows ``[lo_r, hi_r)`` (``torch.chunk`` sizes). The optimizer works on the
+local shards (``to_local()``) in place:
 
 * ``rows`` blocks are whole on one rank: their sums stay local, and their
   ``exp_avg_sq`` is a DTensor ``(rows,)`` sharded on dim 0 like the rows.
@@ -27,8 +27,12 @@ import torch.distributed as dist
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover - torch without distributed
-    DTensor = None  # type: ignore[assignment,misc]
+except ImportError:  # pragma: no cover - torch 2.4 (DTensor still private), or no distributed
+    try:
+        from torch.distributed._tensor import DTensor, Replicate, Shard
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:
+        DTensor = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

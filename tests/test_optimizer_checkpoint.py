@@ -9,6 +9,7 @@ from torch import nn
 
 import optimizer
 import partition
+from partition import Partition, TensorBlocks
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -61,3 +62,81 @@ def test_bad_paths_keys_and_parameter_lists(tmp_path):
         optimizer.load_checkpoint(fewer, tmp_path)
     with pytest.raises(TypeError, match="takes an AdamMini"):
         optimizer.load_checkpoint(torch.optim.AdamW(model.parameters()), tmp_path)
+
+
+def state_copy(opt: optimizer.AdamMini) -> dict:
+    return {i: {k: t.clone() for k, t in s.items()} for i, s in opt.state_dict()["state"].items()}
+
+
+def assert_state_equal(opt: optimizer.AdamMini, before: dict) -> None:
+    after = opt.state_dict()["state"]
+    assert after.keys() == before.keys()
+    for i, s in before.items():
+        assert after[i].keys() == s.keys() and all(
+            torch.equal(after[i][k], t) for k, t in s.items()
+        )
+
+
+def test_corrupt_checkpoint_is_refused_and_leaves_the_optimizer_unchanged(tmp_path):
+    model, opt = stepped_optimizer()
+    dcp.save({"optim": opt.state_dict()}, checkpoint_id=tmp_path)
+    (data,) = tmp_path.glob("*.distcp")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a save cut short
+    fresh = optimizer.AdamMini(model.named_parameters(), partition.by_rows(model), lr=0.1)
+    with pytest.raises(RuntimeError, match="could not be read.*optimizer is unchanged"):
+        optimizer.load_checkpoint(fresh, tmp_path)
+    assert not fresh.state
+    other, stepped = stepped_optimizer()  # the same training with other data: other state
+    for p in other.parameters():
+        p.grad = torch.ones_like(p)
+    stepped.step()
+    before = state_copy(stepped)
+    with pytest.raises(RuntimeError, match="could not be read"):
+        optimizer.load_checkpoint(stepped, tmp_path)
+    assert_state_equal(stepped, before)
+    (tmp_path / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"'\.metadata' file cannot be read"):
+        optimizer.load_checkpoint(fresh, tmp_path)
+
+
+def test_incomplete_or_foreign_state_dict_is_refused_before_loading():
+    model, opt = stepped_optimizer()
+    saved = opt.state_dict()
+    del saved["state"][1]["exp_avg_sq"]
+    other, target = stepped_optimizer()
+    before = state_copy(target)
+    with pytest.raises(ValueError, match=r"'0\.bias' lacks \['exp_avg_sq'\]"):
+        target.load_state_dict(saved)
+    assert_state_equal(target, before)
+    wider = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    fresh = optimizer.AdamMini(wider.named_parameters(), partition.by_rows(wider))
+    with pytest.raises(
+        partition.PartitionError, match=r"'0\.weight' has exp_avg \(5, 6\).*\(7, 6\).*another model"
+    ):
+        fresh.load_state_dict(stepped_optimizer()[1].state_dict())
+    assert not fresh.state
+
+
+def test_another_rule_with_the_same_block_count_is_refused(tmp_path):
+    """``rows`` and ``columns`` of a square matrix both keep 4 v entries: only the saved
+    partition record tells them apart."""
+    w = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+
+    def opt(rule: str) -> optimizer.AdamMini:
+        return optimizer.AdamMini([("w", w)], Partition([TensorBlocks("w", (4, 4), rule, {})]))
+
+    rows = opt("rows")
+    w.grad = torch.randn_like(w)
+    rows.step()
+    torch.save(rows.state_dict(), tmp_path / "optim.pt")
+    saved = torch.load(tmp_path / "optim.pt", weights_only=True)
+    dcp.save({"optim": rows.state_dict()}, checkpoint_id=tmp_path / "dcp")
+    columns = opt("columns")
+    with pytest.raises(partition.PartitionError, match=r"'w' has blocks 'rows \{\}'.*'columns"):
+        columns.load_state_dict(saved)
+    with pytest.raises(partition.PartitionError, match=r"'w' has blocks 'rows \{\}'.*'columns"):
+        optimizer.load_checkpoint(columns, tmp_path / "dcp")
+    assert not columns.state
+    again = opt("rows")
+    again.load_state_dict(saved)
+    assert torch.equal(again.state[w]["exp_avg_sq"], rows.state[w]["exp_avg_sq"])

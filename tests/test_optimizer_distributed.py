@@ -16,13 +16,17 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 
 import optimizer
 from partition import Partition, PartitionError, TensorBlocks
 
-pytestmark = pytest.mark.distributed
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
 
 SHAPES = {
     "norm": ((7,), "tensor", {}),
@@ -95,7 +99,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -146,6 +149,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     except PartitionError as e:
         result["mismatch"] = str(e)
 
+    resharded = Zoo()  # a single-process checkpoint resumed under FSDP2 (DCP reshards)
+    fully_shard(resharded, mesh=mesh)
+    single = os.path.join(out, "single")
+    dcp.load({"model": resharded.state_dict()}, checkpoint_id=single)
+    opt5 = optimizer.AdamMini(resharded.named_parameters(), part, **HYPER)
+    optimizer.load_checkpoint(opt5, single)
+    train(resharded, opt5, range(SAVE_AT, STEPS))
+    result["from_single"] = {n: p.full_tensor() for n, p in resharded.named_parameters()}
+
     # bf16 momentum: every rank rounds its rows as a single process rounds them
     low = Zoo().float()
     fully_shard(low, mesh=mesh)
@@ -175,16 +187,29 @@ def _free_port() -> int:
 
 @pytest.mark.filterwarnings("ignore::partition.PartitionWarning")
 def test_fsdp2_dcp_and_ddp_match_single_process(tmp_path):
+    model = Zoo()
+    opt = optimizer.AdamMini(model.named_parameters(), zoo_partition(), **HYPER)
+    train(model, opt, range(SAVE_AT))
+    dcp.save(
+        {"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=tmp_path / "single"
+    )
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
 
     model = Zoo()
     opt = optimizer.AdamMini(model.named_parameters(), zoo_partition(), **HYPER)
     train(model, opt, range(STEPS))
+    resharded = Zoo()  # the FSDP2 checkpoint of 2 ranks resumed in one process
+    state = {"model": resharded.state_dict()}
+    dcp.load(state, checkpoint_id=tmp_path / "ckpt")
+    resharded.load_state_dict(state["model"])
+    opt2 = optimizer.AdamMini(resharded.named_parameters(), zoo_partition(), **HYPER)
+    optimizer.load_checkpoint(opt2, tmp_path / "ckpt")
+    train(resharded, opt2, range(SAVE_AT, STEPS))
+    resumed = dict(resharded.named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(
-            result["fsdp"][name], p.detach(), rtol=1e-12, atol=1e-14, msg=name
-        )
+        for got in (result["fsdp"][name], result["from_single"][name], resumed[name].detach()):
+            torch.testing.assert_close(got, p.detach(), rtol=1e-12, atol=1e-14, msg=name)
         assert torch.equal(result["resumed"][name], result["fsdp"][name]), name
         assert torch.equal(result["resumed_helper"][name], result["fsdp"][name]), name
     assert "'emb'" in result["mismatch"] and "(9,)" in result["mismatch"]
