@@ -31,8 +31,10 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from hessian import distributed as dist_glue
 from hessian.data import Batches, fingerprint, sample_count
@@ -794,24 +796,36 @@ def _constant_padding_rows(model: nn.Module) -> Iterator[None]:
     :math:`\nabla^2_{\theta\theta} \tilde L`; ``jvp(grad)`` would also push the tangent through the
     lookup and add :math:`\nabla^2_{\theta\theta'} \tilde L\, v` (asymmetric; O(1) on BERT).
     Detaching the padding positions of the output removes that term and changes no gradient.
+    The lookups are caught at ``F.embedding``, where the ids are known: a subclass's ``forward``
+    may take other arguments and compute the ids itself (ProphetNet's positions from a mask).
     """
-    handles = [
-        m.register_forward_hook(_detach_padding, with_kwargs=True)
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None
-    ]
-    try:
+    padded = any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
+    with _DetachPadding() if padded else contextlib.nullcontext():
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
-def _detach_padding(
-    module: nn.Embedding, args: tuple, kwargs: dict, out: torch.Tensor
-) -> torch.Tensor:
-    ids = args[0] if args else kwargs["input"]
-    return torch.where((ids == module.padding_idx).unsqueeze(-1), out.detach(), out)
+class _DetachPadding(TorchFunctionMode):
+    """``F.embedding(ids, weight, padding_idx=p)`` with the positions where ``ids == p`` detached."""
+
+    def __torch_function__(
+        self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is not F.embedding:
+            return out
+        ids, weight, pad = _embedding_args(*args, **kwargs)
+        if pad is None:
+            return out
+        pad = pad if pad >= 0 else weight.shape[0] + pad  # F.embedding's reading of p < 0
+        return torch.where((ids == pad).unsqueeze(-1), out.detach(), out)
+
+
+def _embedding_args(
+    input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None, *_: Any, **__: Any
+) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """The ids, table and ``padding_idx`` of an ``F.embedding`` call, however they were passed."""
+    return input, weight, padding_idx
 
 
 def _describe(batch: Any) -> str:

@@ -170,6 +170,40 @@ def test_padding_embedding_matches_double_backward(tie, mode):
     assert (H.matmat(V) - D @ V).abs().max() < 1e-12
 
 
+class MaskPositions(nn.Embedding):
+    """ProphetNet's learned positions: ``forward`` takes the attention mask and computes the ids
+    (padding positions read row ``padding_idx``)."""
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.cumsum(mask, 1) * mask + self.padding_idx)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_padding_held_constant_where_a_subclass_computes_the_ids(mode):
+    """The padding lookups are found by their ids, not by the module's first argument (a 0/1
+    mask here, which matches ``padding_idx=1`` at the real tokens)."""
+    torch.manual_seed(0)
+    emb = MaskPositions(5, 4, padding_idx=1).double()
+    head = nn.Linear(4, 7).double()
+    model = nn.ModuleDict({"emb": emb, "head": head})
+
+    def loss_fn(m, batch):
+        mask, y = batch
+        return nn.functional.cross_entropy(m["head"](torch.tanh(m["emb"](mask))).flatten(0, 1), y)
+
+    batch = (torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([1, 0, 5, 2, 6, 0]))
+    params = list(model.parameters())
+
+    def flat(ts):
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    g = flat(torch.autograd.grad(loss_fn(model, batch), params, create_graph=True))
+    D = torch.stack([flat(torch.autograd.grad(gi, params, retain_graph=True)) for gi in g], 1)
+    H = HessianOperator(model, loss_fn, batch, mode=mode)
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert (H.matmat(V) - D @ V).abs().max() < 1e-12
+
+
 def test_linear_regression_closed_form():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(11, 4, generator=g, dtype=F64)
