@@ -66,8 +66,11 @@ def load_checkpoint(opt: AdamMini, checkpoint_id: str | os.PathLike, *, key: str
     # DCP fills fresh tensors, never opt's own: a failed read leaves opt unchanged
     state_dict = opt.state_dict()
     state_dict["state"] = {i: opt.new_state(params[i]) for i in saved}
-    if not any(k.startswith(f"{key}.blocks.") for k in metadata.state_dict_metadata):
-        del state_dict["blocks"]  # saved without the partition record (torch.optim's format)
+    # the records the checkpoint holds: none in torch.optim's format, and under other names when
+    # saved through a wrapper (DDP's "module.", torch.compile's "_orig_mod."), as load_state_dict
+    prefix = f"{key}.blocks."
+    recorded = {k[len(prefix) :] for k in metadata.state_dict_metadata if k.startswith(prefix)}
+    state_dict["blocks"] = {n: b for n, b in state_dict["blocks"].items() if n in recorded}
     try:
         dcp.load({key: state_dict}, checkpoint_id=path)
     except CheckpointException as err:  # a BaseException, with every rank's traceback

@@ -140,3 +140,16 @@ def test_another_rule_with_the_same_block_count_is_refused(tmp_path):
     again = opt("rows")
     again.load_state_dict(saved)
     assert torch.equal(again.state[w]["exp_avg_sq"], rows.state[w]["exp_avg_sq"])
+
+
+def test_checkpoint_saved_under_a_wrapper_prefix_loads(tmp_path):
+    """DDP names the tensors ``module.*``: its partition record is under other names, which
+    ``load_checkpoint`` skips as ``load_state_dict`` does instead of calling the files corrupt."""
+    model, opt = stepped_optimizer()
+    wrapped = [("module." + n, p) for n, p in model.named_parameters()]
+    prefixed = optimizer.AdamMini(wrapped, partition.by_rows(wrapped), lr=0.1)
+    prefixed.load_state_dict(opt.state_dict())
+    dcp.save({"optim": prefixed.state_dict()}, checkpoint_id=tmp_path)
+    fresh = optimizer.AdamMini(model.named_parameters(), partition.by_rows(model), lr=0.1)
+    optimizer.load_checkpoint(fresh, tmp_path)
+    assert_state_equal(fresh, state_copy(opt))
