@@ -91,6 +91,7 @@ def block_coupling(
         null = _mass_from_dense(H, perm, B)
         null_r = float(np.trace(null) / null.sum()) if null.sum() > 0 else 1.0
         return BlockCoupling(partition, 0.5 * (mass + mass.T), None, True, 0, null_r)
+    check_positive_ints(num_samples=num_samples)
     if num_samples < 2:
         raise ValueError("the Hutchinson estimate needs num_samples >= 2 for standard errors")
 
@@ -234,7 +235,14 @@ def _groups(A: Operator, blocks: Any) -> dict[str, torch.Tensor]:
         )
     out = {}
     for label, spec in items:
+        if str(label) in out:
+            raise ValueError(f"two blocks share the label {str(label)!r}: give each a distinct one")
         if isinstance(spec, torch.Tensor) and not hasattr(A, "select"):
+            if spec.is_floating_point() or spec.is_complex() or spec.dtype == torch.bool:
+                raise TypeError(
+                    f"block {label!r}: flat indices must be an integer tensor, got {spec.dtype} "
+                    "(for a mask m, pass m.nonzero().reshape(-1))"
+                )
             out[str(label)] = torch.unique(spec.long().reshape(-1))
         elif hasattr(A, "select"):
             out[str(label)] = A.select(spec)

@@ -10,6 +10,7 @@ since the Hessian needs many passes.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -40,9 +41,20 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
 
 
 def sample_count(batch: Any, batch_size_fn: Callable[[Any], int] | None) -> int:
-    """Samples in ``batch``: ``batch_size_fn(batch)`` or the leading size of its first tensor."""
+    """Samples in ``batch``: ``batch_size_fn(batch)`` (an int >= 0) or the leading size of its
+    first tensor."""
     if batch_size_fn is not None:
-        return int(batch_size_fn(batch))
+        count = batch_size_fn(batch)
+        try:
+            ok = not isinstance(count, bool) and operator.index(count) >= 0
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"batch_size_fn must return the number of samples in the batch, an int >= 0, "
+                f"got {count!r}: the batch weights n_b / N need whole counts"
+            )
+        return operator.index(count)
     t = first_tensor(batch)
     if t is None or t.ndim == 0:
         raise ValueError(

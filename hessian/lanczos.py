@@ -34,6 +34,7 @@ sees one copy of an exactly repeated eigenvalue until the Krylov space becomes i
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,12 @@ def lanczos(
     k, block_size = int(k), int(block_size)
     if max_iter is not None:
         check_positive_ints(max_iter=max_iter)
+    if max_basis is not None:
+        check_positive_ints(max_basis=max_basis)
+    if not isinstance(tol, numbers.Real) or not 0 <= tol < float("inf"):
+        raise ValueError(
+            f"tol is a relative residual and must be a finite number >= 0, got {tol!r}"
+        )
     A = as_operator(op)
     n = check_symmetric(A)
     if k > n:

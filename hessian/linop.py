@@ -9,8 +9,9 @@ that has a ``shape`` attribute.
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ class Operator:
             )
         if V.shape[1] == 0:
             return V.new_zeros(self.shape[0], 0)
-        return self._matmat(V)
+        return check_finite(self._matmat(V), V)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H @ v`` for a flat ``v`` of shape ``(n,)``."""
@@ -52,7 +53,7 @@ class Operator:
             raise ValueError(
                 f"matvec expects a vector of shape ({self.shape[1]},), got {tuple(v.shape)}"
             )
-        return self._matmat(v[:, None])[:, 0]
+        return check_finite(self._matmat(v[:, None])[:, 0], v)
 
     def __matmul__(self, v: Any) -> Any:
         v = as_real_tensor(v, self.dtype, self.device)
@@ -152,8 +153,8 @@ class _ScipyOperator(Operator):
         self.device = torch.device("cpu")
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        out = np.asarray(self.op.matmat(V.detach().cpu().numpy()))
-        return torch.as_tensor(out.reshape(self.shape[0], -1), dtype=self.dtype)
+        out = self.op.matmat(V.detach().cpu().numpy())
+        return _as_output(out, (self.shape[0], V.shape[1]), self.dtype, "the LinearOperator")
 
 
 class _CallableOperator(Operator):
@@ -166,11 +167,24 @@ class _CallableOperator(Operator):
         self.device = torch.device("cpu")
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        m = self.shape[0]
         cols = [
-            torch.as_tensor(np.asarray(self.fn(V[:, i])), dtype=self.dtype)
+            _as_output(self.fn(V[:, i]), (m,), self.dtype, "the callable")
             for i in range(V.shape[1])
         ]
         return torch.stack(cols, dim=1)
+
+
+def _as_output(out: Any, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A user operator's product as a tensor of ``shape`` (a column ``(m, 1)`` for ``(m,)`` is
+    fine), or a ValueError naming the shape it should have."""
+    out = torch.as_tensor(np.asarray(out), dtype=dtype)
+    if out.numel() != math.prod(shape):
+        raise ValueError(
+            f"{what} returned a product of shape {tuple(out.shape)}, expected {shape}: one entry "
+            "per row of the operator and column of the input"
+        )
+    return out.reshape(shape)
 
 
 def as_operator(op: Any) -> Operator:
@@ -247,6 +261,28 @@ def rademacher(
 ) -> torch.Tensor:
     """Independent random signs of ``shape``, drawn on the CPU from ``gen`` (device-independent)."""
     return (torch.randint(0, 2, shape, generator=gen).to(dtype) * 2 - 1).to(device)
+
+
+def check_finite(out: Any, v: Any) -> Any:
+    """``out = H v`` itself (tensors, or dicts of them), or a ValueError when it holds NaN/Inf,
+    saying whether ``v`` did."""
+
+    def finite(x: Any) -> bool:
+        return all(
+            bool(torch.isfinite(t).all()) for t in (x.values() if isinstance(x, Mapping) else [x])
+        )
+
+    if finite(out):
+        return out
+    if not finite(v):
+        raise ValueError(
+            "the vector holds NaN/Inf entries, and so does its product: pass finite vectors"
+        )
+    raise ValueError(
+        "the operator returned NaN/Inf for a finite vector: the matrix (a Hessian: the model's "
+        "weights, the batch or an op such as sqrt at 0) is not finite here, and no eigenvalue, "
+        "trace or coupling of it is defined"
+    )
 
 
 def as_real_tensor(v: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -48,8 +48,9 @@ from hessian.hvp import (
     is_forward_ad_error,
     prepare_reverse,
 )
-from hessian.linop import Operator, as_real_tensor
+from hessian.linop import Operator, as_real_tensor, check_finite
 from hessian.snapshot import Snapshot
+from partition import Partition
 
 
 class HessianError(RuntimeError):
@@ -181,14 +182,20 @@ class HessianOperator(Operator):
         distributed: bool | None = None,
         compile: bool = False,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}: the operator swaps "
+                "its named parameters (wrap a function of tensors in an nn.Module)"
+            )
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
         if cache not in ("auto", True, False):
             raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
+        for flag, value in (("compile", compile), ("check_determinism", check_determinism)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
         if compile and mode == "reverse":
             raise ValueError(
                 "compile=True compiles forward-mode products, and mode='reverse' has none (double "
@@ -228,10 +235,13 @@ class HessianOperator(Operator):
             if unknown:
                 owner = {id(p): n for n, p in named.items()}  # a tied tensor goes by one name
                 tied = {a: owner[id(p)] for a, p in model.named_parameters(remove_duplicate=False)}
+                buffers = dict(model.named_buffers())
                 hints = []
                 for n in unknown:
                     if n in tied:
                         hints.append(f"{n!r} is tied to {tied[n]!r}: the shared tensor's name")
+                    elif n in buffers:
+                        hints.append(f"{n!r} is a buffer, not a parameter: buffers stay fixed")
                     elif m := difflib.get_close_matches(n, named, 1):
                         hints.append(f"{n!r} -> did you mean {m[0]!r}?")
                 hint = "; ".join(hints)
@@ -272,14 +282,16 @@ class HessianOperator(Operator):
         """``H @ v`` for a flat vector ``(n,)`` or a dict ``{name: tensor of the param's shape}``."""
         if isinstance(v, Mapping):
             d = self._check_dict(v, batched=False)
-            return self._apply(d, batched=False)
+            return check_finite(self._apply(d, batched=False), d)
         return super().matvec(v)
 
     def matmat(self, V: Any) -> Any:
         """``H @ V`` for ``V`` of shape ``(n, k)`` or a dict of ``(k, *shape)`` tensors."""
         if isinstance(V, Mapping):
             d = self._check_dict(V, batched=True)
-            return self._apply(d, batched=True)
+            if next(iter(d.values())).shape[0] == 0:  # no vectors: as the flat (n, 0) product
+                return {n: t.clone() for n, t in d.items()}
+            return check_finite(self._apply(d, batched=True), d)
         return super().matmat(V)
 
     def __matmul__(self, v: Any) -> Any:
@@ -317,24 +329,33 @@ class HessianOperator(Operator):
         * without ``partition``: a LongTensor of flat indices.
         """
         if partition is not None and _is_int_like(spec):
+            if not isinstance(partition, Partition):
+                raise TypeError(
+                    f"partition must be a partition.Partition, got {type(partition).__name__}"
+                )
             ids = torch.as_tensor(spec, dtype=torch.long).reshape(-1)
-            parts = []
+            parts, seen = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
             for name in self.params:
                 if name not in partition:
                     continue
                 bi = partition.block_index(name).reshape(-1).to(ids.device)
-                hit = torch.isin(bi, ids).nonzero().reshape(-1)
-                parts.append(hit + self._offsets[name])
-            found = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-            if found.numel() == 0:
-                raise ValueError(f"partition block id(s) {ids.tolist()} hold no entry of H.params")
-            return torch.unique(found)
+                hit = torch.isin(bi, ids)
+                parts.append(hit.nonzero().reshape(-1) + self._offsets[name])
+                seen.append(bi[hit])
+            missing = ids[~torch.isin(ids, torch.cat(seen))]
+            if missing.numel():  # out of range, or a block of a tensor outside H.params
+                raise ValueError(
+                    f"partition block id(s) {sorted(set(missing.tolist()))} hold no entry of "
+                    f"H.params: global ids lie in [0, {partition.num_blocks}) and must belong to "
+                    f"tensors in H.params"
+                )
+            return torch.unique(torch.cat(parts))
         if isinstance(spec, str):
             self._check_name(spec)
             o = self._offsets[spec]
             return torch.arange(o, o + self.param_shapes[spec].numel())
         if isinstance(spec, Mapping):
-            parts = []
+            parts = [torch.zeros(0, dtype=torch.long)]
             for name, index in spec.items():
                 self._check_name(name)
                 shape = self.param_shapes[name]
@@ -358,7 +379,8 @@ class HessianOperator(Operator):
                 raise ValueError(f"flat indices must lie in [0, {self.shape[0]})")
             return torch.unique(idx)
         if isinstance(spec, Sequence):
-            return torch.unique(torch.cat([self.select(s, partition) for s in spec]))
+            picked = [self.select(s, partition) for s in spec]
+            return torch.unique(torch.cat([torch.zeros(0, dtype=torch.long), *picked]))
         raise TypeError(
             f"cannot select entries with {type(spec).__name__}: use a parameter name, a "
             "{name: index} dict, block ids with partition=, or flat indices"
@@ -536,11 +558,15 @@ class HessianOperator(Operator):
                     "float64 batch, or batch.to(device))"
                 )
             ) from err
-        if not isinstance(a, torch.Tensor) or a.numel() != 1:
-            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+        if not isinstance(a, torch.Tensor) or a.ndim != 0 or not a.is_floating_point():
+            got = (
+                f"{a.dtype} of shape {tuple(a.shape)}"
+                if isinstance(a, torch.Tensor)
+                else type(a).__name__
+            )
             raise HessianError(
-                f"loss_fn must return the batch's mean loss as a scalar tensor, got {got}: "
-                "reduce it (e.g. .mean(), not reduction='none')"
+                f"loss_fn must return the batch's mean loss as a real scalar (0-d) tensor, got {got}: "
+                "reduce it (e.g. .mean(), not reduction='none'; .squeeze() a shape (1,))"
             )
         if not a.requires_grad:
             raise HessianError(

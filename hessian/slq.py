@@ -50,10 +50,17 @@ class SpectralDensity:
 
     def smooth(self, grid: Any, sigma: float) -> np.ndarray:
         r""":math:`\phi_\sigma(t) = \frac{1}{P}\sum_{p,j} w_{pj}\,\mathcal{N}(t;\theta_{pj},\sigma^2)` on ``grid``."""
-        if not (math.isfinite(sigma) and sigma > 0):
+        try:
+            s = float(sigma)
+        except (TypeError, ValueError):
+            s = math.nan
+        if not (math.isfinite(s) and s > 0):
             raise ValueError(
-                f"sigma is a standard deviation and must be finite and > 0, got {sigma}"
+                f"sigma is a standard deviation and must be finite and > 0, got {sigma!r}"
             )
+        sigma = s
+        if isinstance(grid, torch.Tensor):  # any device, with or without grad
+            grid = grid.detach().cpu()
         t = np.asarray(grid, dtype=float)
         z = (t[..., None, None] - self.nodes) / sigma
         dens = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2 * np.pi))

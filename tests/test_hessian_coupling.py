@@ -221,3 +221,16 @@ def test_exact_coupling_refuses_a_hessian_too_large_to_form():
     part = partition.Partition([partition.TensorBlocks("w", (n,), "tensor", {})])
     with pytest.raises(ValueError, match=r"dense 20001 x 20001 Hessian .*exact=False"):
         block_coupling(never, part, exact=True, progress=False)
+
+
+def test_odd_block_selectors_and_counts_are_named():
+    """A float or bool index tensor is not truncated to ids, labels do not collide, and a
+    fractional num_samples is refused rather than failing inside range()."""
+    H = block_diag([3, 4])
+    for spec in (torch.tensor([0.5, 3.0]), torch.ones(7, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="flat indices must be an integer tensor"):
+            blockwise_spectra(H, {"a": spec}, progress=False)
+    with pytest.raises(ValueError, match="two blocks share the label '1'"):
+        blockwise_spectra(H, {1: torch.tensor([0]), "1": torch.tensor([1])}, progress=False)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 1, got 2.5"):
+        block_coupling(H, flat_partition([3, 4]), num_samples=2.5, progress=False)

@@ -263,3 +263,39 @@ def test_low_rank_hessian_smallest_eigenvalues():
     ref = np.linalg.eigvalsh(H.to_dense().numpy())
     res = lanczos(H, k=3, which="SA", progress=False)
     assert np.abs(res.values - ref[:3]).max() < 1e-8
+
+
+def test_non_finite_operators_and_bad_arguments_are_named():
+    """A NaN/Inf operator, a callable of the wrong output shape, a bad tol or max_basis: named
+    errors, not scipy's "array must not contain infs or NaNs" or a torch shape error."""
+    A = planted(np.linspace(-1.0, 1.0, 12))
+    for bad in (np.nan, np.inf):
+        B = A.copy()
+        B[2, 2] = bad
+        with pytest.raises(ValueError, match="operator returned NaN/Inf for a finite vector"):
+            lanczos(B, k=2, progress=False)
+        with pytest.raises(ValueError, match="operator returned NaN/Inf"):
+            spectral_density(B, num_probes=2, num_steps=4, progress=False)
+        with pytest.raises(ValueError, match="operator returned NaN/Inf"):
+            trace(B, num_matvecs=4, progress=False)
+
+    class Column:  # a callable returning (n, 1) is fine, (n - 1,) is not
+        shape = A.shape
+
+        def __init__(self, cut: int = 0):
+            self.cut = cut
+
+        def __call__(self, v):
+            return (A @ np.asarray(v))[: len(A) - self.cut, None]
+
+    got = lanczos(Column(), k=2, progress=False).values
+    np.testing.assert_allclose(got, np.linalg.eigvalsh(A)[::-1][:2], atol=1e-10)
+    with pytest.raises(
+        ValueError, match=r"returned a product of shape \(11, 1\), expected \(12,\)"
+    ):
+        lanczos(Column(1), k=2, progress=False)
+    for tol in (-1.0, float("nan"), float("inf"), "1e-8"):
+        with pytest.raises(ValueError, match="tol is a relative residual"):
+            lanczos(A, k=2, tol=tol, progress=False)
+    with pytest.raises(ValueError, match="max_basis must be an int >= 1, got 10.5"):
+        lanczos(A, k=2, max_basis=10.5, progress=False)

@@ -706,3 +706,62 @@ def test_compile_limit_warns_and_runs_eagerly(monkeypatch):
         HV = H.matmat(V)  # a second vector count: a second graph
     assert (HV - D @ V).abs().max() < 1e-10
     torch._dynamo.reset()
+
+
+def test_non_finite_vectors_and_empty_dict_batches():
+    """A NaN/Inf vector is named rather than returned as a NaN product; k = 0 dicts give k = 0."""
+    model, X, y = mlp_problem()
+    H = HessianOperator(model.eval(), ce_loss, (X, y))
+    v = torch.zeros(H.shape[0], dtype=F64)
+    v[3] = float("nan")
+    with pytest.raises(ValueError, match="vector holds NaN/Inf"):
+        H @ v
+    with pytest.raises(ValueError, match="vector holds NaN/Inf"):
+        H.matmat(torch.full((H.shape[0], 2), float("inf"), dtype=F64))
+    empty = H.matmat({n: torch.zeros(0, *s, dtype=F64) for n, s in H.param_shapes.items()})
+    assert {n: tuple(t.shape) for n, t in empty.items()} == {
+        n: (0, *s) for n, s in H.param_shapes.items()
+    }
+
+
+def test_bad_constructor_arguments_and_losses_are_named():
+    """batch_size_fn must count whole samples; the loss must be a real 0-d tensor."""
+    model, X, y = mlp_problem()
+    model.eval()
+    halves = [(X[:3], y[:3]), (X[3:], y[3:])]
+    for count in (2.5, -1, None, "3"):
+        H = HessianOperator(model, ce_loss, halves, batch_size_fn=lambda b, c=count: c)
+        with pytest.raises(ValueError, match="batch_size_fn must return .* an int >= 0"):
+            H @ torch.zeros(H.shape[0], dtype=F64)
+    H = HessianOperator(model, ce_loss, halves, batch_size_fn=lambda b: torch.tensor(len(b[1])))
+    assert torch.allclose(H.to_dense(), dense_reference(model, ce_loss, (X, y)), atol=1e-12)
+    for loss in (
+        lambda m, b: ce_loss(m, b).reshape(1),
+        lambda m, b: ce_loss(m, b).to(torch.complex128),
+    ):
+        H = HessianOperator(model, loss, (X, y))
+        with pytest.raises(HessianError, match="real scalar \\(0-d\\) tensor"):
+            H @ torch.zeros(H.shape[0], dtype=F64)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        HessianOperator(lambda x: x, ce_loss, (X, y))
+    with pytest.raises(ValueError, match="check_determinism must be True or False"):
+        HessianOperator(model, ce_loss, (X, y), check_determinism="no")
+    bn = nn.BatchNorm1d(5).double().eval()
+    with pytest.raises(KeyError, match="'running_mean' is a buffer"):
+        HessianOperator(bn, lambda m, b: m(b).pow(2).mean(), X, params=["running_mean"])
+
+
+def test_block_ids_outside_the_partition_are_refused():
+    """An out-of-range or foreign block id is an error, not silently dropped; [] selects nothing."""
+    model, X, y = mlp_problem()
+    H = HessianOperator(model.eval(), ce_loss, (X, y), params=["fc1.bias", "ln.bias"])
+    part = partition.by_tensor(model)  # fc1.weight, fc1.bias, ln.weight, ln.bias, fc2.weight
+    assert torch.equal(H.select([1, 3], partition=part), torch.arange(H.shape[0]))
+    for ids, bad in (([1, 99], "[99]"), ([1, -1], "[-1]"), ([1, 0], "[0]")):
+        with pytest.raises(ValueError, match=f"block id\\(s\\) \\{bad}"):
+            H.restrict(ids, partition=part)
+    with pytest.raises(TypeError, match="partition must be a partition.Partition"):
+        H.select(1, partition={"fc1.bias": 1})
+    assert H.select([]).numel() == 0 and H.select({}).numel() == 0
+    with pytest.raises(ValueError, match="picks no entry"):
+        H.restrict([], partition=part)
