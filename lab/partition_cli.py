@@ -207,7 +207,7 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
         )
     try:
         config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, too deep, too long a number
         raise PartitionError(f"config file {spec!r} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise PartitionError(f"config file {spec!r} must hold a JSON object")
@@ -235,8 +235,14 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
             f"config file {spec!r} has no 'model_type', so it is read as a TinyGPTConfig, "
             f"which has no fields {unknown}; known fields: {sorted(known)}"
         )
-    with torch.device("meta" if meta else "cpu"):
-        return TinyGPT(TinyGPTConfig(**config), seed=0)
+    tiny = TinyGPTConfig(**config)
+    try:
+        with torch.device("meta" if meta else "cpu"):
+            return TinyGPT(tiny, seed=0)
+    except (TypeError, RuntimeError, OverflowError) as exc:  # sizes torch cannot hold
+        raise PartitionError(
+            f"config file {spec!r}: cannot build TinyGPT: {_brief(exc)}; check the config's sizes"
+        ) from exc
 
 
 # sizes of transformers configs, checked before transformers divides by them

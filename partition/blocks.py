@@ -51,6 +51,8 @@ _PARAM_KEYS: dict[str, frozenset[str]] = {
     "row_groups": frozenset({"groups"}),
 }
 
+_INT64_MAX = 2**63 - 1  # torch's limit on a size and on a tensor's entry count
+
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
@@ -93,6 +95,11 @@ class TensorBlocks:
                 f"tensor {self.name!r}: shape must be a list of non-negative integers, got {self.shape!r}"
             )
         object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        if math.prod(self.shape) > _INT64_MAX or any(s > _INT64_MAX for s in self.shape):
+            raise PartitionError(
+                f"tensor {self.name!r}: shape {self.shape} is beyond torch's limit of 2**63 - 1 "
+                "(per size and in entries); give the parameter's real shape"
+            )
         if self.rule not in RULES:
             raise PartitionError(
                 f"tensor {self.name!r}: unknown rule {self.rule!r}; known rules: {', '.join(RULES)}"
@@ -160,9 +167,10 @@ class TensorBlocks:
         return {}
 
     def _head_dim(self, value: Any) -> int:
-        if not _is_int(value) or value <= 0:
+        if not _is_int(value) or not 0 < value <= _INT64_MAX:
             raise PartitionError(
-                f"tensor {self.name!r}: head_dim must be a positive integer, got {value!r}"
+                f"tensor {self.name!r}: head_dim must be a positive integer below 2**63, "
+                f"got {value!r}"
             )
         return int(value)
 

@@ -101,7 +101,7 @@ class Partition:
     def __getitem__(self, name: str) -> TensorBlocks:
         try:
             return self._tensors[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name such as a list
             raise PartitionError(
                 f"tensor {name!r} is not in the partition ({len(self)} tensors); "
                 "build the partition from the same model"

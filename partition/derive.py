@@ -36,6 +36,7 @@ blocks along dim 0: ``rows``, ``heads``, ``row_groups``, ``tensor``, or ``elemen
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,9 +95,13 @@ def _row_blocks(tb: TensorBlocks) -> np.ndarray:
     return tb.axis_ids().numpy()
 
 
+def _along_rows(tb: TensorBlocks) -> bool:
+    """Whether the candidate's blocks are laid along dim 0, so that derive can merge them."""
+    return tb.rule in _MERGEABLE or (tb.rule == "elements" and len(tb.shape) == 1)
+
+
 def _check_candidate(tb: TensorBlocks) -> None:
-    ok = tb.rule in _MERGEABLE or (tb.rule == "elements" and len(tb.shape) == 1)
-    if not ok and tb.num_blocks > 1:
+    if not _along_rows(tb) and tb.num_blocks > 1:
         raise PartitionError(
             f"derive: tensor {tb.name!r} has candidate rule {tb.rule!r}; derive merges blocks laid "
             "along dim 0 only (rules rows, heads, row_groups, tensor, and elements on 1-D "
@@ -188,7 +193,7 @@ def derive(coupling: BlockCoupling, threshold: float = 0.05, method: str = "gree
     if method not in METHODS:
         raise PartitionError(f"derive: unknown method {method!r}; use one of {METHODS}")
     if isinstance(threshold, bool) or not (
-        isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0
+        isinstance(threshold, numbers.Real) and 0.0 <= threshold <= 1.0
     ):
         raise PartitionError(f"derive: threshold must be in [0, 1], got {threshold!r}")
     cand = coupling.partition
@@ -219,7 +224,8 @@ def derive(coupling: BlockCoupling, threshold: float = 0.05, method: str = "gree
         if block.sum() > 0:
             worst = max(worst, 1.0 - diag / float(block.sum()))
         tb = s.candidate
-        tensors.append(_rule_for(tb, s.labels[_row_blocks(tb)]) if tb.shape else tb)
+        merged = bool(tb.shape) and _along_rows(tb)  # else at most one block: nothing to merge
+        tensors.append(_rule_for(tb, s.labels[_row_blocks(tb)]) if merged else tb)
     provenance = {
         "method": method,
         "threshold": float(threshold),

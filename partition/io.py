@@ -166,7 +166,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             "another path"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise type(exc)(
+            exc.errno, f"cannot write {str(path)!r}: {exc.strerror}; choose a writable folder"
+        ) from exc
     os.close(fd)
     try:
         yield Path(tmp)

@@ -7,6 +7,7 @@ device. Every parameter is included (``requires_grad`` is not consulted), in the
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -247,10 +248,10 @@ def _head_counts(
                 head_dim = hidden // n_heads
     for label, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
         if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0
         ):
             raise PartitionError(f"adam_mini: {label} must be a positive integer, got {value!r}")
-    return n_heads, n_kv_heads, head_dim
+    return tuple(None if v is None else int(v) for v in (n_heads, n_kv_heads, head_dim))
 
 
 def adam_mini(
@@ -408,8 +409,13 @@ def _head_dim_from_query(
                     "ambiguous; pass n_kv_heads=... (and head_dim=... if it is not hidden / n_heads)"
                 )
             heads = n_heads + 2 * (n_kv_heads or n_heads)
+        what = "query" if kinds[name] == "q" else "fused q|k|v"
+        if out == 0:
+            raise PartitionError(
+                f"tensor {name!r} has no {what} outputs (shape {shape}), so it gives no head_dim; "
+                "pass head_dim=... or leave the empty tensor out"
+            )
         if out % heads:
-            what = "query" if kinds[name] == "q" else "fused q|k|v"
             raise PartitionError(
                 f"tensor {name!r} has {out} {what} outputs, not a multiple of {heads} heads "
                 f"(n_heads={n_heads}, n_kv_heads={n_kv_heads or n_heads}); pass the right "

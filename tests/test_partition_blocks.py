@@ -246,3 +246,9 @@ def test_pickle_copy_hash_and_numpy_integers():
     assert len({part[n] for n in part.names} | {part["a"]}) == 4
     tb = TensorBlocks("w", (np.int64(4), 3), "heads", {"head_dim": np.int64(2)})
     assert tb.shape == (4, 3) and type(tb.params["head_dim"]) is int
+
+
+def test_unhashable_tensor_name_is_a_partition_error():
+    part = make_partition()
+    with pytest.raises(PartitionError, match=r"tensor \['a'\] is not in the partition"):
+        part.block_index(["a"])

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -161,3 +162,21 @@ def test_cli_errors_name_path_and_fix(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["memory", "--models", "gpt3"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("[" * 100000, "is not valid JSON: maximum recursion depth"),
+        ('{"d_model": 1' + "0" * 5000 + "}", "is not valid JSON: Exceeds the limit"),
+        ('{"d_model": 1' + "0" * 30 + "}", "cannot build TinyGPT"),
+    ],
+)
+def test_config_json_that_cannot_be_read_is_a_one_line_error(tmp_path, capsys, content, match):
+    """``--model FILE.json``: deep nesting and huge sizes used to end in a traceback."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(content)
+    code, _, err = run(["--model", str(cfg)], capsys)
+    assert code == 1
+    assert f"config file {str(cfg)!r}" in err and re.search(match, err)
+    assert len(err.strip().splitlines()) == 1

@@ -179,3 +179,20 @@ def test_tiny_gpt_query_and_key_blocks_never_span_heads(float64):
         for g in groups.unique():
             assert head[groups == g].unique().numel() == 1, (name, groups)
         assert groups.unique().numel() < 8  # rows of a head do merge
+
+
+def test_single_block_candidates_off_dim_0_are_kept_not_split():
+    """A one-block 'columns' (or empty 'elements') candidate came back as 'rows', more blocks."""
+    cand = partition.Partition(
+        [
+            TensorBlocks("c", (3, 1), "columns", {}),
+            TensorBlocks("e", (3, 0), "elements", {}),
+            TensorBlocks("b", (2,), "elements", {}),
+        ]
+    )
+    for method in ("greedy", "spectral"):
+        out = derive(BlockCoupling(cand, np.eye(cand.num_blocks)), threshold=0.0, method=method)
+        assert out.tensors()[:2] == cand.tensors()[:2]
+        assert out.num_blocks == cand.num_blocks == 3
+    out = derive(BlockCoupling(cand, np.eye(3)), threshold=np.float32(0.5))
+    assert out.provenance["threshold"] == 0.5

@@ -290,3 +290,33 @@ def test_provenance_is_a_private_json_copy(tmp_path):
     assert part.provenance == {"groups": [[0, 1], [2]], "pair": [1, 2]}
     part.to_json(tmp_path / "p.json")
     assert Partition.from_json(tmp_path / "p.json") == part
+
+
+def test_sizes_torch_cannot_hold_are_refused_on_load():
+    """A shape or head_dim beyond int64 used to load and then crash in block_index."""
+    d = example_dict()
+    d["tensors"][0].update(shape=[2**64, 4], num_blocks=2**64)
+    d["num_blocks"] += 2**64 - 5
+    with pytest.raises(
+        PartitionError, match=r"'emb.weight': shape .* beyond torch's limit of 2\*\*63 - 1"
+    ):
+        Partition.from_dict(d)
+    d = example_dict()
+    d["tensors"][1].update(shape=[0, 4], num_blocks=0)
+    d["tensors"][1]["params"]["head_dim"] = 2**70
+    d["num_blocks"] -= 4
+    with pytest.raises(PartitionError, match="'q.weight': head_dim must be a positive integer"):
+        Partition.from_dict(d)
+
+
+def test_unwritable_folder_names_the_file_not_the_temporary_one(tmp_path, monkeypatch):
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".p.json.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError, match=r"cannot write '.*p\.json': Permission denied") as e:
+        partition.by_tensor({"w": torch.empty(2)}).to_json(tmp_path / "p.json")
+    assert ".tmp" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -379,3 +380,14 @@ def test_adam_mini_optimizer_reads_a_wrapped_models_fused_layout():
     name = "transformer.h.0.attn.qkv_proj.weight"
     assert opt.partition[name] == partition.adam_mini(inner)[name]
     assert opt.partition[name].rule == "row_groups"
+
+
+def test_empty_query_weight_and_numpy_head_counts():
+    """An empty query weight gave head_dim 0 and a ZeroDivisionError; numpy ints were refused."""
+    for shape in [(0, 8), (0, 0)]:
+        with pytest.raises(PartitionError, match="'attn.q_proj.weight' has no query outputs"):
+            partition.adam_mini({"attn.q_proj.weight": torch.empty(shape)}, n_heads=2)
+    named = {"attn.q_proj.weight": torch.empty(8, 8), "attn.k_proj.weight": torch.empty(4, 8)}
+    part = partition.adam_mini(named, n_heads=np.int64(2), n_kv_heads=np.int32(1))
+    assert part == partition.adam_mini(named, n_heads=2, n_kv_heads=1)
+    assert type(part.provenance["n_heads"]) is int
