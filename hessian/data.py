@@ -10,11 +10,12 @@ since the Hessian needs many passes.
 from __future__ import annotations
 
 import hashlib
-import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+
+from hessian.linop import as_int
 
 
 def is_single_batch(data: Any) -> bool:
@@ -45,16 +46,12 @@ def sample_count(batch: Any, batch_size_fn: Callable[[Any], int] | None) -> int:
     first tensor."""
     if batch_size_fn is not None:
         count = batch_size_fn(batch)
-        try:
-            ok = not isinstance(count, bool) and operator.index(count) >= 0
-        except TypeError:
-            ok = False
-        if not ok:
+        if as_int(count, 0) is None:
             raise ValueError(
                 f"batch_size_fn must return the number of samples in the batch, an int >= 0, "
                 f"got {count!r}: the batch weights n_b / N need whole counts"
             )
-        return operator.index(count)
+        return as_int(count, 0)
     t = first_tensor(batch)
     if t is None or t.ndim == 0:
         raise ValueError(

@@ -207,14 +207,20 @@ def as_operator(op: Any) -> Operator:
     )
 
 
+def as_int(value: Any, minimum: int | None = None) -> int | None:
+    """``value`` as a Python int when it is an integer (any integer type, not a bool) of at least
+    ``minimum``; otherwise None, for the caller's own error message."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
+    return None if number is None or (minimum is not None and number < minimum) else number
+
+
 def check_positive_ints(**counts: Any) -> None:
     """A ValueError naming the first count that is not an int >= 1 (any integer type)."""
     for name, value in counts.items():
-        try:
-            ok = not isinstance(value, bool) and operator.index(value) >= 1
-        except TypeError:
-            ok = False
-        if not ok:
+        if as_int(value, 1) is None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
@@ -229,10 +235,7 @@ def seeded_generator(seed: int | torch.Generator) -> torch.Generator:
                 "on the CPU so that every device sees the same numbers; pass torch.Generator()"
             )
         return seed
-    try:
-        value = None if isinstance(seed, bool) else operator.index(seed)
-    except TypeError:
-        value = None
+    value = as_int(seed)
     if value is None:
         raise ValueError(
             f"seed must be an int or a torch.Generator, got {seed!r}: pass an integer such as seed=0"
