@@ -7,16 +7,11 @@ callable with a ``shape``.
 """
 
 from hessian.coupling import block_coupling, blockwise_spectra
+from hessian.errors import ForwardModeError, HessianError, NonDeterministicError
 from hessian.estimators import DiagonalEstimate, TraceEstimate, diagonal, trace
 from hessian.lanczos import EigenResult, lanczos
 from hessian.linop import DenseOperator, Operator, as_operator
-from hessian.operator import (
-    ForwardModeError,
-    HessianError,
-    HessianOperator,
-    NonDeterministicError,
-    RestrictedOperator,
-)
+from hessian.operator import HessianOperator, RestrictedOperator
 from hessian.slq import SpectralDensity, spectral_density
 
 __all__ = [

@@ -31,17 +31,15 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
-from torch.overrides import TorchFunctionMode
 
 from hessian import distributed as dist_glue
 from hessian.data import Batches, fingerprint, sample_count
+from hessian.errors import ForwardModeError, HessianError
+from hessian.guards import batch_changed, batch_count_changed, check_loss, check_modules
 from hessian.hvp import (
     Product,
     first_line,
-    forward_product,
     hvp_forward,
     hvp_reverse,
     is_double_backward_error,
@@ -49,80 +47,11 @@ from hessian.hvp import (
     prepare_reverse,
 )
 from hessian.linop import Operator, as_real_tensor, check_finite
+from hessian.loss import LossModule, bound_loss, compile_product
+from hessian.messages import double_backward_error, forward_mode_error
+from hessian.padding import constant_padding_rows
 from hessian.snapshot import Snapshot
 from partition import Partition
-
-
-class HessianError(RuntimeError):
-    """A problem that makes the Hessian ill-defined or uncomputable; the message names the fix."""
-
-
-class NonDeterministicError(HessianError):
-    """The loss is not a fixed function of the parameters (dropout, BatchNorm, shuffled data)."""
-
-
-class ForwardModeError(HessianError):
-    """An operation of the model has no forward-mode (jvp) rule."""
-
-
-class _LossModule(nn.Module):
-    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
-
-
-def _compile_limits() -> dict[str, Any]:
-    """dynamo settings for compiled products. One graph per batch shape and vector count, shared
-    by all operators in the process (the cache belongs to ``_bound_product``); past the limit
-    dynamo would run eagerly without a word, so hitting it raises into the operator's
-    warn-and-run-eagerly path instead. torch<2.7 names them ``cache_size_limit`` and
-    ``fail_on_cache_limit_hit``; torch<2.6 has no such switch (dynamo only logs the hit)."""
-    config = torch._dynamo.config
-    names = ("recompile_limit", "fail_on_recompile_limit_hit")
-    if not hasattr(config, names[0]):
-        names = ("cache_size_limit", "fail_on_cache_limit_hit")
-    wanted = dict(zip(names, (64, True), strict=True))
-    return {k: v for k, v in wanted.items() if hasattr(config, k)}
-
-
-def _bound_loss(
-    module: _LossModule, batch: Any
-) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """``p -> loss_fn(model with parameters p, batch)``."""
-
-    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(module, {"model." + n: t for n, t in p.items()}, (batch,))
-
-    return f
-
-
-def _bound_product(module: _LossModule, p: dict, v: dict, batch: Any, batched: bool) -> dict:
-    """The forward-mode product of ``batch``'s loss: a top-level function of everything it reads,
-    so one compiled graph serves every operator and batch of the same shapes."""
-    return forward_product(_bound_loss(module, batch), p, v, batched)
-
-
-def _compile_product(compile: bool) -> Callable[..., dict] | None:
-    """``torch.compile`` of :func:`_bound_product` with ``compile``; None (eager products) without
-    it or, with a warning, where this torch cannot compile on this Python (torch 2.5 on 3.13)."""
-    if not compile:
-        return None
-    try:
-        return torch.compile(_bound_product, dynamic=False)
-    except RuntimeError as err:
-        warnings.warn(
-            f"compile=True: torch.compile is unavailable ({first_line(err)}); the products run "
-            "eagerly",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
 
 
 class HessianOperator(Operator):
@@ -217,8 +146,8 @@ class HessianOperator(Operator):
         self.check_determinism = check_determinism
         self.progress = progress
         self.cache = cache
-        self._module = _LossModule(model, loss_fn)
-        self._compiled = _compile_product(compile)
+        self._module = LossModule(model, loss_fn)
+        self._compiled = compile_product(compile)
         self._batches = Batches(data)
 
         named = dict(model.named_parameters())
@@ -438,11 +367,11 @@ class HessianOperator(Operator):
         for n in self.params:
             o, shape = self._offsets[n], self.param_shapes[n]
             piece = v[o : o + shape.numel()]
-            out[n] = piece.reshape(shape) if v.ndim == 1 else piece.T.reshape(v.shape[1], *shape)
+            out[n] = piece.T.reshape(v.shape[1], *shape)
         return out
 
     def _loss(self, batch: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-        return _bound_loss(self._module, batch)
+        return bound_loss(self._module, batch)
 
     def _primal(self) -> dict[str, torch.Tensor]:
         named = dict(self.model.named_parameters())
@@ -453,14 +382,11 @@ class HessianOperator(Operator):
         for i, batch in enumerate(self._batches):
             if self.check_determinism and not self._batches.is_fixed and self._prints is not None:
                 if i >= len(self._prints) or fingerprint(batch) != self._prints[i]:
-                    raise NonDeterministicError(_DATA_MSG.format(i=i))
+                    raise batch_changed(i)
             count += 1
             yield i, batch
         if self._weights is not None and count != len(self._weights):
-            raise NonDeterministicError(
-                f"the data gave {count} batches on this pass but {len(self._weights)} before; "
-                + _DATA_FIX
-            )
+            raise batch_count_changed(count, len(self._weights))
 
     def _prepare(self) -> None:
         """Sample counts and batch weights, once (a collective step when distributed)."""
@@ -468,7 +394,7 @@ class HessianOperator(Operator):
             return
         with self._together("the operator's setup"):
             if self.check_determinism:
-                _check_modules(self.model)
+                check_modules(self.model)
             counts = self._count_samples()
         total = dist_glue.global_count(sum(counts), self.distributed)
         if total <= 0:
@@ -498,11 +424,18 @@ class HessianOperator(Operator):
                     (i for i, (a, b) in enumerate(zip(prints, again, strict=False)) if a != b),
                     len(prints),
                 )
-                raise NonDeterministicError(_DATA_MSG.format(i=first))
+                raise batch_changed(first)
             self._prints = prints
         first = next((b for b, c in zip(self._batches, counts, strict=False) if c > 0), None)
         if first is not None:  # a rank of a distributed run may hold no sample
-            self._check_loss(first)
+            check_loss(
+                self._loss(first),
+                self._primal(),
+                first,
+                self.dtype,
+                self.device,
+                self.check_determinism,
+            )
         return counts
 
     @contextlib.contextmanager
@@ -523,71 +456,6 @@ class HessianOperator(Operator):
             raise HessianError(
                 f"{what} failed on {failed} other rank(s) (their error says why); every rank "
                 "stops here"
-            )
-
-    def _check_loss(self, batch: Any) -> None:
-        """The first batch's loss is a differentiable scalar; with ``check_determinism`` it is
-        also the same on a second evaluation (no stochastic layers outside ``nn.Dropout``)."""
-        f = self._loss(batch)
-        leaves = {n: t.requires_grad_(True) for n, t in self._primal().items()}
-        try:
-            with torch.enable_grad():
-                a = f(leaves)
-        except TypeError as err:
-            raise HessianError(
-                f"loss_fn failed on the first batch: {first_line(err)}. That batch is "
-                f"{_describe(batch)}. A tuple or list of tensors is read as one batch (e.g. "
-                "(x, y)); pass several batches as a list of such tuples, or a DataLoader"
-            ) from err
-        except RuntimeError as err:
-            msg = str(err).lower()
-            if "dtype" not in msg and "device" not in msg and "scalar type" not in msg:
-                raise
-            index = any(w in msg for w in ("index", "indices", "target")) and (
-                "long" in msg or "int64" in msg
-            )
-            raise HessianError(
-                f"loss_fn failed on the first batch: {first_line(err)}. The "
-                f"differentiated parameters are {self.dtype} on {self.device}, the batch holds "
-                f"{_tensor_kinds(batch)}: "
-                + (
-                    "token ids, class targets and other indices must stay integer (torch.long); "
-                    "give only the floating-point tensors the model's dtype"
-                    if index
-                    else "give the batch the model's dtype and device (e.g. model.double() with a "
-                    "float64 batch, or batch.to(device))"
-                )
-            ) from err
-        if not isinstance(a, torch.Tensor) or a.ndim != 0 or not a.is_floating_point():
-            got = (
-                f"{a.dtype} of shape {tuple(a.shape)}"
-                if isinstance(a, torch.Tensor)
-                else type(a).__name__
-            )
-            raise HessianError(
-                f"loss_fn must return the batch's mean loss as a real scalar (0-d) tensor, got {got}: "
-                "reduce it (e.g. .mean(), not reduction='none'; .squeeze() a shape (1,))"
-            )
-        if not a.requires_grad:
-            raise HessianError(
-                "loss_fn returned a loss that does not depend on the differentiated parameters "
-                "(detached, .item(), or computed under torch.no_grad()?): return the loss tensor "
-                "itself, and check params= names the parameters the loss uses"
-            )
-        if not bool(torch.isfinite(a)):
-            raise HessianError(
-                f"the loss is {a.item()} at these parameters: the Hessian is undefined there. "
-                "Check the model's weights and the batch for NaN/Inf (e.g. after a diverged run)"
-            )
-        if not self.check_determinism:
-            return
-        with torch.no_grad():
-            b = f(leaves)
-        if not torch.allclose(a.detach(), b, rtol=1e-6, atol=0.0):
-            raise NonDeterministicError(
-                f"the loss changed between two evaluations on the same batch ({a.item():.6g} vs "
-                f"{b.item():.6g}): the model is stochastic (functional dropout in train mode?). "
-                "Call model.eval(), or pass check_determinism=False if this is intended"
             )
 
     def _apply(
@@ -611,14 +479,14 @@ class HessianOperator(Operator):
         # and the HVPs differentiate internally (torch.func and enable_grad ignore this context)
         with torch.no_grad(), self._together("a Hessian product"):
             if self.check_determinism:  # every product: the model may have been put in train mode
-                _check_modules(self.model)
+                check_modules(self.model)
             try:
-                with _constant_padding_rows(self.model):
+                with constant_padding_rows(self.model):
                     self._products_into(out, v, batched)
             except RuntimeError as err:
                 if not is_double_backward_error(err):
                     raise
-                raise self._double_backward_error(err) from err
+                raise double_backward_error(err) from err
         dist_glue.all_reduce_sum(buf, self.distributed)
         return buf if flat else out
 
@@ -644,8 +512,7 @@ class HessianOperator(Operator):
             return hvp_reverse(f, p, v, batched)
         if self._compiled is not None:
             try:
-                with torch._dynamo.config.patch(_compile_limits()):
-                    return self._compiled(self._module, p, v, batch, batched)
+                return self._compiled(self._module, p, v, batch, batched)
             except Exception as err:  # noqa: BLE001 - the eager product below raises the real error
                 self._compiled = None
                 warnings.warn(
@@ -658,7 +525,7 @@ class HessianOperator(Operator):
             return hvp_forward(f, p, v, batched)
         except (RuntimeError, NotImplementedError) as err:
             if is_forward_ad_error(err):
-                raise self._forward_error(err) from err
+                raise forward_mode_error(self.model, err) from err
             if "mutate a captured tensor" in str(err).lower():
                 raise ForwardModeError(
                     "the model writes in place into a tensor outside the differentiated "
@@ -730,20 +597,6 @@ class HessianOperator(Operator):
         """The modes ``auto`` picked: ``{"matvec": ..., "matmat": ...}`` once used."""
         return {("matmat" if b else "matvec"): m for b, m in self._chosen.items()}
 
-    def _forward_error(self, err: BaseException) -> ForwardModeError:
-        where = _module_from_traceback(self.model, err)
-        place = f"in module {where!r}" if where else "in the backward pass"
-        return ForwardModeError(
-            f"an operation {place} has no forward-mode (jvp) rule: {first_line(err)} Fix: "
-            + _fix(err, "mode='reverse' (double backward)")
-        )
-
-    def _double_backward_error(self, err: BaseException) -> HessianError:
-        return HessianError(
-            "an operation of the model has no double backward (the derivative of its backward): "
-            f"{first_line(err)} Fix: " + _fix(err, "mode='forward' (jvp of grad)")
-        )
-
 
 class RestrictedOperator(Operator):
     """:math:`H_{ab} = H[a][:, b]`: ``H_ab @ x = (H @ embed_b(x))[a]``, shape ``(|a|, |b|)``."""
@@ -776,125 +629,6 @@ class RestrictedOperator(Operator):
             "H_ab with rows a != columns b is not symmetric; restrict to a diagonal block "
             "H.restrict(a) (eigenvalues), or use its singular values (to_scipy() and svds)"
         )
-
-
-# --------------------------------------------------------------------------------- helpers
-_DATA_FIX = (
-    "the Hessian needs the same batches on every pass: use a fixed list of batches or a "
-    "DataLoader with shuffle=False (or pass check_determinism=False)"
-)
-_DATA_MSG = "batch {i} differs from the previous pass over the data (shuffled?); " + _DATA_FIX
-
-
-def _fix(err: BaseException, other_mode: str) -> str:
-    """The fix for an operation that one differentiation mode lacks."""
-    eager = "build transformers models with attn_implementation='eager'"
-    if "scaled_dot_product" in str(err):
-        return f"{eager} (fused SDPA kernels have neither a forward-mode rule nor a double backward on CPU)"
-    return f"use {other_mode}, or {eager} (fused attention kernels lack both)"
-
-
-def _check_modules(model: nn.Module) -> None:
-    bad = []
-    for name, m in model.named_modules():
-        if not m.training:
-            continue
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-            bad.append(f"{name or type(m).__name__} ({type(m).__name__}, p={m.p})")
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            bad.append(f"{name or type(m).__name__} ({type(m).__name__})")
-    if bad:
-        raise NonDeterministicError(
-            f"the model is in train mode with active dropout/BatchNorm: {', '.join(bad[:5])}"
-            + (" ..." if len(bad) > 5 else "")
-            + ". Call model.eval() first, or pass check_determinism=False if this is intended"
-        )
-
-
-@contextlib.contextmanager
-def _constant_padding_rows(model: nn.Module) -> Iterator[None]:
-    r"""Products with the padding lookups of ``nn.Embedding(padding_idx=p)`` held constant, as
-    autograd holds them.
-
-    The backward of such a lookup gives row :math:`p` nothing from the positions that read it, so
-    ``grad`` is :math:`g = \nabla_\theta \tilde L(\theta, \theta')|_{\theta'=\theta}`, where those
-    positions read a constant copy :math:`\theta'`. Double backward returns the symmetric
-    :math:`\nabla^2_{\theta\theta} \tilde L`; ``jvp(grad)`` would also push the tangent through the
-    lookup and add :math:`\nabla^2_{\theta\theta'} \tilde L\, v` (asymmetric; O(1) on BERT).
-    Detaching the padding positions of the output removes that term and changes no gradient.
-    The lookups are caught at ``F.embedding``, where the ids are known: a subclass's ``forward``
-    may take other arguments and compute the ids itself (ProphetNet's positions from a mask).
-    """
-    padded = any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
-    with _DetachPadding() if padded else contextlib.nullcontext():
-        yield
-
-
-class _DetachPadding(TorchFunctionMode):
-    """``F.embedding(ids, weight, padding_idx=p)`` with the positions where ``ids == p`` detached."""
-
-    def __torch_function__(
-        self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is not F.embedding:
-            return out
-        ids, weight, pad = _embedding_args(*args, **kwargs)
-        if pad is None:
-            return out
-        pad = pad if pad >= 0 else weight.shape[0] + pad  # F.embedding's reading of p < 0
-        return torch.where((ids == pad).unsqueeze(-1), out.detach(), out)
-
-
-def _embedding_args(
-    input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None, *_: Any, **__: Any
-) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """The ids, table and ``padding_idx`` of an ``F.embedding`` call, however they were passed."""
-    return input, weight, padding_idx
-
-
-def _describe(batch: Any) -> str:
-    """A batch's structure, e.g. ``tuple(Tensor(4, 5), Tensor(4,))``."""
-    if isinstance(batch, torch.Tensor):
-        return f"Tensor{tuple(batch.shape)}"
-    if isinstance(batch, (list, tuple)):
-        inner = ", ".join(_describe(b) for b in batch[:4]) + (", ..." if len(batch) > 4 else "")
-        return f"{type(batch).__name__}({inner})"
-    if isinstance(batch, Mapping):
-        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in list(batch.items())[:4]) + "}"
-    return type(batch).__name__
-
-
-def _tensor_kinds(batch: Any) -> str:
-    """The distinct ``dtype on device`` of the tensors in a batch, for error messages."""
-    kinds: dict[str, None] = {}
-
-    def visit(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            kinds[f"{x.dtype} on {x.device}"] = None
-        elif isinstance(x, Mapping):
-            for y in x.values():
-                visit(y)
-        elif isinstance(x, (tuple, list)):
-            for y in x:
-                visit(y)
-
-    visit(batch)
-    return ", ".join(kinds) or "no tensors"
-
-
-def _module_from_traceback(model: nn.Module, err: BaseException) -> str | None:
-    """Name of the innermost submodule of ``model`` whose ``forward`` is on ``err``'s traceback."""
-    names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
-    found = None
-    tb = err.__traceback__
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if isinstance(owner, nn.Module) and id(owner) in names:
-            found = names[id(owner)]
-        tb = tb.tb_next
-    return found
 
 
 def _cumsum0(xs: Sequence[int]) -> list[int]:

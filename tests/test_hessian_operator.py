@@ -687,13 +687,13 @@ def test_forward_mode_names_in_place_buffer_updates():
 def test_compile_limit_warns_and_runs_eagerly(monkeypatch):
     """Past dynamo's recompile limit, compiled products would silently run eagerly: the
     operator warns instead (dynamo's eager backend keeps this test fast)."""
-    from hessian import operator as operator_module
+    from hessian import loss as loss_module
 
     eager_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, backend="eager"))
     monkeypatch.setattr(
-        operator_module,
-        "_compile_limits",
+        loss_module,
+        "compile_limits",
         lambda: {"recompile_limit": 1, "fail_on_recompile_limit_hit": True},
     )
     torch._dynamo.reset()

@@ -1,0 +1,82 @@
+"""Error-message helpers: what a batch holds, which module failed, and the fix to name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessian.errors import ForwardModeError, HessianError
+from hessian.hvp import first_line
+
+
+def describe_batch(batch: Any) -> str:
+    """A batch's structure, e.g. ``tuple(Tensor(4, 5), Tensor(4,))``."""
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{tuple(batch.shape)}"
+    if isinstance(batch, (list, tuple)):
+        items = [describe_batch(b) for b in batch[:4]] + (["..."] if len(batch) > 4 else [])
+        return f"{type(batch).__name__}({', '.join(items)})"
+    if isinstance(batch, Mapping):
+        items = [f"{k!r}: {describe_batch(v)}" for k, v in list(batch.items())[:4]]
+        return "{" + ", ".join(items) + "}"
+    return type(batch).__name__
+
+
+def tensor_kinds(batch: Any) -> str:
+    """The distinct ``dtype on device`` of the tensors in a batch."""
+    kinds: dict[str, None] = {}
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            kinds[f"{x.dtype} on {x.device}"] = None
+        elif isinstance(x, Mapping):
+            for y in x.values():
+                visit(y)
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+
+    visit(batch)
+    return ", ".join(kinds) or "no tensors"
+
+
+def forward_mode_error(model: nn.Module, err: BaseException) -> ForwardModeError:
+    """``err`` (an operation without a jvp rule) with the module it ran in and the fix."""
+    where = _module_from_traceback(model, err)
+    place = f"in module {where!r}" if where else "in the backward pass"
+    return ForwardModeError(
+        f"an operation {place} has no forward-mode (jvp) rule: {first_line(err)} Fix: "
+        + _fix(err, "mode='reverse' (double backward)")
+    )
+
+
+def double_backward_error(err: BaseException) -> HessianError:
+    """``err`` (an operation without a double backward) with the fix."""
+    return HessianError(
+        "an operation of the model has no double backward (the derivative of its backward): "
+        f"{first_line(err)} Fix: " + _fix(err, "mode='forward' (jvp of grad)")
+    )
+
+
+def _fix(err: BaseException, other_mode: str) -> str:
+    """The fix for an operation that one differentiation mode lacks."""
+    eager = "build transformers models with attn_implementation='eager'"
+    if "scaled_dot_product" in str(err):
+        return f"{eager} (fused SDPA kernels have neither a forward-mode rule nor a double backward on CPU)"
+    return f"use {other_mode}, or {eager} (fused attention kernels lack both)"
+
+
+def _module_from_traceback(model: nn.Module, err: BaseException) -> str | None:
+    """Name of the innermost submodule of ``model`` whose ``forward`` is on ``err``'s traceback."""
+    names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
