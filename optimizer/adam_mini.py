@@ -688,13 +688,13 @@ class AdamMini(torch.optim.Optimizer):
         ptr_rows, hyper_rows = [], []
         for t in fused:
             m = t.state["exp_avg"]
-            key, hyper_row = 0, [0.0, 0.0, 0.0, 0.0]
+            key, hyper_row = 0, [0.0, 0.0, 0.0]
             if phase & cpu_fused.PHASE_UPDATE:
                 t.state["step"] += 1
                 h = self._hyper(t)
                 if m.dtype != t.p.dtype:  # stochastic rounding of low-precision momentum
                     key = self._rounding_key(t.name, h.step)
-                hyper_row = [1 - h.lr * h.weight_decay, -h.step_size, h.bias_correction2_sqrt, 1.0]
+                hyper_row = [1 - h.lr * h.weight_decay, -h.step_size, h.bias_correction2_sqrt]
             ptr_rows.append(
                 [
                     t.p.data_ptr(),

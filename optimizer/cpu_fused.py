@@ -74,8 +74,8 @@ void NAME(int64_t n_chunks, const int64_t *chunk, const int64_t *tensor_ptrs,   
     MT *m = (MT *)tensor_ptrs[5 * t + 2] + off;                                               \
     const uint32_t key = (uint32_t)tensor_ptrs[5 * t + 4];                                    \
     T *v = (T *)tensor_ptrs[5 * t + 3] + vblk;                                                \
-    const double *hy = tensor_hyper + 4 * t;                                                  \
-    const T decay = (T)hy[0], neg_step = (T)hy[1], bc2_sqrt = (T)hy[2], gsign = (T)hy[3];     \
+    const double *hy = tensor_hyper + 3 * t;                                                  \
+    const T decay = (T)hy[0], neg_step = (T)hy[1], bc2_sqrt = (T)hy[2];                       \
     for (int64_t b = 0; b < n; ++b) {                                                         \
       const T *gb = g + b * L;                                                                \
       double ss;                                                                              \
@@ -108,7 +108,7 @@ void NAME(int64_t n_chunks, const int64_t *chunk, const int64_t *tensor_ptrs,   
       const uint32_t base = (uint32_t)(off + b * L);                                          \
       if (w < (T)0.5) {                                                                       \
         for (int64_t i = 0; i < L; ++i) {                                                     \
-          const T gi = gsign * gb[i];                                                         \
+          const T gi = gb[i];                                                                 \
           const T mo = MLOAD(mb[i]);                                                          \
           const T mi = FMA(w, gi - mo, mo)   ;                                             \
           mb[i] = MSTORE(mi, base + (uint32_t)i, key);                                        \
@@ -117,7 +117,7 @@ void NAME(int64_t n_chunks, const int64_t *chunk, const int64_t *tensor_ptrs,   
       } else {                                                                                \
         const T wc = w - (T)1;                                                                \
         for (int64_t i = 0; i < L; ++i) {                                                     \
-          const T gi = gsign * gb[i];                                                         \
+          const T gi = gb[i];                                                                 \
           const T mo = MLOAD(mb[i]);                                                          \
           const T mi = FMA(wc, gi - mo, gi)   ;                                               \
           mb[i] = MSTORE(mi, base + (uint32_t)i, key);                                        \
@@ -238,8 +238,8 @@ def run_kernel(
     phase: int,
 ) -> None:
     """Call the kernel. ``chunk_table`` int64 ``(C, 6)``, ``tensor_ptrs`` int64 ``(T, 5)``
-    (p, g, m, v data pointers and a 32-bit rounding key), ``tensor_hyper`` float64 ``(T, 4)`` (decay, -lr/bc1,
-    sqrt(bc2), grad sign), ``sums`` float64 ``(total blocks,)``."""
+    (p, g, m, v data pointers and a 32-bit rounding key), ``tensor_hyper`` float64 ``(T, 3)``
+    (decay, -lr/bc1, sqrt(bc2)), ``sums`` float64 ``(total blocks,)``."""
     fn = {
         (torch.float32, torch.float32): lib.adam_mini_f32,
         (torch.float64, torch.float64): lib.adam_mini_f64,
