@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import hessian
 import partition
 from lab.models import OneHiddenMLP, TinyGPT, TinyGPTConfig, classification_loss, lm_loss
 from partition import Partition, PartitionError
@@ -310,10 +311,6 @@ def _check_derived_args(args: argparse.Namespace) -> None:
 
 def _derive(model: nn.Module, args: argparse.Namespace) -> Partition:
     """Measure the block coupling of ``by_rows(model)`` and derive a partition from it."""
-    try:
-        import hessian
-    except ImportError as exc:
-        raise PartitionError(f"--rule derived needs the hessian package: {exc}") from exc
     if isinstance(model, TinyGPT):
         from lab.data import Corpus
 

@@ -9,11 +9,11 @@ from typing import Any
 
 def human_bytes(n: float) -> str:
     """``1536 -> '1.50 KiB'`` (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.2f} TiB"
 
 
 def percent(x: float, digits: int = 1) -> str:

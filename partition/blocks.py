@@ -87,9 +87,7 @@ class TensorBlocks:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise PartitionError(f"tensor name must be a non-empty string, got {self.name!r}")
-        shape = self.shape
-        if isinstance(shape, torch.Size):
-            shape = tuple(shape)
+        shape = self.shape  # a torch.Size is a tuple
         if not isinstance(shape, (list, tuple)) or not all(_is_int(s) and s >= 0 for s in shape):
             raise PartitionError(
                 f"tensor {self.name!r}: shape must be a list of non-negative integers, got {self.shape!r}"
