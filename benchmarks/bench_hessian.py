@@ -29,9 +29,11 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.func import functional_call, grad, jvp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -52,8 +54,12 @@ COMPILED_HVP = "ours forward, compile=True"
 COMPILED_MATMAT = "ours matmat forward, compile=True"
 COMPILED_GRADIENT = "one gradient under torch.compile (for scale)"
 
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Problem = tuple[str, nn.Module, LossFn, tuple[torch.Tensor, torch.Tensor]]
 
-def tinygpt_problem(seed: int = 0):
+
+def tinygpt_problem(seed: int = 0) -> Problem:
+    """TinyGPT on a random batch of 8 x 32 tokens: ``(title, model, loss_fn, batch)``."""
     cfg = TinyGPTConfig(vocab_size=256, context=32, n_layer=2, d_model=64, n_heads=4, n_kv_heads=2)
     model = TinyGPT(cfg, seed=seed).eval()
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +70,9 @@ def tinygpt_problem(seed: int = 0):
     return "TinyGPT (2 layers, d=64, GQA 4/2, vocab 256, batch 8x32)", model, lm_loss, batch
 
 
-def gpt2_problem(vocab: int, seed: int = 0):
+def gpt2_problem(vocab: int, seed: int = 0) -> Problem:
+    """transformers GPT-2 (eager attention, no dropout) on a random batch of 8 x 128 tokens, with
+    its own cross-entropy: ``(title, model, loss_fn, batch)``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -97,7 +105,11 @@ def gpt2_problem(vocab: int, seed: int = 0):
     )
 
 
-def contenders(model, loss_fn, batch, k: int, seed: int) -> tuple[dict[str, Callable], dict]:
+def contenders(
+    model: nn.Module, loss_fn: LossFn, batch: Any, k: int, seed: int
+) -> tuple[dict[str, Callable], dict[str, HessianOperator]]:
+    """The timed calls by row label (one gradient, our products, the peers, ``k``-vector
+    matmats; the compiled ones run once here), and our operators by mode."""
     params = dict(model.named_parameters())
     names = list(params)
     plist = [params[n] for n in names]
@@ -250,7 +262,9 @@ def interleaved_medians(
     return {name: statistics.median(ts) for name, ts in times.items()}, repeats
 
 
-def power_iteration_counts(H, ref: np.ndarray, k: int, rtol: float, cap: int, seed: int):
+def power_iteration_counts(
+    H: HessianOperator, ref: np.ndarray, k: int, rtol: float, cap: int, seed: int
+) -> tuple[list[int], list[float]]:
     """PyHessian-style power iteration with deflation; products until within ``rtol`` of ``ref``."""
     g = torch.Generator().manual_seed(seed)
     n = H.shape[0]
@@ -296,8 +310,8 @@ def projected_power(ref: list[float], rtol: float) -> int:
     )
 
 
-def eigen_benchmark(H, k: int, rtol: float, cap: int, seed: int) -> dict:
-    """One Lanczos run to tol 1e-8 gives the reference; its history tells when ``tol=rtol`` stops.
+def eigen_benchmark(H: HessianOperator, k: int, rtol: float, cap: int, seed: int) -> dict:
+    """One Lanczos run to tol 1e-9 gives the reference; its history tells when ``tol=rtol`` stops.
 
     ``lanczos(H, k, which="LM", tol=rtol, seed=seed)`` takes exactly the first steps of the same
     run (same seed) and stops at the first step whose residual estimates are all
@@ -328,7 +342,8 @@ def eigen_benchmark(H, k: int, rtol: float, cap: int, seed: int) -> dict:
     }
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict:
+    """Time every contender and (unless ``--hvp-only``) count eigenvalue products, per problem."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     peak = sgemm_peak_gflops()
@@ -381,7 +396,7 @@ def table_row(label: str, cells: list[str]) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def eigen_table(results: dict, args, titles: list[str]) -> list[str]:
+def eigen_table(results: dict, args: argparse.Namespace, titles: list[str]) -> list[str]:
     """The top-5 eigenvalue comparison: our Lanczos against deflated power iteration."""
     lines = [
         "",
@@ -433,7 +448,8 @@ def eigen_table(results: dict, args, titles: list[str]) -> list[str]:
     return lines
 
 
-def markdown(results: dict, args, command: str, seconds: float) -> str:
+def markdown(results: dict, args: argparse.Namespace, command: str, seconds: float) -> str:
+    """The README section: HVP and FLOP tables, the eigenvalue table and notes, from ``results``."""
     lines = [
         "## Hessian engine" + ("" if args.section == "hessian" else f" ({args.section})"),
         "",
@@ -597,6 +613,7 @@ def write_section(text: str, section: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line (module docstring): run, or re-render ``--from-json``; print, maybe write."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5, help="fewest interleaved timing rounds")
     p.add_argument("--min-seconds", type=float, default=20.0, help="more rounds until this long")

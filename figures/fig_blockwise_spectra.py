@@ -45,6 +45,7 @@ QUICK = dict(
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Draw the figure (``--quick``: tiny sizes) into ``--out``; returns the files written."""
     args = parse_args(__doc__.splitlines()[0], argv)
     set_style()
     s = QUICK if args.quick else FULL

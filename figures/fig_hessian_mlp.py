@@ -30,6 +30,8 @@ NAME = "fig_hessian_mlp"
 
 @dataclass(frozen=True)
 class Sizes:
+    """Input width d, hidden neurons m, classes C, samples n, Adam steps, the C of the sweep."""
+
     d: int
     m: int
     C: int
@@ -80,6 +82,7 @@ def class_sweep(s: Sizes, seed: int, progress: bool) -> list[tuple[str, np.ndarr
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Draw the figure (``--quick``: tiny sizes) into ``--out``; returns the files written."""
     args = parse_args(__doc__.splitlines()[0], argv)
     set_style()
     s = QUICK if args.quick else FULL

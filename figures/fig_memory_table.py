@@ -25,6 +25,7 @@ QUICK_MODELS = ["GPT-2 125M", "Llama 2-7B"]
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Draw the figure (``--quick``: tiny sizes) into ``--out``; returns the files written."""
     args = parse_args(__doc__.splitlines()[0], argv)
     set_style()
     rows = memory_rows(QUICK_MODELS if args.quick else list(MODELS))

@@ -61,6 +61,7 @@ def run_problem(
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Draw the figure (``--quick``: tiny sizes) into ``--out``; returns the files written."""
     args = parse_args(__doc__.splitlines()[0], argv)
     set_style()
     block_size, iters, grid = (8, 150, 6) if args.quick else (30, 600, 25)

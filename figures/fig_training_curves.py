@@ -33,13 +33,16 @@ FULL = dict(steps=1000, seeds=(0, 1, 2), grid=(3e-3, 1e-2, 2e-2), equal_lr=1e-2)
 SMALL = dict(steps=20, seeds=(0, 1), grid=(3e-3, 1e-2), equal_lr=1e-2)
 
 
-def derived_partition(c: ReproduceConfig, corpus: Corpus, seed: int, progress: bool):
+def derived_partition(
+    c: ReproduceConfig, corpus: Corpus, seed: int, progress: bool
+) -> partition.Partition:
     """The partition ``reproduce`` would derive for this model (same measurement settings)."""
     _, _, structure = warm_up_and_measure(c, corpus, seed=seed, spectra=(1, 2), progress=progress)
     return structure.derived
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Draw the figure (``--quick``: tiny sizes) into ``--out``; returns the files written."""
     args = parse_args(__doc__.splitlines()[0], argv)
     set_style()
     s, c = (SMALL, QUICK) if args.quick else (FULL, DEFAULT)

@@ -73,6 +73,7 @@ def module_hessians(
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Draw the figure (``--quick``: tiny sizes) into ``--out``; returns the files written."""
     args = parse_args(__doc__.splitlines()[0], argv)
     set_style()
     c = SMALL if args.quick else FULL

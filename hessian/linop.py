@@ -125,6 +125,7 @@ class DenseOperator(Operator):
         return self.A.T @ V
 
     def to_dense(self, chunk: int | None = None) -> torch.Tensor:
+        """A copy of the matrix (no products; ``chunk`` is only checked)."""
         if chunk is not None:
             check_positive_ints(chunk=chunk)
         return self.A.clone()

@@ -29,6 +29,7 @@ class LossModule(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: Any) -> torch.Tensor:
+        """:math:`f_b`: ``loss_fn(model, batch)``, the batch's scalar mean loss."""
         return self.loss_fn(self.model, batch)
 
 

@@ -623,6 +623,7 @@ class RestrictedOperator(Operator):
         return self.T._matmat(V)
 
     def asymmetry(self) -> str | None:
+        """None for a diagonal block :math:`H_{aa}` (rows = columns), else why it is asymmetric."""
         if torch.equal(self.rows, self.cols):
             return None
         return (

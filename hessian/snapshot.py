@@ -30,6 +30,7 @@ class Snapshot:
 
     @classmethod
     def take(cls, model: nn.Module, batches: list[Any]) -> Snapshot:
+        """Record ``model`` and ``batches`` now."""
         tensors, training = _state(model)
         return cls(
             tuple(t.detach().clone() for t in tensors),

@@ -124,7 +124,9 @@ def short_name(name: str) -> str:
     return ".".join(parts) + suffix
 
 
-def plot_coupling(ax: plt.Axes, mass: np.ndarray, names: Sequence[str], counts: Sequence[int]):
+def plot_coupling(
+    ax: plt.Axes, mass: np.ndarray, names: Sequence[str], counts: Sequence[int]
+) -> matplotlib.image.AxesImage:
     """log10 of the block coupling masses ``||H_ab||_F^2`` with tensor boundaries and labels."""
     floor = mass[mass > 0].min() if (mass > 0).any() else 1.0
     with np.errstate(divide="ignore"):

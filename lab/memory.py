@@ -83,6 +83,7 @@ class MemoryRow:
 
     @property
     def ratio(self) -> float:
+        """Adam-mini state / AdamW state."""
         return self.adam_mini / self.adamw
 
 

@@ -164,6 +164,7 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``o_proj(concat_h A_h)`` for ``x`` of shape (B, T, d_model); same shape out."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -186,6 +187,7 @@ class MLP(nn.Module):
         self.fc_out = nn.Linear(c.ff, c.d_model, bias=c.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``fc_out(gelu_tanh(fc_in(x)))`` on the last dim (d_model -> d_ff -> d_model)."""
         return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
 
 
@@ -200,6 +202,7 @@ class Block(nn.Module):
         self.mlp = MLP(c)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x + attn(ln_1(x))``, then ``+ mlp(ln_2(.))``; shape (B, T, d_model) kept."""
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -293,6 +296,7 @@ class OneHiddenMLP(nn.Module):
         _init_default(self, seed)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``z = W2 act(W1 x)``: (N, d) -> (N, C)."""
         h = self.fc1(x)
         return self.fc2(torch.relu(h) if self.activation == "relu" else torch.tanh(h))
 
@@ -320,6 +324,7 @@ class DeepMLP(nn.Module):
         _init_default(self, seed)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``W_L relu(... relu(W_1 x))``: (N, d) -> (N, C)."""
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == 0 else layer(torch.relu(x))
         return x

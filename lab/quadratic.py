@@ -162,6 +162,7 @@ class QuadraticModule(nn.Module):
         )
 
     def forward(self) -> Tensor:
+        """``f(x) = 1/2 x^T H x`` at ``x = cat(x.0, x.1, ...)``."""
         return self.problem.loss(torch.cat(list(self.x)))
 
 

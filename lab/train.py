@@ -51,9 +51,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class BatchSource(Protocol):
     """What :func:`train` needs from a corpus (``lab.data.Corpus`` satisfies it)."""
 
-    def batch(
-        self, split: str, batch_size: int, context: int, generator: torch.Generator
-    ) -> Batch: ...
+    def batch(self, split: str, batch_size: int, context: int, generator: torch.Generator) -> Batch:
+        """``batch_size`` windows of ``context`` tokens of ``split`` as ``(inputs, targets)``."""
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ import math
 import os
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -492,7 +492,7 @@ class AdamMini(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One Adam-mini step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:

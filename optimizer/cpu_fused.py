@@ -30,10 +30,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from optimizer.layout import Run
 
 SOURCE = r"""
 #include <math.h>
@@ -211,7 +216,7 @@ PHASE_SUMS, PHASE_UPDATE, PHASE_BOTH, PHASE_SKIP_NONFINITE = 1, 2, 3, 4
 CHUNK_ELEMENTS = 1 << 15
 
 
-def chunks_of(tensor_id: int, runs, v_lo: int, sums_offset: int) -> list[list[int]]:
+def chunks_of(tensor_id: int, runs: Sequence[Run], v_lo: int, sums_offset: int) -> list[list[int]]:
     """Chunk rows ``[tensor, n, L, flat_offset, v_block, sums_block]`` of one tensor's flat runs."""
     rows = []
     for run in runs:

@@ -45,10 +45,12 @@ class Hyper:
 
     @property
     def bias_correction1(self) -> float:
+        """``1 - beta1^t``."""
         return 1 - self.beta1**self.step
 
     @property
     def bias_correction2_sqrt(self) -> float:
+        """``sqrt(1 - beta2^t)``."""
         return (1 - self.beta2**self.step) ** 0.5
 
     @property
