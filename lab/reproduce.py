@@ -242,11 +242,11 @@ def _figures(structure: StructureResult, variants: list[VariantResult], out: Pat
     # an indefinite Hessian's normalized coupling can exceed 1: log scale up to the largest
     top = float(norm.max())
     scale = LogNorm(vmin=top * 1e-4, vmax=top, clip=True)
-    sns_im = ax2.imshow(norm, cmap="rocket_r", norm=scale)
+    norm_im = ax2.imshow(norm, cmap="rocket_r", norm=scale)
     ax2.set_xticks(range(len(names)), [plots.short_name(n) for n in names], rotation=90, fontsize=6)
     ax2.set_yticks(range(len(names)), [plots.short_name(n) for n in names], fontsize=6)
     fig.colorbar(
-        sns_im, ax=ax2, shrink=0.7, label="||H_tu||²_F / (||H_tt||_F ||H_uu||_F), log scale"
+        norm_im, ax=ax2, shrink=0.7, label="||H_tu||²_F / (||H_tt||_F ||H_uu||_F), log scale"
     )
     ax2.set_title("coupling between whole tensors (normalized)", fontsize=9)
     fig.suptitle("Hessian block coupling of the TinyGPT (Hutchinson estimate)")
