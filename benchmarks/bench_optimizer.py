@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import optimizer  # noqa: E402
 import partition  # noqa: E402
+from lab.train import optimizer_state_nbytes  # noqa: E402
 from partition.io import write_text  # noqa: E402
 
 BEGIN, END = "<!-- section: optimizer -->", "<!-- end: optimizer -->"
@@ -107,16 +108,6 @@ def make_optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     }
 
 
-def state_nbytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``opt.state``."""
-    return sum(
-        t.numel() * t.element_size()
-        for st in opt.state.values()
-        for t in st.values()
-        if torch.is_tensor(t)
-    )
-
-
 def time_steps(rounds: int, threads: int) -> tuple[dict[str, float], dict[str, int]]:
     """Median step seconds of each optimizer over ``rounds`` interleaved rounds, and state bytes."""
     torch.set_num_threads(threads)
@@ -135,7 +126,7 @@ def time_steps(rounds: int, threads: int) -> tuple[dict[str, float], dict[str, i
             opts[k].step()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}, {
-        k: state_nbytes(o) for k, o in opts.items()
+        k: optimizer_state_nbytes(o) for k, o in opts.items()
     }
 
 
