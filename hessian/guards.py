@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from hessian.errors import HessianError, NonDeterministicError
-from hessian.hvp import first_line
-from hessian.messages import describe_batch, tensor_kinds
+from hessian.messages import describe_batch, first_line, tensor_kinds
 
 _SAME_BATCHES_FIX = (
     "the Hessian needs the same batches on every pass: use a fixed list of batches or a "
@@ -37,14 +36,14 @@ def check_modules(model: nn.Module) -> None:
         )
 
 
-def batch_changed(i: int) -> NonDeterministicError:
+def batch_changed_error(i: int) -> NonDeterministicError:
     """Batch ``i`` differs from the previous pass over the data."""
     return NonDeterministicError(
         f"batch {i} differs from the previous pass over the data (shuffled?); " + _SAME_BATCHES_FIX
     )
 
 
-def batch_count_changed(count: int, before: int) -> NonDeterministicError:
+def batch_count_error(count: int, before: int) -> NonDeterministicError:
     """This pass over the data gave ``count`` batches, the previous one ``before``."""
     return NonDeterministicError(
         f"the data gave {count} batches on this pass but {before} before; " + _SAME_BATCHES_FIX

@@ -32,6 +32,8 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, jvp, vmap
 
+from hessian.messages import first_line
+
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
 Product = Callable[[Params, bool], Params]
@@ -117,12 +119,6 @@ def is_double_backward_error(err: BaseException) -> bool:
     """True when ``err`` says that a backward operation has no derivative (no double backward)."""
     msg = str(err).lower()
     return "derivative for" in msg and "not implemented" in msg
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message, or its type when the message is empty."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _loop(one: Callable[[Params], Params], tangents: Params) -> Params:

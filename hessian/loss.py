@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hessian.hvp import first_line, forward_product
+from hessian.hvp import forward_product
+from hessian.messages import first_line
 
 
 class LossModule(nn.Module):

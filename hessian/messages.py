@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from hessian.errors import ForwardModeError, HessianError
-from hessian.hvp import first_line
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def describe_batch(batch: Any) -> str:

@@ -36,10 +36,14 @@ from torch import nn
 from hessian import distributed as dist_glue
 from hessian.data import Batches, fingerprint, sample_count
 from hessian.errors import ForwardModeError, HessianError
-from hessian.guards import batch_changed, batch_count_changed, check_loss, check_modules
+from hessian.guards import (
+    batch_changed_error,
+    batch_count_error,
+    check_loss,
+    check_modules,
+)
 from hessian.hvp import (
     Product,
-    first_line,
     hvp_forward,
     hvp_reverse,
     is_double_backward_error,
@@ -48,7 +52,7 @@ from hessian.hvp import (
 )
 from hessian.linop import Operator, as_real_tensor, check_finite
 from hessian.loss import LossModule, bound_loss, compile_product
-from hessian.messages import double_backward_error, forward_mode_error
+from hessian.messages import double_backward_error, first_line, forward_mode_error
 from hessian.padding import constant_padding_rows
 from hessian.snapshot import Snapshot
 from partition import Partition
@@ -382,11 +386,11 @@ class HessianOperator(Operator):
         for i, batch in enumerate(self._batches):
             if self.check_determinism and not self._batches.is_fixed and self._prints is not None:
                 if i >= len(self._prints) or fingerprint(batch) != self._prints[i]:
-                    raise batch_changed(i)
+                    raise batch_changed_error(i)
             count += 1
             yield i, batch
         if self._weights is not None and count != len(self._weights):
-            raise batch_count_changed(count, len(self._weights))
+            raise batch_count_error(count, len(self._weights))
 
     def _prepare(self) -> None:
         """Sample counts and batch weights, once (a collective step when distributed)."""
@@ -424,7 +428,7 @@ class HessianOperator(Operator):
                     (i for i, (a, b) in enumerate(zip(prints, again, strict=False)) if a != b),
                     len(prints),
                 )
-                raise batch_changed(first)
+                raise batch_changed_error(first)
             self._prints = prints
         first = next((b for b, c in zip(self._batches, counts, strict=False) if c > 0), None)
         if first is not None:  # a rank of a distributed run may hold no sample
