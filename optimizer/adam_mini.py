@@ -167,7 +167,8 @@ class AdamMini(torch.optim.Optimizer):
                 "OpenMP on PATH, and ADAM_MINI_LAB_NO_FUSED unset); use fused=None or False"
             )
         given = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
-        self._heads = {**head_config(model), **{k: v for k, v in given.items() if v is not None}}
+        self._given_heads = {k: v for k, v in given.items() if v is not None}
+        self._heads = {**head_config(model), **self._given_heads}
         self._source = None  # the JSON file the partition came from, for error messages
         if isinstance(partition, (str, os.PathLike)):
             self._source = os.fspath(partition)
@@ -208,8 +209,8 @@ class AdamMini(torch.optim.Optimizer):
         does not split (then each group is partitioned from its names, which raise if needed)."""
         if model is None:
             return None
-        try:
-            return partition_lib.adam_mini(model, **self._heads)
+        try:  # the model's config gives the rest, also per stack (encoder vs decoder heads)
+            return partition_lib.adam_mini(model, **self._given_heads)
         except partition_lib.PartitionError:
             return None
 

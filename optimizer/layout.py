@@ -181,7 +181,7 @@ def layout_of(
                     runs.append(Run("flat", first + f1, 1, a + f1 * width - lo, e - lo))
         else:
             sizes_list.append(torch.full((n,), float(width * rows), dtype=torch.float64))
-            if row_hi > row_lo:
+            if row_hi > row_lo and n:  # an empty section (q of a fused k|v weight) has no run
                 runs.append(Run("cols", first, n, col_pos, col_pos + n * width))
             col_pos += n * width
         first += n

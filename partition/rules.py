@@ -56,10 +56,16 @@ def by_rows(model: ModelLike) -> Partition:
 
 
 # ---------------------------------------------------------------------- Adam-mini principle
-_POSITIONAL = {"pos_emb", "wpe", "position_embeddings", "token_type_embeddings", "embed_positions"}
-_TOKEN_EMB = {"tok_emb", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in"}
+_POSITIONAL = {
+    "pos_emb", "wpe", "position_embeddings", "token_type_embeddings", "embed_positions",
+    "relative_attention_bias",  # T5: a learned bias per (distance bucket, head)
+}  # fmt: skip
+# "shared": the token embedding of T5, BART, mBART, Pegasus, Marian (tied to the output layer)
+_TOKEN_EMB = {
+    "tok_emb", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in", "shared",
+}  # fmt: skip
 _OUTPUT = {"lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score"}
-_QUERY = {"q_proj", "wq", "query", "q_lin"}
+_QUERY = {"q_proj", "wq", "query", "q_lin", "q_attn"}  # q_attn: GPT-2 cross-attention
 _KEY = {"k_proj", "wk", "key", "k_lin"}
 _NEURON = {
     # values
@@ -69,8 +75,12 @@ _NEURON = {
     # MLP
     "fc_in", "fc_out", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
     "w1", "w2", "w3", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "wi", "wi_0", "wi_1",
+    # ALBERT's MLP; OPT-350m's projections between the embedding and hidden widths
+    "ffn", "ffn_output", "project_in", "project_out",
+    # heads' dense layers: DistilBERT's MLM transform, BigBird's pooler
+    "vocab_transform", "pooler",
 }  # fmt: skip
-_MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate"}
+_MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"}
 _FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "query_key_value"}
 
 
@@ -79,7 +89,7 @@ def _is_attention(parts: list[str]) -> bool:
 
 
 def _kind(name: str, ndim: int = 2) -> str:
-    """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, experts, or ''.
+    """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, norm, experts, or ''.
 
     The module name is the component before ``.weight``/``.bias``; a parameter registered
     directly under another name (``mlp.experts.gate_up_proj``) is its own leaf.
@@ -90,6 +100,10 @@ def _kind(name: str, ndim: int = 2) -> str:
     parents = parts[:-2] if named_leaf else parts[:-1]
     if ndim >= 3 and ("experts" in parts or "expert" in parts):
         return "experts"
+    if "norm" in leaf:  # a norm weight of more than one axis: Cohere's (heads, head_dim) q/k norms
+        return "norm"
+    if "indexer" in parents:  # DeepSeek-V3.2's sparse-attention indexer: its wk is no model key
+        return ""
     if leaf in _POSITIONAL or "position" in leaf:
         return "positional"
     if leaf in _FUSED_QKV:
@@ -126,7 +140,7 @@ def _transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]
                     if p.ndim == 2:
                         out.add(f"{mod_name}.{pname}" if mod_name else pname)
         return out
-    gpt2_leaves = {"c_attn", "c_proj", "c_fc"}
+    gpt2_leaves = {"c_attn", "c_proj", "c_fc", "q_attn"}
     # fused q|k|v has more outputs than inputs: nn.Linear stores it (out, in), Conv1D (in, out)
     linear_layout = any(
         n.lower().split(".")[-2:-1] == ["c_attn"] and len(s) == 2 and s[0] > s[1] for n, s in shapes
@@ -155,13 +169,13 @@ def _fused_layout(model: ModelLike, n_heads: int | None) -> tuple[str | None, in
     count it implies (None: from the config as usual).
 
     ``sections`` is q | k | v (GPT-2, Phi-3); ``interleaved`` is q, k, v per head (GPT-NeoX,
-    Bloom, Falcon without multi-query); ``grouped`` is the q heads of each kv group, then its k
-    and v (Falcon's new decoder); ``codegen`` is 4 shards of q, v, k. Without a config the order
-    of a ``query_key_value`` weight is unknown: None.
+    GPT-NeoX-Japanese, Persimmon, Bloom, Falcon without multi-query); ``grouped`` is the q heads
+    of each kv group, then its k and v (Falcon's new decoder); ``codegen`` is 4 shards of q, v,
+    k. Without a config the order of a ``query_key_value`` weight is unknown: None.
     """
     config = config_of(model) if isinstance(model, nn.Module) else None
     kind = getattr(config, "model_type", None)
-    if kind in ("gpt_neox", "bloom"):
+    if kind in ("gpt_neox", "bloom", "persimmon", "gpt_neox_japanese"):
         return "interleaved", None
     if kind == "falcon":
         if getattr(config, "new_decoder_architecture", False):
@@ -211,6 +225,30 @@ def _fused_row_groups(
     return TensorBlocks(name, shape, "row_groups", {"groups": groups})
 
 
+def _token_embedding_names(model: ModelLike) -> set[str]:
+    """Names of the weights of a transformers model's input and output embeddings
+    (``get_input_embeddings()``, ``get_output_embeddings()``), looking through wrappers; empty
+    without a module or for a model without those methods."""
+    if not isinstance(model, nn.Module):
+        return set()
+    inner = model
+    while not hasattr(inner, "get_input_embeddings"):
+        nxt = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        if not isinstance(nxt, nn.Module):
+            return set()
+        inner = nxt
+    wanted = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(inner, getter)()
+        except (NotImplementedError, AttributeError):  # transformers raises for models without
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            wanted.add(id(weight))
+    return {name for name, p in model.named_parameters() if id(p) in wanted}
+
+
 def _config_int(config: Any, *keys: str) -> int | None:
     for key in keys:
         value = getattr(config, key, None)
@@ -241,7 +279,7 @@ def _head_counts(
         if n_kv_heads is None:
             n_kv_heads = _config_int(config, "n_kv_heads", "num_key_value_heads")
         if head_dim is None:
-            head_dim = _config_int(config, "head_dim")
+            head_dim = _config_int(config, "head_dim", "d_kv")  # d_kv: T5 family
         if head_dim is None and n_heads:
             hidden = _config_int(config, "d_model", "hidden_size", "n_embd", "dim")
             if hidden and hidden % n_heads == 0:
@@ -265,15 +303,20 @@ def adam_mini(
     ==========================================  ============================================
     parameter                                   rule
     ==========================================  ============================================
-    token embeddings, output layer (lm_head)    ``rows``: one block per token
+    token embeddings, output layer (lm_head;    ``rows``: one block per token
+    also found by ``get_input_embeddings()``/
+    ``get_output_embeddings()`` of a model)
     query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron
     GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``)     ``columns`` (stored ``(in, out)``)
     GPT-2 fused ``c_attn``, ``qkv_proj``        ``fused_heads``: q, k by head, v by neuron
-    interleaved q|k|v (GPT-NeoX, Bloom,         ``row_groups``: the same blocks in the row
-    Falcon, CodeGen; from ``config``)           order of ``config.model_type``
-    norms, biases, positional embeddings,       ``tensor``: one block
+    GPT-2 cross-attention ``q_attn``, k|v       ``fused_heads`` (columns) with an empty k|v,
+    ``c_attn``                                  resp. q section
+    interleaved q|k|v (GPT-NeoX, Persimmon,     ``row_groups``: the same blocks in the row
+    Bloom, Falcon, CodeGen; from ``config``)    order of ``config.model_type``
+    norms (also 2-D ones), biases, positional   ``tensor``: one block
+    embeddings, T5's relative attention bias,
     every other 1-D tensor
     anything else                               ``tensor``, with one :class:`PartitionWarning`
                                                 naming all such tensors
@@ -285,6 +328,11 @@ def adam_mini(
     ``mlp.fc_in``). GPT-2 ``Conv1D`` is detected by module type when a module is given, and by the
     names ``c_attn``/``c_proj``/``c_fc`` (unless ``c_attn`` is stored ``(3 d, d)``) otherwise.
 
+    Head counts are one for the whole model, except in an encoder-decoder model whose config
+    gives its stacks their own (``encoder_attention_heads`` != ``decoder_attention_heads``, BART
+    family): there each query and key weight under ``encoder``/``decoder`` is split by its own
+    stack's heads (recorded as ``provenance["n_heads_by_stack"]``), unless head counts are passed.
+
     Unlike the reference implementation, biases get one block (not one per entry), 1-D weights
     never get a per-row rule, ``head_dim`` may differ from ``hidden / n_heads`` (Qwen3), and
     position embeddings get one block.
@@ -294,8 +342,8 @@ def adam_mini(
         n_heads: query heads; default ``model.config`` (``n_heads``/``num_attention_heads``/
             ``n_head``).
         n_kv_heads: key/value heads (GQA); default ``model.config``, else ``n_heads``.
-        head_dim: default ``model.config.head_dim``, else ``hidden / n_heads``, else
-            ``q rows / n_heads``.
+        head_dim: default ``model.config.head_dim`` (T5: ``d_kv``), else ``hidden / n_heads``,
+            else ``q rows / n_heads``.
 
     Raises:
         PartitionError: head counts are needed but unknown, or shapes do not split into heads.
@@ -304,15 +352,22 @@ def adam_mini(
     if not isinstance(model, (nn.Module, Mapping)) and isinstance(model, Iterable):
         model = list(model)  # read a generator once; named_shapes refuses what is not iterable
     shapes = named_shapes(model)
+    heads_given = any(x is not None for x in (n_heads, n_kv_heads, head_dim))
     n_heads, n_kv_heads, head_dim = _head_counts(model, n_heads, n_kv_heads, head_dim)
     transposed = _transposed_names(model, shapes)
     kinds = {name: _kind(name, len(shape)) if len(shape) >= 2 else "1d" for name, shape in shapes}
+    for name in _token_embedding_names(model):  # whatever their names (CTRL's "w")
+        if name in kinds and kinds[name] != "1d":
+            kinds[name] = "token"
     layout, layout_kv = _fused_layout(model, n_heads)
     n_kv_heads = n_kv_heads or layout_kv
+    sided = {} if heads_given else _sided_heads(model)
     unordered = [n for n, k in kinds.items() if k == "fused_unordered"]
     for name in unordered:  # a known layout makes them ordinary fused weights
         kinds[name] = "fused" if layout else ""
-    needs_heads = [n for n, k in kinds.items() if k in ("q", "k", "fused")]
+    for name in _cross_kv_names(shapes, kinds):
+        kinds[name] = "fused_kv"
+    needs_heads = [n for n, k in kinds.items() if k in ("q", "k", "fused", "fused_kv")]
     if needs_heads and head_dim is None:
         if n_heads is None:
             raise PartitionError(
@@ -327,21 +382,30 @@ def adam_mini(
         if kind == "experts":  # (experts, out, in): one block per expert's matrix
             experts.append(name)
             tensors.append(TensorBlocks(name, shape, "rows", {}))
-        elif kind in ("1d", "positional"):
+        elif kind in ("1d", "positional", "norm"):
             tensors.append(TensorBlocks(name, shape, "tensor", {}))
         elif kind in ("q", "k"):
             heads = n_heads if kind == "q" else (n_kv_heads or n_heads)
-            if heads is not None and shape[0] % head_dim == 0 and shape[0] != heads * head_dim:
-                raise PartitionError(
-                    f"tensor {name!r} has {shape[0]} rows, but {'n_heads' if kind == 'q' else 'n_kv_heads'}"
-                    f"={heads} x head_dim={head_dim} = {heads * head_dim}; pass the right "
-                    "n_heads=/n_kv_heads=/head_dim="
-                )
-            tensors.append(TensorBlocks(name, shape, "heads", {"head_dim": head_dim}))
+            dim = head_dim
+            side = _side_of(name, sided)
+            if side is not None:  # this stack's own head count: all heads of one width
+                heads = sided[side]
+                dim = _side_head_dim(name, shape, name in transposed, heads, side)
+            tensors.append(_query_or_key(name, shape, kind, name in transposed, heads, dim))
         elif kind == "fused" and layout not in (None, "sections") and name not in transposed:
             tensors.append(_fused_row_groups(name, shape, layout, n_heads, n_kv_heads, head_dim))
-        elif kind == "fused":
-            tensors.append(_fused(name, shape, name in transposed, n_heads, n_kv_heads, head_dim))
+        elif kind in ("fused", "fused_kv"):
+            tensors.append(
+                _fused(
+                    name,
+                    shape,
+                    name in transposed,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    kind == "fused_kv",
+                )
+            )
         elif kind in ("token", "neuron"):
             rule = "columns" if name in transposed else "rows"
             tensors.append(TensorBlocks(name, shape, rule, {}))
@@ -383,7 +447,85 @@ def adam_mini(
         "head_dim": head_dim,
         "unrecognized": unrecognized,
     }
+    if sided:
+        provenance["n_heads_by_stack"] = sided
     return Partition(tensors, provenance)
+
+
+def _query_or_key(
+    name: str,
+    shape: tuple[int, ...],
+    kind: str,
+    transposed: bool,
+    heads: int | None,
+    head_dim: int,
+) -> TensorBlocks:
+    """``heads`` for a query or key weight ``(out, in)``; a ``Conv1D`` one stored ``(in, out)``
+    (GPT-2 cross-attention's ``q_attn``) gets the same blocks as one q (or k) section of
+    ``fused_heads`` along its columns."""
+    out = shape[1] if transposed else shape[0]
+    if heads is not None and out % head_dim == 0 and out != heads * head_dim:
+        label = "n_heads" if kind == "q" else "n_kv_heads"
+        raise PartitionError(
+            f"tensor {name!r} has {out} {'columns' if transposed else 'rows'}, but {label}"
+            f"={heads} x head_dim={head_dim} = {heads * head_dim}; pass the right "
+            "n_heads=/n_kv_heads=/head_dim="
+        )
+    if not transposed:
+        return TensorBlocks(name, shape, "heads", {"head_dim": head_dim})
+    sections = [out, 0, 0] if kind == "q" else [0, out, 0]
+    params = {"head_dim": head_dim, "sections": sections, "orientation": "columns"}
+    return TensorBlocks(name, shape, "fused_heads", params)
+
+
+def _cross_kv_names(shapes: list[tuple[str, tuple[int, ...]]], kinds: dict[str, str]) -> list[str]:
+    """Fused weights that hold only k|v: GPT-2's cross-attention ``c_attn`` next to a
+    ``q_attn`` (``crossattention.q_attn`` computes the queries from the decoder states,
+    ``crossattention.c_attn`` keys and values from the encoder states)."""
+    names = {n for n, _ in shapes}
+    out = []
+    for name, _ in shapes:
+        parts = name.split(".")
+        if kinds[name] == "fused" and len(parts) >= 2 and parts[-2].lower() == "c_attn":
+            sibling = ".".join([*parts[:-2], "q_attn", parts[-1]])
+            if sibling in names:
+                out.append(name)
+    return out
+
+
+def _sided_heads(model: ModelLike) -> dict[str, int]:
+    """``{"encoder": h_e, "decoder": h_d}`` for an encoder-decoder config whose two stacks have
+    different head counts (``encoder_attention_heads`` != ``decoder_attention_heads``: BART,
+    mBART, Marian, Pegasus, Whisper); else empty. The decoder's cross-attention has the
+    decoder's heads."""
+    config = config_of(model) if isinstance(model, nn.Module) else None
+    if config is None:
+        return {}
+    enc = _config_int(config, "encoder_attention_heads")
+    dec = _config_int(config, "decoder_attention_heads")
+    return {"encoder": enc, "decoder": dec} if enc and dec and enc != dec else {}
+
+
+def _side_of(name: str, sided: dict[str, int]) -> str | None:
+    """``"decoder"`` or ``"encoder"``: the stack a tensor name lies in (a name component), if
+    the stacks have their own head counts."""
+    if not sided:
+        return None
+    parts = name.lower().split(".")
+    return next((side for side in ("decoder", "encoder") if side in parts), None)
+
+
+def _side_head_dim(
+    name: str, shape: tuple[int, ...], transposed: bool, heads: int, side: str
+) -> int:
+    """Head width of a query or key weight of one stack: its outputs / that stack's heads."""
+    out = shape[1] if transposed else shape[0]
+    if out == 0 or out % heads:
+        raise PartitionError(
+            f"tensor {name!r} has {out} outputs, not a multiple of the {side}'s {heads} heads "
+            f"({side}_attention_heads); pass n_heads=... (and head_dim=...) for every tensor"
+        )
+    return out // heads
 
 
 def _head_dim_from_query(
@@ -435,11 +577,16 @@ def _fused(
     n_heads: int | None,
     n_kv_heads: int | None,
     head_dim: int,
+    kv_only: bool = False,
 ) -> TensorBlocks:
-    """A fused q|k|v weight: sections from the head counts, else equal thirds."""
+    """A fused q|k|v weight: sections from the head counts, else equal thirds; ``kv_only``: a
+    fused k|v weight (GPT-2 cross-attention's ``c_attn``), whose q section is empty."""
     orientation = "columns" if transposed else "rows"
     out = shape[1] if transposed else shape[0]
-    if n_heads is not None:
+    if kv_only:
+        k = (n_kv_heads or n_heads) * head_dim if n_heads is not None else out // 2
+        sections = [0, k, out - k]
+    elif n_heads is not None:
         q = n_heads * head_dim
         k = (n_kv_heads or n_heads) * head_dim
         sections = [q, k, out - q - k]
@@ -451,8 +598,9 @@ def _fused(
             "n_kv_heads=..."
         )
     if sections[2] < 0 or sections[2] != sections[1]:
+        what = "k|v" if kv_only else "q|k|v"
         raise PartitionError(
-            f"tensor {name!r} has {out} fused q|k|v outputs, but n_heads, n_kv_heads and "
+            f"tensor {name!r} has {out} fused {what} outputs, but n_heads, n_kv_heads and "
             f"head_dim={head_dim} give q={sections[0]}, k={sections[1]}, v={sections[2]}; "
             "pass the right n_heads=/n_kv_heads=/head_dim="
         )

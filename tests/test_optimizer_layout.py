@@ -29,6 +29,25 @@ ZOO = [
         {"head_dim": 2, "sections": [4, 4, 6], "orientation": "columns"},
     ),
     TensorBlocks("groups", (6, 3), "row_groups", {"groups": [1, 0, 1, 2, 0, 2]}),
+    # empty sections: GPT-2 cross-attention's q_attn (q only) and c_attn (k|v only), Conv1D
+    TensorBlocks(
+        "q_c",
+        (3, 6),
+        "fused_heads",
+        {"head_dim": 2, "sections": [6, 0, 0], "orientation": "columns"},
+    ),
+    TensorBlocks(
+        "kv_c",
+        (3, 10),
+        "fused_heads",
+        {"head_dim": 2, "sections": [0, 4, 6], "orientation": "columns"},
+    ),
+    TensorBlocks(
+        "kv_r",
+        (10, 3),
+        "fused_heads",
+        {"head_dim": 2, "sections": [0, 4, 6], "orientation": "rows"},
+    ),
 ]
 
 
