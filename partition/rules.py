@@ -100,7 +100,9 @@ def _kind(name: str, ndim: int = 2) -> str:
     parents = parts[:-2] if named_leaf else parts[:-1]
     if ndim >= 3 and ("experts" in parts or "expert" in parts):
         return "experts"
-    if "norm" in leaf:  # a norm weight of more than one axis: Cohere's (heads, head_dim) q/k norms
+    # a norm weight of more than one axis (Cohere's (heads, head_dim) q/k norms): the module name
+    # ends in "norm" (q_norm, layernorm, norm1); a matrix such as "normalizer" is no norm
+    if leaf.rstrip("0123456789").endswith("norm"):
         return "norm"
     if "indexer" in parents:  # DeepSeek-V3.2's sparse-attention indexer: its wk is no model key
         return ""
@@ -227,8 +229,10 @@ def _fused_row_groups(
 
 def _token_embedding_names(model: ModelLike) -> set[str]:
     """Names of the weights of a transformers model's input and output embeddings
-    (``get_input_embeddings()``, ``get_output_embeddings()``), looking through wrappers; empty
-    without a module or for a model without those methods."""
+    (``get_input_embeddings()`` when it is an ``nn.Embedding``, ``get_output_embeddings()`` when
+    2-D), looking through wrappers; empty without a module or for a model without those methods.
+    A vision or audio model's "input embeddings" are a patch or feature projection (Whisper's
+    ``conv1``, Pixtral's ``patch_conv``), not a token table: their rule comes from their names."""
     if not isinstance(model, nn.Module):
         return set()
     inner = model
@@ -243,8 +247,10 @@ def _token_embedding_names(model: ModelLike) -> set[str]:
             module = getattr(inner, getter)()
         except (NotImplementedError, AttributeError):  # transformers raises for models without
             continue
+        if getter == "get_input_embeddings" and not isinstance(module, nn.Embedding):
+            continue
         weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter):
+        if isinstance(weight, nn.Parameter) and weight.ndim == 2:
             wanted.add(id(weight))
     return {name for name, p in model.named_parameters() if id(p) in wanted}
 
@@ -304,8 +310,9 @@ def adam_mini(
     parameter                                   rule
     ==========================================  ============================================
     token embeddings, output layer (lm_head;    ``rows``: one block per token
-    also found by ``get_input_embeddings()``/
-    ``get_output_embeddings()`` of a model)
+    also found by a model's ``nn.Embedding``
+    ``get_input_embeddings()`` and its
+    ``get_output_embeddings()``)
     query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron

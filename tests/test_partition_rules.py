@@ -391,3 +391,41 @@ def test_empty_query_weight_and_numpy_head_counts():
     part = partition.adam_mini(named, n_heads=np.int64(2), n_kv_heads=np.int32(1))
     assert part == partition.adam_mini(named, n_heads=2, n_kv_heads=1)
     assert type(part.provenance["n_heads"]) is int
+
+
+def test_a_conv_input_embedding_keeps_the_rule_of_its_name():
+    """An audio or vision model's get_input_embeddings() is a conv (Whisper encoder's conv1),
+    not a token table: it keeps the rule its name gives, like its sibling conv2, and the module
+    and its names agree (4934b39 gave it one block per channel, so an AdamMini checkpoint saved
+    before no longer loaded)."""
+    c = transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, vocab_size=61,
+        num_mel_bins=8, max_source_positions=16, max_target_positions=16, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    model = meta(transformers.WhisperForAudioClassification, c)
+    assert isinstance(model.get_input_embeddings(), torch.nn.Conv1d)
+    with pytest.warns(PartitionWarning, match="'encoder.conv1.weight', 'encoder.conv2.weight'"):
+        part = partition.adam_mini(model)
+    assert part["encoder.conv1.weight"].rule == "tensor"
+    with pytest.warns(PartitionWarning):
+        named = partition.adam_mini(list(model.named_parameters()), n_heads=4)
+    assert part.tensors() == named.tensors()
+
+
+def test_only_a_norm_module_is_a_norm():
+    """A 2-D norm (Cohere's (heads, head_dim) q_norm) gets one block without a warning, but a
+    weight matrix whose name merely contains 'norm' keeps its rule (4934b39 gave an MLP's
+    'normalizer' one block instead of one per output neuron)."""
+    shapes = {
+        "layers.0.self_attn.q_norm.weight": (4, 8),
+        "layers.0.k_layernorm.weight": (2, 8),
+        "layers.0.norm1.weight": (2, 8),
+        "layers.0.mlp.normalizer.weight": (16, 8),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        part = partition.adam_mini(shapes)
+    assert [part[n].rule for n in shapes] == ["tensor", "tensor", "tensor", "rows"]
+    assert part["layers.0.mlp.normalizer.weight"].num_blocks == 16
