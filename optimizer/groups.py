@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from partition import Partition, PartitionError
-from partition.rules import config_of
+from partition.heads import config_of
 
 
 def head_config(model: nn.Module | None) -> dict[str, int]:

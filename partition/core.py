@@ -17,6 +17,7 @@ from partition.blocks import TensorBlocks
 from partition.errors import PartitionError
 
 NamedShapes = Iterable[tuple[str, Any]]
+ModelLike = nn.Module | NamedShapes | Mapping[str, Any]  # what the partition builders take
 
 
 def named_shapes(

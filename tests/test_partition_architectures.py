@@ -1,5 +1,5 @@
 """A sweep of partition.adam_mini over real transformers architectures, checked against each
-model's own attention code, not against the names that partition/rules.py matches.
+model's own attention code, not against the names that partition/roles.py matches.
 
 For every architecture a tiny model is built from its config (head_dim != hidden / heads and
 grouped-query attention where the architecture allows them), and:

@@ -1,0 +1,133 @@
+"""Attention head counts: from the arguments, a model's config (through wrappers), each stack's
+own (encoder vs decoder), or the query weights' shapes."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from torch import nn
+
+from partition.core import ModelLike
+from partition.errors import PartitionError
+
+
+def config_int(config: Any, *keys: str) -> int | None:
+    """The first of ``keys`` that ``config`` sets to a positive int (not a bool), else None."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return None
+
+
+def config_of(model: nn.Module) -> Any:
+    """``model.config``, looking through wrappers: DDP / DataParallel (``.module``) and
+    ``torch.compile`` (``._orig_mod``); None when there is none."""
+    while getattr(model, "config", None) is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return model.config
+
+
+def head_counts(
+    model: ModelLike, n_heads: int | None, n_kv_heads: int | None, head_dim: int | None
+) -> tuple[int | None, int | None, int | None]:
+    """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers)."""
+    config = config_of(model) if isinstance(model, nn.Module) else None
+    if config is not None:
+        if n_heads is None:
+            n_heads = config_int(config, "n_heads", "num_attention_heads", "n_head")
+        if n_kv_heads is None:
+            n_kv_heads = config_int(config, "n_kv_heads", "num_key_value_heads")
+        if head_dim is None:
+            head_dim = config_int(config, "head_dim", "d_kv")  # d_kv: T5 family
+        if head_dim is None and n_heads:
+            hidden = config_int(config, "d_model", "hidden_size", "n_embd", "dim")
+            if hidden and hidden % n_heads == 0:
+                head_dim = hidden // n_heads
+    for label, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+        if value is not None and (
+            not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0
+        ):
+            raise PartitionError(f"adam_mini: {label} must be a positive integer, got {value!r}")
+    return tuple(None if v is None else int(v) for v in (n_heads, n_kv_heads, head_dim))
+
+
+def sided_heads(model: ModelLike) -> dict[str, int]:
+    """``{"encoder": h_e, "decoder": h_d}`` for an encoder-decoder config whose two stacks have
+    different head counts (``encoder_attention_heads`` != ``decoder_attention_heads``: BART,
+    mBART, Marian, Pegasus, Whisper); else empty. The decoder's cross-attention has the
+    decoder's heads."""
+    config = config_of(model) if isinstance(model, nn.Module) else None
+    if config is None:
+        return {}
+    enc = config_int(config, "encoder_attention_heads")
+    dec = config_int(config, "decoder_attention_heads")
+    return {"encoder": enc, "decoder": dec} if enc and dec and enc != dec else {}
+
+
+def side_of(name: str, sided: dict[str, int]) -> str | None:
+    """``"decoder"`` or ``"encoder"``: the stack a tensor name lies in (a name component), if
+    the stacks have their own head counts."""
+    if not sided:
+        return None
+    parts = name.lower().split(".")
+    return next((side for side in ("decoder", "encoder") if side in parts), None)
+
+
+def side_head_dim(
+    name: str, shape: tuple[int, ...], transposed: bool, heads: int, side: str
+) -> int:
+    """Head width of a query or key weight of one stack: its outputs / that stack's heads."""
+    out = shape[1] if transposed else shape[0]
+    if out == 0 or out % heads:
+        raise PartitionError(
+            f"tensor {name!r} has {out} outputs, not a multiple of the {side}'s {heads} heads "
+            f"({side}_attention_heads); pass n_heads=... (and head_dim=...) for every tensor"
+        )
+    return out // heads
+
+
+def head_dim_from_query(
+    shapes: list[tuple[str, tuple[int, ...]]],
+    kinds: dict[str, str],
+    transposed: set[str],
+    n_heads: int,
+    n_kv_heads: int | None,
+) -> int:
+    """``head_dim`` = query outputs / ``n_heads``; a fused q|k|v has ``n_heads + 2 n_kv_heads``
+    heads of outputs."""
+    for name, shape in shapes:
+        if kinds[name] not in ("q", "fused"):
+            continue
+        out, d_in = (shape[1], shape[0]) if name in transposed else (shape[0], shape[1])
+        heads = n_heads
+        if kinds[name] == "fused":
+            if n_kv_heads is None and out != 3 * d_in:
+                raise PartitionError(
+                    f"tensor {name!r} fuses q|k|v into {out} outputs from {d_in} inputs, not "
+                    f"3 x {d_in}: its key/value heads differ from its {n_heads} query heads "
+                    "(GQA/MQA) or head_dim differs from hidden / n_heads, so the split is "
+                    "ambiguous; pass n_kv_heads=... (and head_dim=... if it is not hidden / n_heads)"
+                )
+            heads = n_heads + 2 * (n_kv_heads or n_heads)
+        what = "query" if kinds[name] == "q" else "fused q|k|v"
+        if out == 0:
+            raise PartitionError(
+                f"tensor {name!r} has no {what} outputs (shape {shape}), so it gives no head_dim; "
+                "pass head_dim=... or leave the empty tensor out"
+            )
+        if out % heads:
+            raise PartitionError(
+                f"tensor {name!r} has {out} {what} outputs, not a multiple of {heads} heads "
+                f"(n_heads={n_heads}, n_kv_heads={n_kv_heads or n_heads}); pass the right "
+                "n_heads=/n_kv_heads= or head_dim=..."
+            )
+        return out // heads
+    name = next(n for n, k in kinds.items() if k == "k")
+    raise PartitionError(
+        f"adam_mini: tensor {name!r} is a key but no query tensor gives head_dim; pass head_dim=..."
+    )

@@ -1,0 +1,148 @@
+"""Roles of parameters from their names (and, given a module, its types): query, key, fused
+q|k|v, neuron, token, positional, norm, experts; GPT-2 ``Conv1D`` weights; token embeddings."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from partition.core import ModelLike
+from partition.errors import PartitionWarning
+
+_POSITIONAL = {
+    "pos_emb", "wpe", "position_embeddings", "token_type_embeddings", "embed_positions",
+    "relative_attention_bias",  # T5: a learned bias per (distance bucket, head)
+}  # fmt: skip
+# "shared": the token embedding of T5, BART, mBART, Pegasus, Marian (tied to the output layer)
+_TOKEN_EMB = {
+    "tok_emb", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in", "shared",
+}  # fmt: skip
+_OUTPUT = {"lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score"}
+_QUERY = {"q_proj", "wq", "query", "q_lin", "q_attn"}  # q_attn: GPT-2 cross-attention
+_KEY = {"k_proj", "wk", "key", "k_lin"}
+_NEURON = {
+    # values
+    "v_proj", "wv", "value", "v_lin",
+    # attention output
+    "o_proj", "wo", "out_proj", "out_lin", "c_proj", "dense",
+    # MLP
+    "fc_in", "fc_out", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "w1", "w2", "w3", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "wi", "wi_0", "wi_1",
+    # ALBERT's MLP; OPT-350m's projections between the embedding and hidden widths
+    "ffn", "ffn_output", "project_in", "project_out",
+    # heads' dense layers: DistilBERT's MLM transform, BigBird's pooler
+    "vocab_transform", "pooler",
+}  # fmt: skip
+_MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"}
+_FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "query_key_value"}
+
+
+def _is_attention(parts: list[str]) -> bool:
+    return any("attn" in p or "attention" in p for p in parts)
+
+
+def role_of(name: str, ndim: int = 2) -> str:
+    """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, norm, experts, or ''.
+
+    The module name is the component before ``.weight``/``.bias``; a parameter registered
+    directly under another name (``mlp.experts.gate_up_proj``) is its own leaf.
+    """
+    parts = name.lower().split(".")
+    named_leaf = parts[-1] in ("weight", "bias") and len(parts) >= 2
+    leaf = parts[-2] if named_leaf else parts[-1]
+    parents = parts[:-2] if named_leaf else parts[:-1]
+    if ndim >= 3 and ("experts" in parts or "expert" in parts):
+        return "experts"
+    # a norm weight of more than one axis (Cohere's (heads, head_dim) q/k norms): the module name
+    # ends in "norm" (q_norm, layernorm, norm1); a matrix such as "normalizer" is no norm
+    if leaf.rstrip("0123456789").endswith("norm"):
+        return "norm"
+    if "indexer" in parents:  # DeepSeek-V3.2's sparse-attention indexer: its wk is no model key
+        return ""
+    if leaf in _POSITIONAL or "position" in leaf:
+        return "positional"
+    if leaf in _FUSED_QKV:
+        return "fused_unordered" if leaf == "query_key_value" else "fused"
+    if leaf in _QUERY or (leaf == "q" and _is_attention(parents)):
+        return "q"
+    if leaf in _KEY or (leaf == "k" and _is_attention(parents)):
+        return "k"
+    if leaf in _TOKEN_EMB or (("embed" in leaf or "embd" in leaf) and "type" not in leaf):
+        return "token"
+    if leaf in _OUTPUT:
+        return "token"
+    if leaf in _NEURON or (leaf in {"v", "o"} and _is_attention(parents)):
+        return "neuron"
+    if any(p in _MLP_PARENTS for p in parents):
+        return "neuron"
+    return ""
+
+
+def transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]]) -> set[str]:
+    """Names of 2-D weights stored ``(in, out)`` (GPT-2 ``Conv1D``).
+
+    With a module: the weights of modules whose class is ``transformers``' ``Conv1D``. With only
+    names: the ``c_attn``/``c_proj``/``c_fc`` weights of a GPT-2-style model, unless its
+    ``c_attn`` weight has more rows than columns (``nn.Linear``'s ``(out, in)`` layout, as in
+    nanoGPT or GPTBigCode: fused q|k|v always has more outputs than inputs).
+    """
+    if isinstance(model, nn.Module):
+        out = set()
+        for mod_name, module in model.named_modules():
+            cls = type(module)
+            if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+                for pname, p in module.named_parameters(recurse=False):
+                    if p.ndim == 2:
+                        out.add(f"{mod_name}.{pname}" if mod_name else pname)
+        return out
+    gpt2_leaves = {"c_attn", "c_proj", "c_fc", "q_attn"}
+    # fused q|k|v has more outputs than inputs: nn.Linear stores it (out, in), Conv1D (in, out)
+    linear_layout = any(
+        n.lower().split(".")[-2:-1] == ["c_attn"] and len(s) == 2 and s[0] > s[1] for n, s in shapes
+    )
+    if linear_layout:
+        return set()
+    guessed = {
+        n
+        for n, s in shapes
+        if len(s) == 2 and n.lower().endswith(".weight") and n.lower().split(".")[-2] in gpt2_leaves
+    }
+    if guessed and not any(n.lower().split(".")[-2:-1] == ["c_attn"] for n in guessed):
+        warnings.warn(
+            f"adam_mini: {sorted(guessed)[0]!r} is taken to be a GPT-2 Conv1D weight stored "
+            "(in, out), with one block per column, but without a c_attn weight among the names "
+            "this is a guess (nanoGPT and GPTBigCode store (out, in)); pass the model itself, or "
+            "AdamMini(..., model=model), so its module types decide",
+            PartitionWarning,
+            stacklevel=3,
+        )
+    return guessed
+
+
+def token_embedding_names(model: ModelLike) -> set[str]:
+    """Names of the weights of a transformers model's input and output embeddings
+    (``get_input_embeddings()`` when it is an ``nn.Embedding``, ``get_output_embeddings()`` when
+    2-D), looking through wrappers; empty without a module or for a model without those methods.
+    A vision or audio model's "input embeddings" are a patch or feature projection (Whisper's
+    ``conv1``, Pixtral's ``patch_conv``), not a token table: their rule comes from their names."""
+    if not isinstance(model, nn.Module):
+        return set()
+    inner = model
+    while not hasattr(inner, "get_input_embeddings"):
+        nxt = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        if not isinstance(nxt, nn.Module):
+            return set()
+        inner = nxt
+    wanted = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(inner, getter)()
+        except (NotImplementedError, AttributeError):  # transformers raises for models without
+            continue
+        if getter == "get_input_embeddings" and not isinstance(module, nn.Embedding):
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.ndim == 2:
+            wanted.add(id(weight))
+    return {name for name, p in model.named_parameters() if id(p) in wanted}
