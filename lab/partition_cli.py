@@ -98,17 +98,21 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--n-kv-heads", type=int, help="override the key/value head count")
     p.add_argument("--head-dim", type=int, help="override head_dim")
     d = p.add_argument_group("--rule derived (TinyGPT / MLP only)")
-    d.add_argument("--method", choices=("greedy", "spectral"), default=DERIVED["method"])
-    d.add_argument("--threshold", type=float, default=DERIVED["threshold"])
+    d.add_argument("--method", choices=("greedy", "spectral"), default=DERIVED["method"],
+                   help=f"default {DERIVED['method']}")  # fmt: skip
+    d.add_argument("--threshold", type=float, default=DERIVED["threshold"],
+                   help=f"in [0, 1] (default {DERIVED['threshold']})")  # fmt: skip
     d.add_argument("--exact", action="store_true", help="dense Hessian (tiny models only)")
     d.add_argument("--num-samples", type=int, default=DERIVED["num_samples"],
                    help=f"Hutchinson rounds (default {DERIVED['num_samples']})")  # fmt: skip
-    d.add_argument("--batch-size", type=int, default=DERIVED["batch_size"])
-    d.add_argument("--seed", type=int, default=DERIVED["seed"])
+    d.add_argument("--batch-size", type=int, default=DERIVED["batch_size"],
+                   help=f"default {DERIVED['batch_size']}")  # fmt: skip
+    d.add_argument("--seed", type=int, default=DERIVED["seed"],
+                   help=f"default {DERIVED['seed']}")  # fmt: skip
     d.add_argument("--no-progress", action="store_true")
     sub = p.add_subparsers(dest="partition_command", metavar="{show}")
     show = sub.add_parser("show", help="print the summary table of a partition file")
-    show.add_argument("path", type=Path)
+    show.add_argument("path", type=Path, help="a partition JSON file (written by --out)")
     show.set_defaults(func=run_show)
     p.set_defaults(func=run_build)
 
@@ -307,6 +311,8 @@ def _check_derived_args(args: argparse.Namespace) -> None:
         )
     if args.batch_size < 1:
         raise PartitionError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.seed < 2**62:  # torch seeds are 64-bit
+        raise PartitionError(f"--seed must be an integer in [0, 2**62), got {args.seed}")
 
 
 def _derive(model: nn.Module, args: argparse.Namespace) -> Partition:

@@ -433,7 +433,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the same seed, and write OUT/report.md with figures. About 2.5 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (results)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per optimizer")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps per optimizer (default {DEFAULT.steps}; {QUICK.steps} with --quick)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the whole run (default 0)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for the tests (~30 s)")
     p.add_argument(
@@ -452,14 +457,16 @@ def main(args: argparse.Namespace) -> int:
     config = QUICK if args.quick else DEFAULT
     if args.steps is not None:
         if args.steps < 1:
-            raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
         config = replace(
             config, steps=args.steps, eval_every=max(1, min(config.eval_every, args.steps))
         )
     if args.seed is not None:
+        if not 0 <= args.seed < 2**62:  # torch seeds are 64-bit, and derived seeds add to it
+            raise ValueError(f"--seed must be an integer in [0, 2**62), got {args.seed}")
         config = replace(config, seed=args.seed)
     if args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     result = run(config, args.out, progress=not args.no_progress)
     print(

@@ -67,6 +67,8 @@ def test_config_files_transformers_and_tinygpt(tmp_path, capsys):
         ),
         (["--model", "mlp", "--rule", "derived", "--threshold", "2"], "--threshold must be in"),
         (["--model", "mlp", "--rule", "derived", "--num-samples", "1"], "--num-samples must be"),
+        (["--model", "mlp", "--rule", "derived", "--seed", str(2**64)], "--seed must be an"),
+        (["--model", "mlp", "--rule", "derived", "--seed", "-1"], "in [0, 2**62), got -1"),
         (["--model", "tinygpt", "show", "x.json"], "it takes only a FILE"),
         (
             ["--model", "tinygpt", "--rule", "derived", "--exact"],

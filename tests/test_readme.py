@@ -9,6 +9,7 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+JSON_EXAMPLES = re.findall(r"```json\n(.*?)```", README.read_text(), re.S)
 
 
 def test_the_readme_has_its_three_examples():
@@ -31,3 +32,24 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
         assert (namespace["Hv"] - namespace["D"] @ namespace["v"]).abs().max() < 1e-10
     if index == 2:
         assert int(namespace["opt"].state[namespace["model"].lm_head.weight]["step"]) == 1
+
+
+def test_the_json_partition_example_loads_round_trips_and_is_in_model_order(tmp_path):
+    """The file-format example is a valid excerpt of the partition of the model it names."""
+    import partition
+    from lab.models import TinyGPT, TinyGPTConfig
+
+    (text,) = JSON_EXAMPLES
+    path = tmp_path / "example.json"
+    path.write_text(text)
+    part = partition.Partition.from_json(path)
+    part.to_json(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == text  # the writer's exact layout
+    # provenance "model": "tiny.json", a TinyGPTConfig with these sizes
+    model = TinyGPT(TinyGPTConfig(vocab_size=16, context=8, n_layer=1, d_model=8, n_heads=2))
+    full = partition.adam_mini(model)
+    order = [name for name, _ in model.named_parameters()]
+    assert list(part.names) == sorted(part.names, key=order.index)  # "tensors is in model order"
+    for name in part.names:
+        assert part[name] == full[name]
+    assert part.num_blocks == sum(part[name].num_blocks for name in part.names)

@@ -86,6 +86,25 @@ def test_steps_and_seed_options_reach_the_config(monkeypatch) -> None:
     assert seen["config"].steps == 7 and seen["config"].seed == 3 and str(seen["out"]) == "x"
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--seed", str(2**64)], f"--seed must be an integer in [0, 2**62), got {2**64}"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**62), got -1"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors(argv, message, capsys, tmp_path) -> None:
+    """Refused before any work, on one line that names the flag, like the other subcommands."""
+    threads = torch.get_num_threads()
+    try:
+        assert main(["reproduce", *argv, "--quick", "--no-progress", "--out", str(tmp_path)]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().err == f"adam-mini-lab reproduce: error: {message}\n"
+
+
 def test_block_share_matches_an_exact_coupling_of_the_coarse_partition() -> None:
     """r_diag summed from the row masses == r_diag measured directly on the coarser partition."""
     cfg = TinyGPTConfig(vocab_size=256, context=4, n_layer=1, d_model=4, n_heads=2)
