@@ -54,13 +54,17 @@ NOTES = [
     "eager path's (same ops and order, no FMA contraction beyond ATen's `lerp`); tests hold both "
     "against the readable reference loop in float64.",
     "- Run-to-run spread: on this 2-core machine the ratios move by about +-10% between runs "
-    "(AdamW fused took 14.6 to 19.8 ms with 2 threads in three runs on a quiet machine); on a "
+    "(AdamW fused took 14.6 to 22.3 ms with 2 threads in four runs on a quiet machine, on the "
+    "CPUs these sessions were given); on a "
     "machine busy with other jobs, multi-threaded OpenMP figures suffer most (barriers wait for "
     "descheduled threads), and the 1-thread column is the steadier comparison.",
     "- bf16 momentum uses stochastic rounding (a counter-based hash of step, tensor and global index, "
     "the same in the fused kernel and the eager path, so a tensor rounds alike whole or sharded), "
     "so a run is reproducible and resumes "
-    "bitwise. It halves the momentum: state 25% of AdamW's.",
+    "bitwise. It halves the momentum: state 25% of AdamW's. Its step time depends on the CPU: "
+    "the rounding hash is arithmetic per entry, so it saves time where memory bandwidth limits "
+    "the step and costs time where arithmetic does (0.72x / 0.92x AdamW fused on 2026-11-22's "
+    "CPU, 1.13x / 1.23x on 2026-12-03's, whose float32 steps were 1.2-2x slower).",
     "- Not measured: GPU (no GPU was lent to this task). On CUDA the eager path runs "
     "(`vector_norm` block sums, in-place `lerp_`/`mul_`/`addcmul_`).",
 ]
