@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from lab.experiments_plots import (
     COLORS,
     block_mass_share,
@@ -30,7 +32,9 @@ FIGURES_DIR = Path(__file__).resolve().parent
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--quick`` (tiny sizes for the tests), ``--out DIR`` (default: ``figures/``), ``--seed``."""
+    """``--quick`` (tiny sizes for the tests), ``--out DIR`` (default: ``figures/``), ``--seed``,
+    ``--threads`` (torch CPU threads, default 1, set here: the float sums, and so the numbers,
+    depend on how the work is split between threads)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds")
     parser.add_argument(
@@ -38,4 +42,15 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the same numbers "
+        "on every machine with the same CPU kernels)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    return args

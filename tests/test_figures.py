@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
 SCRIPTS = sorted(p.stem for p in FIGURES.glob("fig_*.py"))
@@ -21,6 +22,14 @@ def _load(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts set torch's thread count (--threads, default 1): restore it for other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_all_expected_scripts_exist() -> None:
@@ -56,6 +65,17 @@ def test_runs_as_a_script_and_defaults_next_to_itself(tmp_path: Path) -> None:
     assert (tmp_path / "fig_quadratic.png").exists()
     common = _load("_common")
     assert common.parse_args("x", []).out == FIGURES
+
+
+def test_threads_default_to_one_and_are_checked(capsys) -> None:
+    common = _load("_common")
+    torch.set_num_threads(2)
+    assert common.parse_args("x", []).threads == 1 and torch.get_num_threads() == 1
+    common.parse_args("x", ["--threads", "2"])
+    assert torch.get_num_threads() == 2
+    with pytest.raises(SystemExit):
+        common.parse_args("x", ["--threads", "0"])
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_block_mass_share_against_a_hand_computed_matrix() -> None:
