@@ -50,6 +50,7 @@ def save_figure(
     dpi: float | None = None,
 ) -> list[Path]:
     """Save ``fig`` as ``out/name.<ext>`` for each format, atomically (temp file + replace); close it.
+    A PDF carries no creation date, so rerunning a figure changes its files only if it changed.
 
     ``dpi`` overrides the style's 150 (heatmaps: 100 keeps the PNGs small).
     """
@@ -59,7 +60,9 @@ def save_figure(
     for ext in formats:
         path = out / f"{name}.{ext}"
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=dpi or plt.rcParams["savefig.dpi"])
+            # no creation date in a PDF: the same figure gives the same bytes
+            metadata = {"CreationDate": None} if ext == "pdf" else None
+            fig.savefig(tmp, format=ext, dpi=dpi or plt.rcParams["savefig.dpi"], metadata=metadata)
         paths.append(path)
     plt.close(fig)
     return paths

@@ -93,3 +93,19 @@ def test_block_mass_share_against_a_hand_computed_matrix() -> None:
     assert s == 2 and A.shape == (3, 3)
     assert A[0, 0] == pytest.approx((0 + 1 + 5 + 6) / 4)
     assert A[2, 1] == pytest.approx((22 + 23) / 2) and A[2, 2] == 24
+
+
+def test_a_saved_pdf_is_the_same_bytes_on_a_rerun(tmp_path: Path) -> None:
+    import time
+
+    import matplotlib.pyplot as plt
+
+    from lab.experiments_plots import save_figure
+
+    saved = []
+    for _ in range(2):
+        fig, ax = plt.subplots()
+        ax.plot([1.0, 2.0, 3.0])
+        saved.append(save_figure(fig, "x", tmp_path, formats=("pdf",))[0].read_bytes())
+        time.sleep(1.1)  # a creation date would now differ in its seconds
+    assert saved[0] == saved[1]
