@@ -36,6 +36,7 @@ from torch import nn
 from hessian import distributed as dist_glue
 from hessian.data import Batches, fingerprint, sample_count
 from hessian.errors import ForwardModeError, HessianError
+from hessian.errors import NonDeterministicError as NonDeterministicError  # its home before
 from hessian.guards import (
     batch_changed_error,
     batch_count_error,

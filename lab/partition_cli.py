@@ -311,8 +311,8 @@ def _check_derived_args(args: argparse.Namespace) -> None:
         )
     if args.batch_size < 1:
         raise PartitionError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not 0 <= args.seed < 2**62:  # torch seeds are 64-bit
-        raise PartitionError(f"--seed must be an integer in [0, 2**62), got {args.seed}")
+    if not -(2**63) <= args.seed < 2**63:  # within torch.manual_seed and hessian seed= range
+        raise PartitionError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
 
 
 def _derive(model: nn.Module, args: argparse.Namespace) -> Partition:

@@ -462,8 +462,9 @@ def main(args: argparse.Namespace) -> int:
             config, steps=args.steps, eval_every=max(1, min(config.eval_every, args.steps))
         )
     if args.seed is not None:
-        if not 0 <= args.seed < 2**62:  # torch seeds are 64-bit, and derived seeds add to it
-            raise ValueError(f"--seed must be an integer in [0, 2**62), got {args.seed}")
+        # torch.manual_seed takes [-2**63, 2**64), negative seeds too; derived seeds add <= ~1e6
+        if not -(2**63) <= args.seed < 2**63:
+            raise ValueError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
         config = replace(config, seed=args.seed)
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")

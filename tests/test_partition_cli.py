@@ -68,7 +68,10 @@ def test_config_files_transformers_and_tinygpt(tmp_path, capsys):
         (["--model", "mlp", "--rule", "derived", "--threshold", "2"], "--threshold must be in"),
         (["--model", "mlp", "--rule", "derived", "--num-samples", "1"], "--num-samples must be"),
         (["--model", "mlp", "--rule", "derived", "--seed", str(2**64)], "--seed must be an"),
-        (["--model", "mlp", "--rule", "derived", "--seed", "-1"], "in [0, 2**62), got -1"),
+        (
+            ["--model", "mlp", "--rule", "derived", "--seed", str(-(2**63) - 1)],
+            f"in [-2**63, 2**63), got {-(2**63) - 1}",
+        ),
         (["--model", "tinygpt", "show", "x.json"], "it takes only a FILE"),
         (
             ["--model", "tinygpt", "--rule", "derived", "--exact"],
@@ -79,6 +82,26 @@ def test_config_files_transformers_and_tinygpt(tmp_path, capsys):
 def test_errors_are_one_line_messages(argv, message, capsys):
     code, _, err = run(argv, capsys)
     assert code != 0 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63 - 1])
+def test_derived_takes_every_seed_the_hessian_estimators_take(seed, monkeypatch, capsys):
+    """A negative --seed is a seed, as for hessian.block_coupling (and --seed -1 worked before
+    the range check): it reaches the measurement."""
+    import hessian
+    import partition
+
+    hessian.linop.seeded_generator(seed)  # the library takes it
+    seen = {}
+
+    def fake_derive(model, args):
+        seen["seed"] = args.seed
+        return partition.by_rows(model)
+
+    monkeypatch.setattr(partition_cli, "_derive", fake_derive)
+    code, _, err = run(["--model", "mlp", "--rule", "derived", "--seed", str(seed)], capsys)
+    assert code == 0, err
+    assert seen["seed"] == seed
 
 
 def test_derived_refuses_transformers_models_before_building_them(capsys):

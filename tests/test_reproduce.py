@@ -86,13 +86,37 @@ def test_steps_and_seed_options_reach_the_config(monkeypatch) -> None:
     assert seen["config"].steps == 7 and seen["config"].seed == 3 and str(seen["out"]) == "x"
 
 
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1])
+def test_every_seed_torch_takes_reaches_the_config(seed, monkeypatch) -> None:
+    """Negative seeds are seeds (torch.manual_seed and the hessian estimators take them, and
+    reproduce took them before its range check); only seeds beyond 64 bits are refused."""
+    seen = {}
+
+    def fake_run(config, out, progress=True):
+        seen.update(config=config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("lab.reproduce.run", fake_run)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit):
+            main(["reproduce", "--seed", str(seed), "--out", "x", "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["config"].seed == seed
+    torch.Generator().manual_seed(seed + 1_000_003)  # the largest seed lab.train derives
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
-        (["--seed", str(2**64)], f"--seed must be an integer in [0, 2**62), got {2**64}"),
-        (["--seed", "-1"], "--seed must be an integer in [0, 2**62), got -1"),
+        (["--seed", str(2**63)], f"--seed must be an integer in [-2**63, 2**63), got {2**63}"),
+        (
+            ["--seed", str(-(2**63) - 1)],
+            f"--seed must be an integer in [-2**63, 2**63), got {-(2**63) - 1}",
+        ),
     ],
 )
 def test_bad_numbers_are_one_line_errors(argv, message, capsys, tmp_path) -> None:
