@@ -52,5 +52,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not -(2**63) <= args.seed < 2**63:  # torch.manual_seed's range, with room for offsets
+        parser.error(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
     torch.set_num_threads(args.threads)
     return args

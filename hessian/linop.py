@@ -241,6 +241,11 @@ def seeded_generator(seed: int | torch.Generator) -> torch.Generator:
         raise ValueError(
             f"seed must be an int or a torch.Generator, got {seed!r}: pass an integer such as seed=0"
         )
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(
+            f"seed must lie in [-2**63, 2**64) (what torch.manual_seed takes), got {value}: pass a "
+            "smaller integer"
+        )
     return torch.Generator().manual_seed(value)
 
 

@@ -11,7 +11,7 @@
 
 The Hessian is measured on the same architecture that is trained (the derived partition must
 fit it), so the default model is small: 2 layers, d_model 32, 4 heads, context 32 (42k
-parameters). ``--quick`` shrinks everything for the tests (~30 s).
+parameters). ``--quick`` shrinks everything for the tests (a few seconds).
 """
 
 from __future__ import annotations
@@ -430,7 +430,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="measure Hessian blocks, derive a partition, train AdamW vs Adam-mini, write a report",
         description="Measure the Hessian block structure of a small TinyGPT, derive a partition "
         "(OUT/partition.json), train AdamW, Adam-mini (derived) and Adam-mini (paper rules) from "
-        "the same seed, and write OUT/report.md with figures. About 2.5 minutes on 2 CPU cores.",
+        "the same seed, and write OUT/report.md with figures. About 2-3 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (results)")
     p.add_argument(
@@ -440,7 +440,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"training steps per optimizer (default {DEFAULT.steps}; {QUICK.steps} with --quick)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the whole run (default 0)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for the tests (~30 s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for the tests (a few seconds)")
     p.add_argument(
         "--threads",
         type=int,

@@ -67,7 +67,7 @@ def test_runs_as_a_script_and_defaults_next_to_itself(tmp_path: Path) -> None:
     assert common.parse_args("x", []).out == FIGURES
 
 
-def test_threads_default_to_one_and_are_checked(capsys) -> None:
+def test_threads_and_seed_are_checked(capsys) -> None:
     common = _load("_common")
     torch.set_num_threads(2)
     assert common.parse_args("x", []).threads == 1 and torch.get_num_threads() == 1
@@ -76,6 +76,10 @@ def test_threads_default_to_one_and_are_checked(capsys) -> None:
     with pytest.raises(SystemExit):
         common.parse_args("x", ["--threads", "0"])
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert common.parse_args("x", ["--seed", "-1"]).seed == -1
+    with pytest.raises(SystemExit):
+        common.parse_args("x", ["--seed", str(2**63)])
+    assert f"--seed must be an integer in [-2**63, 2**63), got {2**63}" in capsys.readouterr().err
 
 
 def test_block_mass_share_against_a_hand_computed_matrix() -> None:

@@ -180,6 +180,11 @@ def test_seeds_and_chunks_that_are_not_integers_are_refused_everywhere():
             ):
                 call(seed)
         call(np.int64(3))  # integer types are seeds
+        for seed in (2**64, -(2**63) - 1):  # beyond what torch.manual_seed takes
+            with pytest.raises(ValueError, match=r"seed must lie in \[-2\*\*63, 2\*\*64\)"):
+                call(seed)
+        call(2**64 - 1)
+        call(-(2**63))
 
     class CudaGenerator(torch.Generator):  # a CUDA generator's device, without CUDA
         device = torch.device("cuda")
