@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, jvp, vmap
 
-from hessian.messages import first_line
+from hessian.messages import first_line, user_stacklevel
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
@@ -139,5 +139,5 @@ def _warn_loop(mode: str, err: BaseException) -> None:
         f"matmat in {mode!r} mode could not batch the vectors ({first_line(err)}); falling back to a loop "
         "over vectors, which is correct but slower per vector",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )

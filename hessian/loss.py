@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hessian.hvp import forward_product
-from hessian.messages import first_line
+from hessian.messages import first_line, user_stacklevel
 
 
 class LossModule(nn.Module):
@@ -56,7 +56,7 @@ def compile_product(compile: bool) -> Callable[..., dict] | None:
             f"compile=True: torch.compile is unavailable ({first_line(err)}); the products run "
             "eagerly",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return None
 

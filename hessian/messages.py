@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,6 +11,19 @@ import torch
 from torch import nn
 
 from hessian.errors import ForwardModeError, HessianError
+
+_INTERNAL = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first caller outside ``hessian`` and ``torch``, so
+    that a warning points at the user's line however deep the call (``H @ v``, ``lanczos``)."""
+    frame, level = sys._getframe(1), 1  # the function that warns is stacklevel 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _INTERNAL
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def first_line(err: BaseException) -> str:

@@ -53,7 +53,12 @@ from hessian.hvp import (
 )
 from hessian.linop import Operator, as_real_tensor, check_finite
 from hessian.loss import LossModule, bound_loss, compile_product
-from hessian.messages import double_backward_error, first_line, forward_mode_error
+from hessian.messages import (
+    double_backward_error,
+    first_line,
+    forward_mode_error,
+    user_stacklevel,
+)
 from hessian.padding import constant_padding_rows
 from hessian.snapshot import Snapshot
 from partition import Partition
@@ -524,7 +529,7 @@ class HessianOperator(Operator):
                     f"compile=True: torch.compile could not run the product ({first_line(err)}); "
                     "this operator's products run eagerly from now on",
                     RuntimeWarning,
-                    stacklevel=5,
+                    stacklevel=user_stacklevel(),
                 )
         try:
             return hvp_forward(f, p, v, batched)
@@ -591,7 +596,11 @@ class HessianOperator(Operator):
                 product(v, batched)
                 times[mode] = time.perf_counter() - t0
             except ForwardModeError as err:
-                warnings.warn(f"mode='auto' uses 'reverse': {err}", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"mode='auto' uses 'reverse': {err}",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
         self._chosen[batched] = min(times, key=times.get)
         if "reverse" not in self._chosen.values():
             self.clear_cache()  # only reverse products use the kept graphs

@@ -14,6 +14,7 @@ from problems import tiny_gpt_problem
 from torch import nn
 from torch.func import functional_call, grad, jacfwd
 
+import hessian
 import partition
 from hessian import ForwardModeError, HessianError, HessianOperator, NonDeterministicError
 from hessian.data import fingerprint
@@ -627,9 +628,10 @@ def test_forward_mode_error_names_module_and_fix():
     Hr @ torch.zeros(H.shape[0])
     reverse_forwards = len(forwards)
     Ha = HessianOperator(model, ce_loss, (X, y), mode="auto")
-    with pytest.warns(RuntimeWarning, match="uses 'reverse'"):
+    with pytest.warns(RuntimeWarning, match="uses 'reverse'") as caught:
         Ha @ torch.zeros(H.shape[0])
     assert Ha.chosen_modes == {"matvec": "reverse"}
+    assert caught[0].filename == __file__, "the warning points at the user's line"
     # auto keeps the graph it built while timing reverse: as many model runs as plain reverse
     assert len(forwards) == 2 * reverse_forwards
     v = torch.randn(H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(6))
@@ -637,6 +639,9 @@ def test_forward_mode_error_names_module_and_fix():
     assert len(forwards) == 2 * reverse_forwards, "a product of auto's kept graph ran the model"
     uncached = HessianOperator(model, ce_loss, (X, y), mode="reverse", cache=False)
     assert (Hv - uncached @ v).abs().max() < 1e-12
+    with pytest.warns(RuntimeWarning, match="uses 'reverse'") as caught:
+        hessian.lanczos(HessianOperator(model, ce_loss, (X, y)), k=1, max_iter=3, progress=False)
+    assert caught[0].filename == __file__, "also from deep inside lanczos"
 
 
 def test_transformers_sdpa_error_names_attention_and_eager_fix():
@@ -702,8 +707,9 @@ def test_compile_limit_warns_and_runs_eagerly(monkeypatch):
     H = HessianOperator(model, ce_loss, (X, y), mode="forward", compile=True)
     V = torch.randn(H.shape[0], 3, dtype=F64)
     assert (H.matmat(V[:, :2]) - D @ V[:, :2]).abs().max() < 1e-10  # the one graph allowed
-    with pytest.warns(RuntimeWarning, match="products run eagerly from now on"):
+    with pytest.warns(RuntimeWarning, match="products run eagerly from now on") as caught:
         HV = H.matmat(V)  # a second vector count: a second graph
+    assert caught[0].filename == __file__, "the warning points at the user's line"
     assert (HV - D @ V).abs().max() < 1e-10
     torch._dynamo.reset()
 
