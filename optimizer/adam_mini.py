@@ -75,9 +75,9 @@ from optimizer.kernels import (
     apply_update_,
     block_scale,
     block_sumsq,
+    decay_and_update_moments_,
     lowp_momentum_,
     mean_square,
-    update_moments_,
 )
 from optimizer.layout import BlockLayout, layout_of
 
@@ -655,7 +655,7 @@ class AdamMini(torch.optim.Optimizer):
                 t.p.mul_(1 - h.lr * h.weight_decay)
             m_used = lowp_momentum_(m, t.g, h.beta1, key, offset)
         else:
-            update_moments_(t.p, t.g, m, v, mean, h)
+            decay_and_update_moments_(t.p, t.g, m, v, mean, h)
             m_used = m
         apply_update_(t.p, m_used, block_scale(v, h), t.layout)
 

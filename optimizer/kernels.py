@@ -77,7 +77,7 @@ def block_scale(v: torch.Tensor, h: Hyper) -> torch.Tensor:
     return torch.reciprocal(denom).mul_(-h.step_size)
 
 
-def update_moments_(
+def decay_and_update_moments_(
     p: torch.Tensor,
     g: torch.Tensor,
     m: torch.Tensor,
@@ -113,7 +113,7 @@ def reference_update_(
     acc = v.dtype
     sums = torch.zeros(v.numel(), dtype=acc).index_add_(0, flat, g.reshape(-1).to(acc) ** 2)
     sizes = torch.bincount(flat, minlength=v.numel()).to(acc)
-    update_moments_(p, g, m, v, sums / sizes, h)
+    decay_and_update_moments_(p, g, m, v, sums / sizes, h)
     scale = block_scale(v, h)
     p.addcmul_(m, scale[flat].view_as(p).to(p.dtype))
 
