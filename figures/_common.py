@@ -6,8 +6,6 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from lab.experiments_plots import (
     COLORS,
     block_mass_share,
@@ -16,6 +14,7 @@ from lab.experiments_plots import (
     save_figure,
     set_style,
 )
+from lab.train import check_seed, set_threads
 
 __all__ = [
     "COLORS",
@@ -50,9 +49,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         "on every machine with the same CPU kernels)",
     )
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    if not -(2**63) <= args.seed < 2**63:  # torch.manual_seed's range, with room for offsets
-        parser.error(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
-    torch.set_num_threads(args.threads)
+    try:
+        check_seed(args.seed)
+        set_threads(args.threads)
+    except ValueError as err:
+        parser.error(str(err))
     return args

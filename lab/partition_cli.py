@@ -30,6 +30,7 @@ from torch import nn
 import hessian
 import partition
 from lab.models import OneHiddenMLP, TinyGPT, TinyGPTConfig, classification_loss, lm_loss
+from lab.train import check_seed
 from partition import Partition, PartitionError
 
 RULES = ("adam-mini", "tensor", "rows", "elements", "derived")
@@ -311,8 +312,7 @@ def _check_derived_args(args: argparse.Namespace) -> None:
         )
     if args.batch_size < 1:
         raise PartitionError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not -(2**63) <= args.seed < 2**63:  # within torch.manual_seed and hessian seed= range
-        raise PartitionError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
+    check_seed(args.seed)
 
 
 def _derive(model: nn.Module, args: argparse.Namespace) -> Partition:

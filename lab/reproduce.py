@@ -42,7 +42,7 @@ from lab.experiments import (
     train_variants,
 )
 from lab.models import TinyGPT, TinyGPTConfig
-from lab.train import TrainResult, WarmupCosine, train
+from lab.train import TrainResult, WarmupCosine, check_seed, set_threads, train
 from partition.io import write_text
 
 
@@ -462,13 +462,9 @@ def main(args: argparse.Namespace) -> int:
             config, steps=args.steps, eval_every=max(1, min(config.eval_every, args.steps))
         )
     if args.seed is not None:
-        # torch.manual_seed takes [-2**63, 2**64), negative seeds too; derived seeds add <= ~1e6
-        if not -(2**63) <= args.seed < 2**63:
-            raise ValueError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
+        check_seed(args.seed)
         config = replace(config, seed=args.seed)
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = run(config, args.out, progress=not args.no_progress)
     print(
         f"wrote {result.out / 'report.md'}, {result.out / 'partition.json'} and figures/ "

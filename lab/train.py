@@ -171,6 +171,24 @@ def _peak_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
+VAL_SEED_OFFSET = 1_000_003  # the validation batches' seed is ``seed + VAL_SEED_OFFSET``
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A ValueError naming ``flag`` unless ``seed`` is in ``[-2**63, 2**63)``: what
+    ``torch.manual_seed`` (and hessian's ``seed=``) take, ``[-2**63, 2**64)``, less room for
+    the seeds derived from it (``seed + VAL_SEED_OFFSET``). Negative seeds are seeds."""
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"{flag} must be an integer in [-2**63, 2**63), got {seed}")
+
+
+def set_threads(threads: int, flag: str = "--threads") -> None:
+    """``torch.set_num_threads(threads)``, or a ValueError naming ``flag`` when ``threads < 1``."""
+    if threads < 1:
+        raise ValueError(f"{flag} must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def optimizer_state_nbytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of every tensor held in ``opt.state`` (what the optimizer really allocated)."""
     total = 0
@@ -251,7 +269,7 @@ def train(
     opt = optimizer_factory(model)
     base_lrs = [group["lr"] for group in opt.param_groups]
 
-    val_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    val_gen = torch.Generator().manual_seed(seed + VAL_SEED_OFFSET)
     val = [
         tuple(t.to(device) for t in corpus.batch("val", batch_size, context, val_gen))
         for _ in range(eval_batches)

@@ -167,8 +167,8 @@ class AdamMini(torch.optim.Optimizer):
                 "OpenMP on PATH, and ADAM_MINI_LAB_NO_FUSED unset); use fused=None or False"
             )
         given = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
-        self._given_heads = {k: v for k, v in given.items() if v is not None}
-        self._heads = {**head_config(model), **self._given_heads}
+        given = {k: v for k, v in given.items() if v is not None}
+        self._heads = {**head_config(model), **given}
         self._source = None  # the JSON file the partition came from, for error messages
         if isinstance(partition, (str, os.PathLike)):
             self._source = os.fspath(partition)
@@ -179,7 +179,7 @@ class AdamMini(torch.optim.Optimizer):
                 f"model), got {type(partition).__name__}"
             )
         self._auto = partition is None
-        self._model_partition = self._whole_model_partition(model) if self._auto else None
+        self._model_partition = self._whole_model_partition(model, given) if self._auto else None
         # the model's name of each tensor: a wrapper (DDP's .module, torch.compile's ._orig_mod)
         # names them with a prefix that the inner model's named_parameters() lacks
         self._model_names = (
@@ -204,13 +204,17 @@ class AdamMini(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
     # ----------------------------------------------------------------- groups
-    def _whole_model_partition(self, model: nn.Module | None) -> partition_lib.Partition | None:
-        """``partition.adam_mini(model)``, or None without a model or when the model as a whole
-        does not split (then each group is partitioned from its names, which raise if needed)."""
+    @staticmethod
+    def _whole_model_partition(
+        model: nn.Module | None, heads: dict[str, int]
+    ) -> partition_lib.Partition | None:
+        """``partition.adam_mini(model, **heads)`` (the head sizes given to AdamMini), or None
+        without a model or when the model as a whole does not split (then each group is
+        partitioned from its names, which raise if needed)."""
         if model is None:
             return None
         try:  # the model's config gives the rest, also per stack (encoder vs decoder heads)
-            return partition_lib.adam_mini(model, **self._given_heads)
+            return partition_lib.adam_mini(model, **heads)
         except partition_lib.PartitionError:
             return None
 
@@ -305,16 +309,16 @@ class AdamMini(torch.optim.Optimizer):
         self._fused_plan.clear()
 
     # ------------------------------------------------------------------ state
-    def _init_state(self, param: torch.Tensor, layout: BlockLayout) -> dict:
+    def _init_state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
         if not state:
-            state.update(self.new_state(param, layout))
+            state.update(self.new_state(param))
         return state
 
-    def new_state(self, param: torch.Tensor, layout: BlockLayout | None = None) -> dict:
+    def new_state(self, param: torch.Tensor) -> dict:
         """Zero state of ``param`` (step 0, ``m = 0``, ``v_b = 0``), not stored in ``self.state``:
         tensors of the right shapes for a checkpoint loader to fill."""
-        layout = layout or self._layouts[param]
+        layout = self._layouts[param]
         m_dtype = self.momentum_dtype or param.dtype
         v_dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
         state = {"step": torch.tensor(0.0, dtype=torch.float32)}
@@ -344,7 +348,7 @@ class AdamMini(torch.optim.Optimizer):
         """
         for group in self.param_groups:
             for param in group["params"]:
-                self._init_state(param, self._layouts[param])
+                self._init_state(param)
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict()`` plus ``"blocks"``: ``{name: "rule params"}``
@@ -389,11 +393,10 @@ class AdamMini(torch.optim.Optimizer):
                 shapes = {k: tuple(s[k].shape) for k in ("exp_avg", "exp_avg_sq")}
                 self.check_saved_shapes(saved[i], shapes)
                 blocks = state_dict.get("blocks", {}).get(name)  # absent in torch.optim's format
-                if blocks is not None and blocks != self._blocks_key(saved[i]):
+                if blocks is not None and blocks != (ours := self._blocks_key(saved[i])):
                     raise partition_lib.PartitionError(
-                        f"saved optimizer state of {name!r} has blocks "
-                        f"{blocks!r}, but this optimizer's partition gives "
-                        f"{self._blocks_key(saved[i])!r}; build the optimizer with the partition "
+                        f"saved optimizer state of {name!r} has blocks {blocks!r}, but this "
+                        f"optimizer's partition gives {ours!r}; build the optimizer with the partition "
                         "the checkpoint was saved under (e.g. from its JSON file)"
                     )
         super().load_state_dict(state_dict)
@@ -460,7 +463,7 @@ class AdamMini(torch.optim.Optimizer):
                         f"{layout.shape}, since AdamMini was built: after resizing a parameter, "
                         "rebuild the partition and the optimizer"
                     )
-                state = self._init_state(param, layout)
+                state = self._init_state(param)
                 g = distributed.local(param.grad)
                 if group["maximize"]:
                     g = -g

@@ -9,6 +9,15 @@ from optimizer.kernels import apply_update_, block_sumsq
 from optimizer.layout import layout_of
 from partition import TensorBlocks
 
+
+def fused(name: str, sections: list[int], orientation: str) -> TensorBlocks:
+    """A fused q|k|v tensor of ``head_dim`` 2 and width 3: ``sections`` rows or columns."""
+    n = sum(sections)
+    shape = (n, 3) if orientation == "rows" else (3, n)
+    params = {"head_dim": 2, "sections": sections, "orientation": orientation}
+    return TensorBlocks(name, shape, "fused_heads", params)
+
+
 ZOO = [
     TensorBlocks("norm", (7,), "tensor", {}),
     TensorBlocks("emb", (9, 6), "rows", {}),
@@ -16,38 +25,13 @@ ZOO = [
     TensorBlocks("qb", (12,), "heads", {"head_dim": 3}),
     TensorBlocks("conv", (6, 3, 2, 2), "rows", {}),
     TensorBlocks("cols", (5, 7), "columns", {}),
-    TensorBlocks(
-        "qkv_r",
-        (14, 3),
-        "fused_heads",
-        {"head_dim": 2, "sections": [4, 4, 6], "orientation": "rows"},
-    ),
-    TensorBlocks(
-        "qkv_c",
-        (3, 14),
-        "fused_heads",
-        {"head_dim": 2, "sections": [4, 4, 6], "orientation": "columns"},
-    ),
+    fused("qkv_r", [4, 4, 6], "rows"),
+    fused("qkv_c", [4, 4, 6], "columns"),
     TensorBlocks("groups", (6, 3), "row_groups", {"groups": [1, 0, 1, 2, 0, 2]}),
     # empty sections: GPT-2 cross-attention's q_attn (q only) and c_attn (k|v only), Conv1D
-    TensorBlocks(
-        "q_c",
-        (3, 6),
-        "fused_heads",
-        {"head_dim": 2, "sections": [6, 0, 0], "orientation": "columns"},
-    ),
-    TensorBlocks(
-        "kv_c",
-        (3, 10),
-        "fused_heads",
-        {"head_dim": 2, "sections": [0, 4, 6], "orientation": "columns"},
-    ),
-    TensorBlocks(
-        "kv_r",
-        (10, 3),
-        "fused_heads",
-        {"head_dim": 2, "sections": [0, 4, 6], "orientation": "rows"},
-    ),
+    fused("q_c", [6, 0, 0], "columns"),
+    fused("kv_c", [0, 4, 6], "columns"),
+    fused("kv_r", [0, 4, 6], "rows"),
 ]
 
 

@@ -15,6 +15,7 @@ from lab.cli import main
 from lab.experiments import block_share
 from lab.models import TinyGPT, TinyGPTConfig, lm_loss
 from lab.reproduce import QUICK
+from lab.train import VAL_SEED_OFFSET
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_every_seed_torch_takes_reaches_the_config(seed, monkeypatch) -> None:
     finally:
         torch.set_num_threads(threads)
     assert seen["config"].seed == seed
-    torch.Generator().manual_seed(seed + 1_000_003)  # the largest seed lab.train derives
+    torch.Generator().manual_seed(seed + VAL_SEED_OFFSET)  # the largest seed lab.train derives
 
 
 @pytest.mark.parametrize(
