@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from partition.blocks import TensorBlocks
 from partition.core import ModelLike
 from partition.errors import PartitionError
 from partition.heads import config_int, config_of
+from partition.roles import module_of
 
 
 def fused_layout(model: ModelLike, n_heads: int | None) -> tuple[str | None, int | None]:
@@ -19,7 +18,7 @@ def fused_layout(model: ModelLike, n_heads: int | None) -> tuple[str | None, int
     of each kv group, then its k and v (Falcon's new decoder); ``codegen`` is 4 shards of q, v,
     k. Without a config the order of a ``query_key_value`` weight is unknown: None.
     """
-    config = config_of(model) if isinstance(model, nn.Module) else None
+    config = config_of(model)
     kind = getattr(config, "model_type", None)
     if kind in ("gpt_neox", "bloom", "persimmon", "gpt_neox_japanese"):
         return "interleaved", None
@@ -117,7 +116,7 @@ def cross_kv_names(shapes: list[tuple[str, tuple[int, ...]]], kinds: dict[str, s
     out = []
     for name, _ in shapes:
         parts = name.split(".")
-        if kinds[name] == "fused" and len(parts) >= 2 and parts[-2].lower() == "c_attn":
+        if kinds[name] == "fused" and module_of(name) == "c_attn":
             sibling = ".".join([*parts[:-2], "q_attn", parts[-1]])
             if sibling in names:
                 out.append(name)

@@ -3,11 +3,12 @@ own (encoder vs decoder), or the query weights' shapes."""
 
 from __future__ import annotations
 
-import numbers
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from partition.blocks import _is_int
 from partition.core import ModelLike
 from partition.errors import PartitionError
 
@@ -16,27 +17,31 @@ def config_int(config: Any, *keys: str) -> int | None:
     """The first of ``keys`` that ``config`` sets to a positive int (not a bool), else None."""
     for key in keys:
         value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if _is_int(value) and value > 0:
             return int(value)
     return None
 
 
-def config_of(model: nn.Module) -> Any:
-    """``model.config``, looking through wrappers: DDP / DataParallel (``.module``) and
-    ``torch.compile`` (``._orig_mod``); None when there is none."""
-    while getattr(model, "config", None) is None:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
-    return model.config
+def unwrap(model: Any, found: Callable[[nn.Module], bool]) -> nn.Module | None:
+    """The first of ``model`` and the modules it wraps (DDP / DataParallel's ``.module``,
+    ``torch.compile``'s ``._orig_mod``) for which ``found`` holds; None when there is none or
+    ``model`` is no module (``named_parameters()``, a mapping)."""
+    while isinstance(model, nn.Module) and not found(model):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+    return model if isinstance(model, nn.Module) else None
+
+
+def config_of(model: ModelLike) -> Any:
+    """``model.config``, looking through wrappers (see :func:`unwrap`); None when there is none."""
+    inner = unwrap(model, lambda m: getattr(m, "config", None) is not None)
+    return None if inner is None else inner.config
 
 
 def head_counts(
     model: ModelLike, n_heads: int | None, n_kv_heads: int | None, head_dim: int | None
 ) -> tuple[int | None, int | None, int | None]:
     """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers)."""
-    config = config_of(model) if isinstance(model, nn.Module) else None
+    config = config_of(model)
     if config is not None:
         if n_heads is None:
             n_heads = config_int(config, "n_heads", "num_attention_heads", "n_head")
@@ -49,9 +54,7 @@ def head_counts(
             if hidden and hidden % n_heads == 0:
                 head_dim = hidden // n_heads
     for label, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-        if value is not None and (
-            not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0
-        ):
+        if value is not None and not (_is_int(value) and value > 0):
             raise PartitionError(f"adam_mini: {label} must be a positive integer, got {value!r}")
     return tuple(None if v is None else int(v) for v in (n_heads, n_kv_heads, head_dim))
 
@@ -61,7 +64,7 @@ def sided_heads(model: ModelLike) -> dict[str, int]:
     different head counts (``encoder_attention_heads`` != ``decoder_attention_heads``: BART,
     mBART, Marian, Pegasus, Whisper); else empty. The decoder's cross-attention has the
     decoder's heads."""
-    config = config_of(model) if isinstance(model, nn.Module) else None
+    config = config_of(model)
     if config is None:
         return {}
     enc = config_int(config, "encoder_attention_heads")
@@ -76,19 +79,6 @@ def side_of(name: str, sided: dict[str, int]) -> str | None:
         return None
     parts = name.lower().split(".")
     return next((side for side in ("decoder", "encoder") if side in parts), None)
-
-
-def side_head_dim(
-    name: str, shape: tuple[int, ...], transposed: bool, heads: int, side: str
-) -> int:
-    """Head width of a query or key weight of one stack: its outputs / that stack's heads."""
-    out = shape[1] if transposed else shape[0]
-    if out == 0 or out % heads:
-        raise PartitionError(
-            f"tensor {name!r} has {out} outputs, not a multiple of the {side}'s {heads} heads "
-            f"({side}_attention_heads); pass n_heads=... (and head_dim=...) for every tensor"
-        )
-    return out // heads
 
 
 def head_dim_from_query(
@@ -127,7 +117,9 @@ def head_dim_from_query(
                 "n_heads=/n_kv_heads= or head_dim=..."
             )
         return out // heads
-    name = next(n for n, k in kinds.items() if k == "k")
+    name, kind = next((n, k) for n, k in kinds.items() if k in ("k", "fused_kv"))
+    what = "a key" if kind == "k" else "a fused k|v"
     raise PartitionError(
-        f"adam_mini: tensor {name!r} is a key but no query tensor gives head_dim; pass head_dim=..."
+        f"adam_mini: tensor {name!r} is {what} but no query tensor gives head_dim; "
+        "pass head_dim=..."
     )

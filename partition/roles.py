@@ -9,6 +9,7 @@ from torch import nn
 
 from partition.core import ModelLike
 from partition.errors import PartitionWarning
+from partition.heads import unwrap
 
 _POSITIONAL = {
     "pos_emb", "wpe", "position_embeddings", "token_type_embeddings", "embed_positions",
@@ -36,6 +37,12 @@ _NEURON = {
 }  # fmt: skip
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"}
 _FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "query_key_value"}
+
+
+def module_of(name: str) -> str:
+    """The component before the last, lowercase: the module of ``h.0.attn.c_attn.weight``."""
+    parts = name.lower().split(".")
+    return parts[-2] if len(parts) >= 2 else ""
 
 
 def _is_attention(parts: list[str]) -> bool:
@@ -98,17 +105,15 @@ def transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]]
         return out
     gpt2_leaves = {"c_attn", "c_proj", "c_fc", "q_attn"}
     # fused q|k|v has more outputs than inputs: nn.Linear stores it (out, in), Conv1D (in, out)
-    linear_layout = any(
-        n.lower().split(".")[-2:-1] == ["c_attn"] and len(s) == 2 and s[0] > s[1] for n, s in shapes
-    )
+    linear_layout = any(module_of(n) == "c_attn" and len(s) == 2 and s[0] > s[1] for n, s in shapes)
     if linear_layout:
         return set()
     guessed = {
         n
         for n, s in shapes
-        if len(s) == 2 and n.lower().endswith(".weight") and n.lower().split(".")[-2] in gpt2_leaves
+        if len(s) == 2 and n.lower().endswith(".weight") and module_of(n) in gpt2_leaves
     }
-    if guessed and not any(n.lower().split(".")[-2:-1] == ["c_attn"] for n in guessed):
+    if guessed and not any(module_of(n) == "c_attn" for n in guessed):
         warnings.warn(
             f"adam_mini: {sorted(guessed)[0]!r} is taken to be a GPT-2 Conv1D weight stored "
             "(in, out), with one block per column, but without a c_attn weight among the names "
@@ -126,14 +131,9 @@ def token_embedding_names(model: ModelLike) -> set[str]:
     2-D), looking through wrappers; empty without a module or for a model without those methods.
     A vision or audio model's "input embeddings" are a patch or feature projection (Whisper's
     ``conv1``, Pixtral's ``patch_conv``), not a token table: their rule comes from their names."""
-    if not isinstance(model, nn.Module):
+    inner = unwrap(model, lambda m: hasattr(m, "get_input_embeddings"))
+    if inner is None:
         return set()
-    inner = model
-    while not hasattr(inner, "get_input_embeddings"):
-        nxt = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
-        if not isinstance(nxt, nn.Module):
-            return set()
-        inner = nxt
     wanted = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:

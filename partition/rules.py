@@ -20,7 +20,6 @@ from partition.heads import (
     config_of,
     head_counts,
     head_dim_from_query,
-    side_head_dim,
     side_of,
     sided_heads,
 )
@@ -158,12 +157,12 @@ def adam_mini(
             tensors.append(TensorBlocks(name, shape, "tensor", {}))
         elif kind in ("q", "k"):
             heads = n_heads if kind == "q" else (n_kv_heads or n_heads)
-            dim = head_dim
             side = side_of(name, sided)
-            if side is not None:  # this stack's own head count: all heads of one width
+            if side is not None:  # this stack's own head count, all heads of one width
                 heads = sided[side]
-                dim = side_head_dim(name, shape, name in transposed, heads, side)
-            tensors.append(_query_or_key(name, shape, kind, name in transposed, heads, dim))
+            tensors.append(
+                _query_or_key(name, shape, kind, name in transposed, heads, head_dim, side)
+            )
         elif kind == "fused" and layout not in (None, "sections") and name not in transposed:
             tensors.append(fused_row_groups(name, shape, layout, n_heads, n_kv_heads, head_dim))
         elif kind in ("fused", "fused_kv"):
@@ -231,12 +230,22 @@ def _query_or_key(
     transposed: bool,
     heads: int | None,
     head_dim: int,
+    side: str | None = None,
 ) -> TensorBlocks:
     """``heads`` for a query or key weight ``(out, in)``; a ``Conv1D`` one stored ``(in, out)``
     (GPT-2 cross-attention's ``q_attn``) gets the same blocks as one q (or k) section of
-    ``fused_heads`` along its columns."""
+    ``fused_heads`` along its columns. ``side``: the stack (encoder or decoder) whose own
+    ``heads`` split the weight into heads of one width, whatever ``head_dim``."""
     out = shape[1] if transposed else shape[0]
-    if heads is not None and out % head_dim == 0 and out != heads * head_dim:
+    if side is not None:
+        if out == 0 or out % heads:
+            raise PartitionError(
+                f"tensor {name!r} has {out} outputs, not a multiple of the {side}'s {heads} "
+                f"heads ({side}_attention_heads); pass n_heads=... (and head_dim=...) for every "
+                "tensor"
+            )
+        head_dim = out // heads
+    elif heads is not None and out % head_dim == 0 and out != heads * head_dim:
         label = "n_heads" if kind == "q" else "n_kv_heads"
         raise PartitionError(
             f"tensor {name!r} has {out} {'columns' if transposed else 'rows'}, but {label}"

@@ -429,3 +429,46 @@ def test_only_a_norm_module_is_a_norm():
         part = partition.adam_mini(shapes)
     assert [part[n].rule for n in shapes] == ["tensor", "tensor", "tensor", "rows"]
     assert part["layers.0.mlp.normalizer.weight"].num_blocks == 16
+
+
+def _stacks_model(decoder_rows: int) -> torch.nn.Module:
+    """An encoder-decoder whose config gives its stacks 4 and 3 heads (BART-family names)."""
+    model = torch.nn.Module()
+    model.config = transformers.PretrainedConfig(
+        num_attention_heads=4, encoder_attention_heads=4, decoder_attention_heads=3, d_model=32
+    )
+    for side, rows in (("encoder", 32), ("decoder", decoder_rows)):
+        stack = torch.nn.Module()
+        stack.q_proj = torch.nn.Linear(32, rows, bias=False, device="meta")
+        model.add_module(side, stack)
+    return model
+
+
+def test_each_stack_splits_by_its_own_heads_and_says_when_it_cannot():
+    part = check_no_warning(_stacks_model(decoder_rows=30))
+    assert part["encoder.q_proj.weight"].params == {"head_dim": 8}
+    assert part["decoder.q_proj.weight"].params == {"head_dim": 10}
+    assert part.provenance["n_heads_by_stack"] == {"encoder": 4, "decoder": 3}
+    with pytest.raises(
+        PartitionError,
+        match=r"'decoder.q_proj.weight' has 32 outputs, not a multiple of the decoder's 3 heads "
+        r"\(decoder_attention_heads\); pass n_heads=",
+    ):
+        partition.adam_mini(_stacks_model(decoder_rows=32))
+
+
+def test_a_fused_kv_weight_without_a_query_weight_asks_for_head_dim():
+    """GPT-2 cross-attention's k|v ``c_attn`` next to a 1-D ``q_attn``: no query gives head_dim
+    (this was a bare StopIteration)."""
+    named = {
+        "h.0.crossattention.q_attn.weight": torch.empty(8),
+        "h.0.crossattention.c_attn.weight": torch.empty(8, 16),
+    }
+    with pytest.raises(
+        PartitionError,
+        match=r"'h.0.crossattention.c_attn.weight' is a fused k\|v but no query tensor gives "
+        r"head_dim; pass head_dim=",
+    ):
+        partition.adam_mini(named, n_heads=2)
+    kv = partition.adam_mini(named, n_heads=2, head_dim=4)["h.0.crossattention.c_attn.weight"]
+    assert kv.num_blocks == 2 + 8  # k: 2 heads of 4 columns; v: 8 columns
