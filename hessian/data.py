@@ -46,12 +46,13 @@ def sample_count(batch: Any, batch_size_fn: Callable[[Any], int] | None) -> int:
     first tensor."""
     if batch_size_fn is not None:
         count = batch_size_fn(batch)
-        if as_int(count, 0) is None:
+        number = as_int(count, 0)
+        if number is None:
             raise ValueError(
                 f"batch_size_fn must return the number of samples in the batch, an int >= 0, "
                 f"got {count!r}: the batch weights n_b / N need whole counts"
             )
-        return as_int(count, 0)
+        return number
     t = first_tensor(batch)
     if t is None or t.ndim == 0:
         raise ValueError(

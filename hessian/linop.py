@@ -276,10 +276,9 @@ def check_finite(out: Any, v: Any) -> Any:
     """``out = H v`` itself (tensors, or dicts of them), or a ValueError when it holds NaN/Inf,
     saying whether ``v`` did."""
 
-    def finite(x: Any) -> bool:
-        return all(
-            bool(torch.isfinite(t).all()) for t in (x.values() if isinstance(x, Mapping) else [x])
-        )
+    def finite(x: Any) -> bool:  # one device sync, however many tensors
+        ts = list(x.values()) if isinstance(x, Mapping) else [x]
+        return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
 
     if finite(out):
         return out

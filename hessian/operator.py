@@ -491,8 +491,7 @@ class HessianOperator(Operator):
             if self.check_determinism:  # every product: the model may have been put in train mode
                 check_modules(self.model)
             try:
-                with constant_padding_rows(self.model):
-                    self._products_into(out, v, batched)
+                self._products_into(out, v, batched)
             except RuntimeError as err:
                 if not is_double_backward_error(err):
                     raise
@@ -518,8 +517,13 @@ class HessianOperator(Operator):
 
     def _hvp(self, mode: str, batch: Any, p: dict, v: dict, batched: bool) -> dict:
         f = self._loss(batch)
-        if mode == "reverse":
+        if mode == "reverse":  # autograd already holds the padding lookups constant
             return hvp_reverse(f, p, v, batched)
+        with constant_padding_rows(self.model):
+            return self._forward_hvp(f, batch, p, v, batched)
+
+    def _forward_hvp(self, f: Callable, batch: Any, p: dict, v: dict, batched: bool) -> dict:
+        """``jvp(grad(f))``, compiled when it can be, with the fixes its failures need."""
         if self._compiled is not None:
             try:
                 return self._compiled(self._module, p, v, batch, batched)
