@@ -65,7 +65,6 @@ from optimizer import cpu_fused, distributed
 from optimizer.groups import (
     check_hyper,
     check_in_partition,
-    head_config,
     momentum_dtype_of,
     normalize_groups,
 )
@@ -80,6 +79,7 @@ from optimizer.kernels import (
     mean_square,
 )
 from optimizer.layout import BlockLayout, layout_of
+from partition.heads import head_counts
 
 NONFINITE = ("raise", "skip", "skip_blocks", "ignore")
 
@@ -166,9 +166,11 @@ class AdamMini(torch.optim.Optimizer):
                 "fused=True but the CPU kernel could not be built (needs a C compiler with "
                 "OpenMP on PATH, and ADAM_MINI_LAB_NO_FUSED unset); use fused=None or False"
             )
-        given = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
+        keys = ("n_heads", "n_kv_heads", "head_dim")
+        given = dict(zip(keys, (n_heads, n_kv_heads, head_dim), strict=True))
         given = {k: v for k, v in given.items() if v is not None}
-        self._heads = {**head_config(model), **given}
+        counts = head_counts(model, n_heads, n_kv_heads, head_dim)  # given, else model.config
+        self._heads = {k: v for k, v in zip(keys, counts, strict=True) if v is not None}
         self._source = None  # the JSON file the partition came from, for error messages
         if isinstance(partition, (str, os.PathLike)):
             self._source = os.fspath(partition)

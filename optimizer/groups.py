@@ -1,4 +1,4 @@
-"""Argument handling of ``AdamMini``: named param groups, head counts, hyperparameter ranges."""
+"""Argument handling of ``AdamMini``: named param groups and hyperparameter ranges."""
 
 from __future__ import annotations
 
@@ -7,29 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from partition import Partition, PartitionError
-from partition.heads import config_of
-
-
-def head_config(model: nn.Module | None) -> dict[str, int]:
-    """Head counts from ``model.config`` (transformers or TinyGPT names), for ``partition.adam_mini``."""
-    cfg = config_of(model) if model is not None else None
-    if cfg is None:
-        return {}
-    out = {}
-    for key, names in {
-        "n_heads": ("n_heads", "num_attention_heads", "n_head"),
-        "n_kv_heads": ("n_kv_heads", "num_key_value_heads"),
-        "head_dim": ("head_dim",),
-    }.items():
-        for attr in names:
-            value = getattr(cfg, attr, None)
-            if isinstance(value, int):
-                out[key] = value
-                break
-    return out
 
 
 def normalize_groups(params: Any) -> list[dict]:
