@@ -29,6 +29,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_hessian.py --write-readme
 	$(BIN)/python benchmarks/bench_hessian.py --skip-tiny --hvp-only --gpt2-vocab 50257 \
 		--vectors 4 --repeats 3 --min-seconds 0 --section gpt2-vocab-50257 --write-readme
+	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184 \
+		$(BIN)/python benchmarks/bench_hessian.py --skip-tiny --hvp-only --section hessian-malloc \
+		--write-readme
 	$(BIN)/python benchmarks/bench_optimizer.py --write
 
 figures: $(STAMP)

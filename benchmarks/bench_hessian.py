@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -246,20 +248,30 @@ def sgemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def interleaved_medians(
     fns: dict[str, Callable], repeats: int, min_seconds: float
-) -> tuple[dict[str, float], int]:
-    """Median time of each function over ``repeats`` rounds, more if a round is shorter than
-    ``min_seconds / repeats`` (millisecond-scale calls need many rounds for a stable median)."""
+) -> tuple[dict[str, float], dict[str, float], int]:
+    """Median time and median page faults of each function over ``repeats`` rounds, more if a
+    round is shorter than ``min_seconds / repeats`` (millisecond-scale calls need many rounds for a
+    stable median). A page fault is a fresh 4 KiB page that the kernel maps and zeroes."""
     t0 = time.perf_counter()
     for fn in fns.values():  # warm-up
         fn()
     repeats = max(repeats, int(np.ceil(min_seconds / (time.perf_counter() - t0))))
     times: dict[str, list[float]] = {name: [] for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            f0, t0 = _page_faults(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}, repeats
+            faults[name].append(_page_faults() - f0)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    return medians, {name: statistics.median(fs) for name, fs in faults.items()}, repeats
+
+
+def _page_faults() -> int:
+    """Page faults of this process so far (minor and major)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 def power_iteration_counts(
@@ -354,7 +366,7 @@ def run(args: argparse.Namespace) -> dict:
     for (title, model, loss_fn, batch), cap in problems:
         fns, H = contenders(model, loss_fn, batch, args.vectors, seed=0)
         t0 = time.perf_counter()
-        med, repeats = interleaved_medians(fns, args.repeats, args.min_seconds)
+        med, faults, repeats = interleaved_medians(fns, args.repeats, args.min_seconds)
         flops = matmul_flops(fns, args.vectors)
         g = med["gradient"]
         ratios = {name: t / g for name, t in med.items() if name != "gradient"}
@@ -369,6 +381,7 @@ def run(args: argparse.Namespace) -> dict:
             "gradient_seconds": g,
             "repeats": repeats,
             "ratios": ratios,
+            "page_faults": faults,
             "flop_ratios": {n: f / flops["gradient"] for n, f in flops.items() if n != "gradient"},
             "gradient_gflops_per_second": flops["gradient"] / g / 1e9,
             "auto_picks": auto.chosen_modes,
@@ -571,6 +584,7 @@ def markdown(results: dict, args: argparse.Namespace, command: str, seconds: flo
         "compile of tens of seconds per batch shape and vector count. Compiling the gradient too "
         f"(row `{COMPILED_GRADIENT}`) shows the same work at equal footing: {cells(fused_scale)} "
         "a compiled gradient per vector.",
+        *_fault_note(results, args.vectors, command),
         "- Forward mode (jvp of grad) redoes the primal pass on every call and pays more per "
         "operation; it has no kept-graph variant, because `torch.func.linearize` (its natural "
         "one) returns wrong, call-dependent products in torch 2.13 when the graph holds in-place "
@@ -581,12 +595,41 @@ def markdown(results: dict, args: argparse.Namespace, command: str, seconds: flo
             "1024 x 50257 logits per vector."
             if any("vocab 50257" in t for t in titles)
             else "- GPT-2 uses vocab 2048 (not 50257) so that the eigenvalue runs take minutes; "
-            "the HVP timings with the full vocabulary are in the next section."
+            "the HVP timings with the full vocabulary are in section `gpt2-vocab-50257`."
         ),
         "- One torch thread: with the 2 cores shared by other jobs, 2-thread OpenMP/OpenBLAS runs "
         "were up to 20x slower from spin-waiting (measured), so all timings use 1 thread.",
     ]
     return "\n".join(lines)
+
+
+def _fault_note(results: dict, vectors: int, command: str) -> list[str]:
+    """The page-fault note: faults per call of the gradient and of each matmat, and the fix."""
+    titles = [t for t in results if "page_faults" in results[t]]
+    if not titles:
+        return []
+    matmats = [n for n in results[titles[0]]["page_faults"] if f"{vectors} vectors" in n]
+    per_call = "; ".join(
+        f"{name.split(f', {vectors} vectors')[0]}: "
+        + ", ".join(f"{results[t]['page_faults'][name]:.0f}" for t in titles)
+        for name in ["gradient", *matmats]
+    )
+    tuned = "MALLOC_MMAP_THRESHOLD_" in command
+    return [
+        f"- Page faults per call (medians over the rounds; {', '.join(titles)}), each a fresh "
+        f"4 KiB page that the kernel maps and zeroes: {per_call}. glibc's malloc maps every "
+        "block of 32 MiB or more afresh and unmaps it on free, and the batched forward-mode "
+        f"products hold many such blocks (on GPT-2 the logits' tangent alone is {vectors} x 1024 "
+        "tokens x vocab floats). "
+        + (
+            "This run raised glibc's thresholds (the variables in the command), so those "
+            "blocks stay in the heap between calls."
+            if tuned
+            else "Raising glibc's thresholds keeps those blocks in the heap between calls: "
+            "`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184` in the "
+            "environment (section `hessian-malloc` below)."
+        )
+    ]
 
 
 def _verdict(ratios: dict[str, float], how: str, target: float = 1.0) -> str:
@@ -632,8 +675,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from-json", type=Path, help="re-render results saved with --json, no run")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    command = "python benchmarks/bench_hessian.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    malloc_env = [f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    command = (
+        "".join(malloc_env)
+        + "python benchmarks/bench_hessian.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
     )
     t0 = time.perf_counter()
     if args.from_json:
