@@ -284,6 +284,9 @@ def test_non_finite_operators_and_bad_arguments_are_named():
         with pytest.raises(ValueError, match="operator returned NaN/Inf"):
             trace(B, num_matvecs=4, progress=False)
 
+    big = np.diag(np.full(4, 3e38, dtype=np.float32))  # finite entries whose sum overflows
+    np.testing.assert_array_equal(as_operator(big).matvec(torch.ones(4)), np.diag(big))
+
     class Column:  # a callable returning (n, 1) is fine, (n - 1,) is not
         shape = A.shape
 
