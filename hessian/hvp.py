@@ -9,8 +9,9 @@ For :math:`f(\theta)` and a tangent :math:`v`, both modes return :math:`H v = \n
   \langle \nabla f(\theta), v\rangle`, ``torch.autograd.grad`` with ``create_graph=True`` and a
   second ``torch.autograd.grad``. Many vectors at once: one forward and one first backward, then
   one second backward per vector on the retained graph. ``is_grads_batched=True``, which vmaps the
-  second backward, measured 2.5x slower per vector on GPT-2 (width 128, vocab 2048) and only 14%
-  faster on the smaller TinyGPT, so the loop stays.
+  second backward, measured 2.5x slower per vector on GPT-2 (width 128, vocab 2048; still 1.3x
+  with glibc's mmap threshold raised, which removes its page faults) and only 14% faster on the
+  smaller TinyGPT, so the loop stays.
 
 Both are built on ``grad``, never on ``torch.func.jacrev``: differentiating ``jacrev`` again gives
 a wrong Hessian through the native LayerNorm (see DESIGN.md, "Pitfalls").
