@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import traceback
 
 import pytest
 import torch
@@ -19,6 +20,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 import optimizer
 from partition import Partition, PartitionError, TensorBlocks
@@ -242,3 +250,90 @@ def test_fsdp2_dcp_and_ddp_match_single_process(tmp_path):
         torch.testing.assert_close(
             result["ddp"][name], p.detach(), rtol=1e-12, atol=1e-14, msg=name
         )
+
+
+class Normed(nn.Module):
+    """Names the official Adam_mini sorts as MLP (``mlp``), output (``lm_head``), Adam
+    (``bias``) and, for ``norm.weight``, its whole-tensor case with a 0-dim ``vmean``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = nn.Linear(6, 8, dtype=torch.float64)
+        self.norm = nn.LayerNorm(8, dtype=torch.float64)
+        self.lm_head = nn.Linear(8, 3, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(torch.tanh(self.mlp(x))))
+
+
+def _full_state_dict_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from adam_mini import Adam_mini
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = StateDictOptions(full_state_dict=True)
+    makers = {
+        "ours": lambda m: optimizer.AdamMini(m.named_parameters(), **HYPER, n_heads=1),
+        "official": lambda m: Adam_mini(
+            m.named_parameters(), **HYPER, dim=8, n_heads=1, verbose=False
+        ),
+    }
+    result = {}
+    for name, make in makers.items():
+        model = Normed()
+        fully_shard(model, mesh=mesh)
+        opt = make(model)
+        train(model, opt, range(SAVE_AT), batch=ddp_batch)
+        ckpt = os.path.join(out, name)
+        osd = get_optimizer_state_dict(model, opt, options=full)
+        dcp.save({"model": get_model_state_dict(model), "optim": osd}, checkpoint_id=ckpt)
+        train(model, opt, range(SAVE_AT, STEPS), batch=ddp_batch)
+
+        resumed = Normed()
+        fully_shard(resumed, mesh=mesh)
+        opt2 = make(resumed)
+        state = {
+            "model": get_model_state_dict(resumed),
+            "optim": get_optimizer_state_dict(resumed, opt2, options=full),
+        }
+        dcp.load(state, checkpoint_id=ckpt)
+        set_model_state_dict(resumed, state["model"])
+        set_optimizer_state_dict(resumed, opt2, state["optim"], options=full)
+        v = opt2.state[resumed.norm.weight]["exp_avg_sq" if name == "ours" else "vmean"]
+        result[f"{name}_v_type"] = type(v).__name__
+        try:
+            train(resumed, opt2, range(SAVE_AT, STEPS), batch=ddp_batch)
+        except Exception as e:  # the official step: a DTensor in-place op on a plain tensor
+            frames = traceback.extract_tb(e.__traceback__)
+            result[name] = [f.line for f in frames if f.filename.endswith("adam_mini.py")]
+        else:
+            result[name] = max(
+                (a.full_tensor() - b.full_tensor()).abs().max().item()
+                for a, b in zip(resumed.parameters(), model.parameters(), strict=True)
+            )
+    if rank == 0:
+        torch.save(result, os.path.join(out, "full.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_official_adam_mini_fails_a_full_state_dict_resume_under_fsdp2(tmp_path):
+    """FSDP2 + DCP with ``StateDictOptions(full_state_dict=True)``: the loader turns every 0-dim
+    tensor into a plain CPU tensor (``_distribute_state_dict``, meant for ``step``). The official
+    Adam_mini 1.1.1 keeps a whole tensor's v as a 0-dim DTensor (``vmean`` of ``norm.weight``,
+    from ``torch.sum(p * p)``), so its first step after the resume fails at
+    ``state["vmean"].mul_(beta2).add_(tmp_lr, ...)`` (plain tensor += DTensor). AdamMini keeps
+    v with one entry per block, shape ``(1,)``: it comes back a DTensor and the resumed run is
+    the uninterrupted one bit for bit."""
+    pytest.importorskip("adam_mini")
+    mp.spawn(_full_state_dict_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "full.pt", weights_only=True)
+    assert result["ours_v_type"] == "DTensor" and result["ours"] == 0.0
+    assert result["official_v_type"] == "Tensor"
+    assert isinstance(result["official"], list), result["official"]  # it raised
+    assert result["official"][-1:] == ['state["vmean"].mul_(beta2).add_(tmp_lr, alpha=1 - beta2)']
