@@ -234,6 +234,22 @@ def matmul_floor(gradient: Callable, vectors: int) -> dict[str, float]:
     return {"gradient_matmuls": own, "matmat_vector_matmuls": folded / vectors}
 
 
+def compiled_split(matmat: Callable, rounds: int = 3) -> dict[str, float]:
+    """Seconds a compiled matmat spends in matmuls and in its fused (inductor) kernels, each the
+    median over ``rounds`` calls under ``torch.profiler`` (self CPU time)."""
+    matmul_ops = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
+    parts: dict[str, list[float]] = {"matmuls": [], "fused_kernels": []}
+    for _ in range(rounds):
+        with torch.profiler.profile() as prof:
+            matmat()
+        events = prof.key_averages()
+        parts["matmuls"].append(sum(e.self_cpu_time_total for e in events if e.key in matmul_ops))
+        parts["fused_kernels"].append(
+            sum(e.self_cpu_time_total for e in events if "CompiledFxGraph" in e.key)
+        )
+    return {name: statistics.median(us) / 1e6 for name, us in parts.items()}
+
+
 def sgemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of the fastest of ``repeats`` float32 ``n x n x n`` matmuls: the core's peak."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -391,6 +407,8 @@ def run(args: argparse.Namespace) -> dict:
         entry["sgemm_peak_gflops_per_second"] = peak
         floor = matmul_floor(fns["gradient"], args.vectors)
         entry["matmul_floor"] = {name: seconds / g for name, seconds in floor.items()}
+        split = compiled_split(fns[f"{COMPILED_MATMAT}, {args.vectors} vectors"])
+        entry["compiled_matmat_split"] = {name: s / args.vectors / g for name, s in split.items()}
         results[title] = entry
         if args.hvp_only:
             continue
@@ -521,6 +539,9 @@ def markdown(results: dict, args: argparse.Namespace, command: str, seconds: flo
     def floor(name: str) -> dict[str, float]:
         return {t: results[t]["matmul_floor"][name] for t in titles}
 
+    def split(name: str) -> dict[str, float]:
+        return {t: results[t]["compiled_matmat_split"][name] for t in titles}
+
     def cells(values: dict[str, float], unit: str = "x") -> str:
         return ", ".join(f"{x:.2f}{unit}" for x in values.values())
 
@@ -583,7 +604,18 @@ def markdown(results: dict, args: argparse.Namespace, command: str, seconds: flo
         f"(LayerNorm, softmax, GELU): {cells(fused)} an eager gradient per vector, after a "
         "compile of tens of seconds per batch shape and vector count. Compiling the gradient too "
         f"(row `{COMPILED_GRADIENT}`) shows the same work at equal footing: {cells(fused_scale)} "
-        "a compiled gradient per vector.",
+        "a compiled gradient per vector."
+        + (
+            " Profiled (`torch.profiler`, self time), the compiled matmat spends per vector "
+            + cells(split("matmuls"))
+            + " a gradient in matmuls and "
+            + cells(split("fused_kernels"))
+            + " in its fused elementwise kernels, against the "
+            + cells({t: 1 - v for t, v in floor("matmat_vector_matmuls").items()})
+            + " that the matmul floor leaves for them."
+            if all(results[t].get("compiled_matmat_split", {}).get("fused_kernels") for t in titles)
+            else ""
+        ),
         *_fault_note(results, args.vectors, command),
         "- Forward mode (jvp of grad) redoes the primal pass on every call and pays more per "
         "operation; it has no kept-graph variant, because `torch.func.linearize` (its natural "
