@@ -22,7 +22,9 @@ which depends only on :math:`\theta` and the batch, and its second-order part, w
 backward each (about 2 gradients of matmul work instead of 3). There is no forward counterpart:
 ``torch.func.linearize`` of ``grad(f)`` would be one, but in torch 2.13 its constant folding
 returns wrong, call-dependent products when the traced graph holds in-place operations (measured:
-``binary_cross_entropy_with_logits`` gives a different Hessian column on every call).
+``binary_cross_entropy_with_logits`` gives a different Hessian column on every call). Nor does
+the kept graph compile: compiled autograd (``torch._dynamo.compiled_autograd``) of the second
+backward fails in torch 2.13 on GPT-2 (a None gradient reaches an ``add`` in its traced graph).
 """
 
 from __future__ import annotations
