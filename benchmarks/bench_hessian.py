@@ -650,9 +650,9 @@ def _fault_note(results: dict, vectors: int, command: str) -> list[str]:
     return [
         f"- Page faults per call (medians over the rounds; {', '.join(titles)}), each a fresh "
         f"4 KiB page that the kernel maps and zeroes: {per_call}. glibc's malloc maps every "
-        "block of 32 MiB or more afresh and unmaps it on free, and the batched forward-mode "
-        f"products hold many such blocks (on GPT-2 the logits' tangent alone is {vectors} x 1024 "
-        "tokens x vocab floats). "
+        "block of 32 MiB or more afresh and unmaps it on free, and products with big tangents "
+        "hold many such blocks, the batched forward-mode ones most (on GPT-2 the logits' tangent "
+        f"alone is {vectors} x 1024 tokens x vocab floats). "
         + (
             "This run raised glibc's thresholds (the variables in the command), so those "
             "blocks stay in the heap between calls."
