@@ -247,7 +247,7 @@ def _install_probes(model: nn.Module, capture: _MatmulCapture) -> None:
 
         if cls == "BloomAttention":
             module._reshape = record(module._reshape)
-        elif cls == "FalconAttention":
+        elif cls == "FalconAttention" and hasattr(module, "_split_heads"):  # transformers<5.25
             module._split_heads = record(module._split_heads, transpose=True)
         elif cls in ("GPTNeoSelfAttention", "GPTNeoXJapaneseAttention"):
             attn = module._attn
