@@ -54,13 +54,11 @@ def check_loss(
     f: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     params: dict[str, torch.Tensor],
     batch: Any,
-    dtype: torch.dtype,
-    device: torch.device,
     deterministic: bool,
 ) -> None:
-    """``f(params)``, the loss of ``batch``, is a finite real scalar that depends on ``params``;
-    with ``deterministic`` it is also the same on a second evaluation (no stochastic layers
-    outside ``nn.Dropout``). ``dtype`` and ``device`` are the parameters', for the messages."""
+    """``f(params)``, the loss of ``batch``, is a finite real scalar that depends on ``params``
+    (of one dtype and device); with ``deterministic`` it is also the same on a second evaluation
+    (no stochastic layers outside ``nn.Dropout``)."""
     leaves = {n: t.requires_grad_(True) for n, t in params.items()}
     try:
         with torch.enable_grad():
@@ -80,7 +78,7 @@ def check_loss(
         )
         raise HessianError(
             f"loss_fn failed on the first batch: {first_line(err)}. The "
-            f"differentiated parameters are {dtype} on {device}, the batch holds "
+            f"differentiated parameters are {tensor_kinds(params)}, the batch holds "
             f"{tensor_kinds(batch)}: "
             + (
                 "token ids, class targets and other indices must stay integer (torch.long); "

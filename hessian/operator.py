@@ -438,14 +438,7 @@ class HessianOperator(Operator):
             self._prints = prints
         first = next((b for b, c in zip(self._batches, counts, strict=False) if c > 0), None)
         if first is not None:  # a rank of a distributed run may hold no sample
-            check_loss(
-                self._loss(first),
-                self._primal(),
-                first,
-                self.dtype,
-                self.device,
-                self.check_determinism,
-            )
+            check_loss(self._loss(first), self._primal(), first, self.check_determinism)
         return counts
 
     @contextlib.contextmanager
