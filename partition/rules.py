@@ -127,9 +127,8 @@ def adam_mini(
     n_heads, n_kv_heads, head_dim = head_counts(model, n_heads, n_kv_heads, head_dim)
     transposed = transposed_names(model, shapes)
     kinds = {name: role_of(name, len(shape)) if len(shape) >= 2 else "1d" for name, shape in shapes}
-    for name in token_embedding_names(model):  # whatever their names (CTRL's "w")
-        if name in kinds and kinds[name] != "1d":
-            kinds[name] = "token"
+    for name in token_embedding_names(model):  # whatever their names (CTRL's "w"); all 2-D
+        kinds[name] = "token"
     layout, layout_kv = fused_layout(model, n_heads)
     n_kv_heads = n_kv_heads or layout_kv
     sided = {} if heads_given else sided_heads(model)
