@@ -509,13 +509,12 @@ class HessianOperator(Operator):
             out[n].add_(hv[n], alpha=weight)
 
     def _hvp(self, mode: str, batch: Any, p: dict, v: dict, batched: bool) -> dict:
-        f = self._loss(batch)
         if mode == "reverse":  # autograd already holds the padding lookups constant
-            return hvp_reverse(f, p, v, batched)
+            return hvp_reverse(self._loss(batch), p, v, batched)
         with constant_padding_rows(self.model):
-            return self._forward_hvp(f, batch, p, v, batched)
+            return self._forward_hvp(batch, p, v, batched)
 
-    def _forward_hvp(self, f: Callable, batch: Any, p: dict, v: dict, batched: bool) -> dict:
+    def _forward_hvp(self, batch: Any, p: dict, v: dict, batched: bool) -> dict:
         """``jvp(grad(f))``, compiled when it can be, with the fixes its failures need."""
         if self._compiled is not None:
             try:
@@ -529,7 +528,7 @@ class HessianOperator(Operator):
                     stacklevel=user_stacklevel(),
                 )
         try:
-            return hvp_forward(f, p, v, batched)
+            return hvp_forward(self._loss(batch), p, v, batched)
         except (RuntimeError, NotImplementedError) as err:
             if is_forward_ad_error(err):
                 raise forward_mode_error(self.model, err) from err
