@@ -488,8 +488,8 @@ def test_official_adam_mini_cuts_heads_with_an_explicit_head_dim():
     model = build("qwen3")
     theirs = official_v_entries(model, dim=H, n_heads=NH, n_kv_heads=KV)
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert theirs[q] == NH * HD * H // (H * H // NH)  # chunks of dim^2 / n_heads entries: 6
-    assert (H * H // NH) % (HD * H) != 0  # ... that cut through the 12-row heads
+    # chunks of dim^2 / n_heads = 8 rows, which cut through the 12-row heads: 6 blocks, not 4
+    assert theirs[q] == NH * HD * H // (H * H // NH)
     assert adam_mini_checked(model, "qwen3")[q].num_blocks == NH
 
 
