@@ -90,8 +90,9 @@ class HessianOperator(Operator):
         compile: run forward-mode products (``mode="forward"``, or ``"auto"`` when it picks
             forward) through ``torch.compile(dynamic=False)``. The first product for each batch
             shape and vector count compiles (tens of seconds on a CPU); later ones run fused
-            kernels, e.g. a 16-vector ``matmat`` per vector at 0.79–1.05x (TinyGPT) / 1.69–1.81x (GPT-2), over the last two runs,
-            an eager gradient instead of 1.60x / 2.42x (``benchmarks/README.md``). Double backward
+            kernels, e.g. a 16-vector ``matmat`` per vector at 0.79–1.05x (TinyGPT) / 1.69–1.81x
+            (GPT-2) an eager gradient over the last two runs, instead of 1.60x / 2.42x
+            (``benchmarks/README.md``). Double backward
             does not compile, so ``mode="reverse"`` refuses it. If compiling fails, or (torch>=2.6)
             the process has compiled 64 shapes already, a warning says why and the products run
             eagerly.
