@@ -90,7 +90,7 @@ def transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]]
     """Names of 2-D weights stored ``(in, out)`` (GPT-2 ``Conv1D``).
 
     With a module: the weights of modules whose class is ``transformers``' ``Conv1D``. With only
-    names: the ``c_attn``/``c_proj``/``c_fc`` weights of a GPT-2-style model, unless its
+    names: the ``c_attn``/``c_proj``/``c_fc``/``q_attn`` weights of a GPT-2-style model, unless its
     ``c_attn`` weight has more rows than columns (``nn.Linear``'s ``(out, in)`` layout, as in
     nanoGPT or GPTBigCode: fused q|k|v always has more outputs than inputs).
     """
