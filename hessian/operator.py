@@ -576,10 +576,10 @@ class HessianOperator(Operator):
             return self.mode
         if batched in self._chosen:
             return self._chosen[batched]
-        live = [b for b, w in zip(self._batches, self._weights, strict=False) if w]
-        if not live:  # a rank without samples computes nothing: any mode will do
+        # the first batch with samples: stop there, not load every batch of a DataLoader
+        batch = next((b for b, w in zip(self._batches, self._weights, strict=False) if w), None)
+        if batch is None:  # a rank without samples computes nothing: any mode will do
             return "reverse"
-        batch = live[0]
         p = self._primal()
         times = {}
         for mode in ("forward", "reverse"):

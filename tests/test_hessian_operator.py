@@ -811,3 +811,26 @@ def test_the_errors_still_import_from_hessian_operator():
     assert operator_module.HessianError is HessianError
     assert operator_module.ForwardModeError is ForwardModeError
     assert operator_module.NonDeterministicError is NonDeterministicError
+
+
+def test_auto_mode_loads_only_the_first_batch_to_time():
+    """``mode="auto"`` times its products on the first batch with samples: it loads that one batch
+    and stops, not every batch of a DataLoader-like iterable."""
+    model, X, y = mlp_problem()
+
+    class Counted:
+        def __init__(self):
+            self.loads = 0
+
+        def __iter__(self):
+            for i in range(0, len(X), 2):
+                self.loads += 1
+                yield X[i : i + 2], y[i : i + 2]
+
+    loads = {}
+    for mode in ("auto", "forward"):
+        data = Counted()
+        H = HessianOperator(model.eval(), ce_loss, data, mode=mode)
+        H @ torch.zeros(H.shape[0], dtype=F64)
+        loads[mode] = data.loads
+    assert loads["auto"] == loads["forward"] + 1
