@@ -27,7 +27,9 @@ def unwrap(model: Any, found: Callable[[nn.Module], bool]) -> nn.Module | None:
     ``torch.compile``'s ``._orig_mod``) for which ``found`` holds; None when there is none or
     ``model`` is no module (``named_parameters()``, a mapping)."""
     while isinstance(model, nn.Module) and not found(model):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        # no `or`: a module's truth value calls its len(), which a compiled model may refuse
+        inner = getattr(model, "module", None)
+        model = getattr(model, "_orig_mod", None) if inner is None else inner
     return model if isinstance(model, nn.Module) else None
 
 

@@ -382,6 +382,22 @@ def test_adam_mini_optimizer_reads_a_wrapped_models_fused_layout():
     assert opt.partition[name].rule == "row_groups"
 
 
+def test_a_compiled_model_inside_a_data_parallel_wrapper():
+    """DataParallel / DDP around torch.compile: unwrapping tested the compiled module's truth
+    value, whose len() raises for a model without one (a TypeError from torch._dynamo)."""
+    c = transformers.GPTNeoXConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=61,
+    )  # fmt: skip
+    model = meta(transformers.GPTNeoXForCausalLM, c)
+    wrapped = torch.nn.DataParallel(torch.compile(model))
+    part = check_no_warning(wrapped)
+    name = "module._orig_mod.gpt_neox.layers.0.attention.query_key_value.weight"
+    inner = partition.adam_mini(model)[name.removeprefix("module._orig_mod.")]
+    assert (part[name].rule, part[name].params) == (inner.rule, inner.params)
+    assert part[name].rule == "row_groups"
+
+
 def test_empty_query_weight_and_numpy_head_counts():
     """An empty query weight gave head_dim 0 and a ZeroDivisionError; numpy ints were refused."""
     for shape in [(0, 8), (0, 0)]:
