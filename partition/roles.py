@@ -61,6 +61,10 @@ def role_of(name: str, ndim: int = 2) -> str:
     parents = parts[:-2] if named_leaf else parts[:-1]
     if ndim >= 3 and ("experts" in parts or "expert" in parts):
         return "experts"
+    # a bare q/k/v/o tensor of 3+ axes has the model's own layout, with no known output axis:
+    # XLNet's (d_model, n_head, d_head) q, k, v take their input on dim 0
+    if ndim >= 3 and not named_leaf and leaf in {"q", "k", "v", "o"}:
+        return ""
     # a norm weight of more than one axis (Cohere's (heads, head_dim) q/k norms): the module name
     # ends in "norm" (q_norm, layernorm, norm1); a matrix such as "normalizer" is no norm
     if leaf.rstrip("0123456789").endswith("norm"):

@@ -488,3 +488,18 @@ def test_a_fused_kv_weight_without_a_query_weight_asks_for_head_dim():
         partition.adam_mini(named, n_heads=2)
     kv = partition.adam_mini(named, n_heads=2, head_dim=4)["h.0.crossattention.c_attn.weight"]
     assert kv.num_blocks == 2 + 8  # k: 2 heads of 4 columns; v: 8 columns
+
+
+def test_xlnet_bare_attention_tensors_are_not_split_along_their_input_axis():
+    """XLNet's q, k, v are bare (d_model, n_head, d_head) parameters (q_head = einsum('ibh,hnd->
+    ibnd', h, q)): dim 0 is the input, so 'heads' on dim 0 cut every head across input features
+    and 'rows' gave v one block per input. No rule splits dim 1: one block each, and a warning."""
+    c = transformers.XLNetConfig(d_model=32, n_layer=1, n_head=4, d_inner=40, vocab_size=61)
+    model = meta(transformers.XLNetLMHeadModel, c)
+    with pytest.warns(PartitionWarning, match="rel_attn.q'"):
+        part = partition.adam_mini(model)
+    for leaf in "qkv":
+        tb = part[f"transformer.layer.0.rel_attn.{leaf}"]
+        ids = tb.local_index()
+        # every head n (ids[:, n, :]) lies in one block, whatever the numbering
+        assert all(ids[:, n, :].unique().numel() == 1 for n in range(4)), (leaf, tb.rule)
