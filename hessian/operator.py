@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -267,7 +269,11 @@ class HessianOperator(Operator):
         * with ``partition`` (a :class:`partition.Partition` over these parameters): an int or a
           sequence of ints, the partition's global block ids;
         * without ``partition``: a LongTensor of flat indices.
+
+        NumPy integers and integer arrays count as ints and integer tensors.
         """
+        if isinstance(spec, np.ndarray) and spec.dtype.kind in "iu":
+            spec = torch.from_numpy(spec.astype(np.int64))
         if partition is not None and _is_int_like(spec):
             if not isinstance(partition, Partition):
                 raise TypeError(
@@ -652,12 +658,11 @@ def _cumsum0(xs: Sequence[int]) -> list[int]:
 
 
 def _is_int_like(spec: Any) -> bool:
-    if isinstance(spec, bool):
-        return False
-    if isinstance(spec, int):
-        return True
+    def integer(x: Any) -> bool:  # int or numpy integer, not bool
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
     if isinstance(spec, torch.Tensor):
         return not spec.is_floating_point() and spec.dtype != torch.bool
     if isinstance(spec, Sequence) and not isinstance(spec, str):
-        return len(spec) > 0 and all(isinstance(s, int) and not isinstance(s, bool) for s in spec)
-    return False
+        return len(spec) > 0 and all(integer(s) for s in spec)
+    return integer(spec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from problems import tiny_gpt_problem
@@ -799,6 +800,21 @@ def test_block_ids_outside_the_partition_are_refused():
     assert H.select([]).numel() == 0 and H.select({}).numel() == 0
     with pytest.raises(ValueError, match="picks no entry"):
         H.restrict([], partition=part)
+
+
+def test_numpy_block_ids_and_flat_indices_select_like_ints_and_tensors():
+    """Block ids read off a BlockCoupling (np.argmax, np.unravel_index) are numpy integers."""
+    model, X, y = mlp_problem()
+    H = HessianOperator(model.eval(), ce_loss, (X, y))
+    part = partition.by_rows(model)
+    want = H.select([3, 5], partition=part)
+    for ids in ([np.int64(3), np.int64(5)], np.array([3, 5])):
+        assert torch.equal(H.select(ids, partition=part), want)
+    a, b = np.unravel_index(np.int64(3 * part.num_blocks + 5), (part.num_blocks,) * 2)
+    Hab = H.restrict(a, b, partition=part)
+    assert torch.equal(Hab.rows, H.select(3, partition=part))
+    assert torch.equal(Hab.cols, H.select(5, partition=part))
+    assert torch.equal(H.select(np.array([7, 2, 7])), torch.tensor([2, 7]))
 
 
 def test_the_errors_still_import_from_hessian_operator():
