@@ -373,8 +373,11 @@ class AdamMini(torch.optim.Optimizer):
         (torch's loader would cast both to the parameter's dtype first, which rounds them).
         A state saved under another partition (other block counts, or another rule or rule
         parameters), for another model (other shapes) or without ``step``/``exp_avg``/
-        ``exp_avg_sq`` is refused before anything is loaded.
+        ``exp_avg_sq`` is refused before anything is loaded. Tensors are matched by the saved
+        ``param_names`` when the saved groups name this optimizer's tensors in another order,
+        else by position (torch's rule; names saved under a wrapper's prefix differ).
         """
+        state_dict = self._in_our_order(state_dict)
         saved_groups = state_dict.get("param_groups", ())
         if [len(g["params"]) for g in saved_groups] != [
             len(g["params"]) for g in self.param_groups
@@ -413,6 +416,35 @@ class AdamMini(torch.optim.Optimizer):
             v_dtype = torch.float32 if low else param.dtype
             state["exp_avg_sq"] = s["exp_avg_sq"].to(device=param.device, dtype=v_dtype)
             state["step"] = s["step"].to(device="cpu", dtype=torch.float32)
+
+    def _in_our_order(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with each saved group's param ids put in this optimizer's order, when
+        the saved groups name the same tensors in another order (torch's loader matches by
+        position, which would give one tensor another's state).
+
+        Raises:
+            ValueError: the same tensors, but a tensor sits in another group than when saved.
+        """
+        saved_groups = state_dict.get("param_groups", ())
+        saved = [g.get("param_names") for g in saved_groups]
+        ours = [[self._names[p] for p in g["params"]] for g in self.param_groups]
+        flat = sorted(n for names in ours for n in names)
+        if None in saved or saved == ours or sorted(n for s in saved for n in s) != flat:
+            return state_dict
+        saved_at = {n: i for i, names in enumerate(saved) for n in names}
+        for i, names in enumerate(ours):
+            for name in names:
+                if saved_at[name] != i:
+                    raise ValueError(
+                        f"tensor {name!r} is in param group {saved_at[name]} of the saved state "
+                        f"but in group {i} here; build the param groups as they were saved (each "
+                        "group's lr, weight_decay, ... are loaded into the group at its position)"
+                    )
+        groups = []
+        for g, names in zip(saved_groups, ours, strict=True):
+            ids = dict(zip(g["param_names"], g["params"], strict=True))
+            groups.append({**g, "params": [ids[n] for n in names], "param_names": names})
+        return {**state_dict, "param_groups": groups}
 
     def check_saved_shapes(self, param: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> None:
         """Refuse saved ``exp_avg``/``exp_avg_sq`` shapes that this optimizer's partition

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -153,3 +155,45 @@ def test_checkpoint_saved_under_a_wrapper_prefix_loads(tmp_path):
     fresh = optimizer.AdamMini(model.named_parameters(), partition.by_rows(model), lr=0.1)
     optimizer.load_checkpoint(fresh, tmp_path)
     assert_state_equal(fresh, state_copy(opt))
+
+
+def test_state_dict_loads_by_name_into_another_parameter_order():
+    """torch's loader matches tensors by position; the saved ``param_names`` tell AdamMini
+    whose state is whose, so an optimizer over the same tensors in another order (two
+    weights of one shape swapped) resumes bit for bit, and one whose groups hold other
+    tensors than the saved groups is refused (each group's lr/weight_decay would go astray)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    named = list(model.named_parameters())  # 0.weight, 0.bias, 2.weight, 2.bias
+    part = partition.by_rows(model)
+
+    def train(opt: optimizer.AdamMini, steps: range) -> None:
+        for k in steps:
+            opt.zero_grad()
+            x = torch.randn(3, 4, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+            model(x).square().sum().backward()
+            opt.step()
+
+    opt = optimizer.AdamMini(named, part, lr=0.1)
+    train(opt, range(3))
+    saved = copy.deepcopy(opt.state_dict())  # torch's state_dict shares the state tensors
+    swapped = optimizer.AdamMini([named[2], named[1], named[0], named[3]], part, lr=0.1)
+    swapped.load_state_dict(saved)
+    for _, p in named:
+        for k, t in opt.state[p].items():
+            assert torch.equal(swapped.state[p][k], t), k
+    assert swapped.param_groups[0]["param_names"] == ["2.weight", "0.bias", "0.weight", "2.bias"]
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    train(opt, range(3, 5))
+    stepped = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(reference)
+    train(swapped, range(3, 5))
+    assert all(torch.equal(v, stepped[k]) for k, v in model.state_dict().items())
+
+    two = optimizer.AdamMini([{"params": named[:2]}, {"params": named[2:]}], part, lr=0.1)
+    saved_two = two.state_dict()
+    moved = optimizer.AdamMini([{"params": named[2:3] + named[1:2]}, {"params": named[::3]}], part)
+    with pytest.raises(
+        ValueError, match=r"'2\.weight' is in param group 1 of the saved state but in group 0 here"
+    ):
+        moved.load_state_dict(saved_two)
