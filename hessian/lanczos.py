@@ -60,7 +60,8 @@ class EigenResult:
             belongs to ``values[i]``.
         residuals: ``(k,)`` true residual norms :math:`\\|H v_i - \\lambda_i v_i\\|`.
         num_matvecs: operator-vector products used, residual check included.
-        converged: ``(k,)`` bools, ``residuals <= tol * max |theta|``.
+        converged: ``(k,)`` bools, ``residuals <= max(tol, 100 eps) * max |theta|`` with ``eps``
+            the operator dtype's machine epsilon (float32 residuals stop near 1e-7 relative).
         num_steps: Lanczos steps taken.
     """
 
@@ -235,12 +236,14 @@ def lanczos(
     scale = max(np.abs(theta).max(), np.finfo(float).tiny)
     # right after an invariant subspace the rest of the spectrum is unexplored: not converged
     settled = window_end is None or num_steps >= window_end
+    # no residual computed in the operator's dtype goes below its rounding, 100 eps * max|theta|
+    floor = 100 * torch.finfo(dtype).eps
     return EigenResult(
         values=values,
         vectors=vectors,
         residuals=residuals,
         num_matvecs=num_matvecs,
-        converged=(residuals <= max(tol, 100 * np.finfo(float).eps) * scale) & settled,
+        converged=(residuals <= max(tol, floor) * scale) & settled,
         num_steps=num_steps,
     )
 

@@ -307,3 +307,17 @@ def test_non_finite_operators_and_bad_arguments_are_named():
             lanczos(A, k=2, tol=tol, progress=False)
     with pytest.raises(ValueError, match="max_basis must be an int >= 1, got 10.5"):
         lanczos(A, k=2, max_basis=10.5, progress=False)
+
+
+def test_float32_pairs_at_rounding_level_are_converged():
+    """A float32 operator's true residuals cannot go below its own rounding (~1e-7 relative):
+    pairs that the iteration accepted, accurate to float32, count as converged at the default tol,
+    and a far-off pair still does not."""
+    A = planted(SPECTRA["known"]).astype(np.float32)
+    res = lanczos(A, k=3, progress=False)
+    assert res.vectors.dtype == torch.float32
+    assert np.abs(res.values - np.linalg.eigvalsh(A.astype(np.float64))[::-1][:3]).max() < 1e-4
+    assert res.residuals.max() < 1e-4 * np.abs(res.values).max()
+    assert res.converged.all()
+    early = lanczos(A, k=3, max_iter=5, progress=False)
+    assert not early.converged.any()
