@@ -115,7 +115,7 @@ def reference_update_(
     sizes = torch.bincount(flat, minlength=v.numel()).to(acc)
     decay_and_update_moments_(p, g, m, v, sums / sizes, h)
     scale = block_scale(v, h)
-    p.addcmul_(m, scale[flat].view_as(p).to(p.dtype))
+    p.addcmul_(m, scale[flat].view_as(p))
 
 
 def block_sumsq(g: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -143,6 +143,10 @@ def apply_update_(
 ) -> None:
     """``p += m * scale[block]`` for every local entry, through broadcast views.
 
+    ``scale`` keeps v's dtype: float32 for float16/bfloat16 ``p``, where ``lr / eps``
+    (1e5 for a block with no gradient yet) would overflow float16 (max 65504) and
+    ``0 * inf`` make the block NaN.
+
     A non-contiguous ``p`` (a transposed or channels-last parameter) has no flat view: the
     update runs on a contiguous copy, written back.
     """
@@ -152,7 +156,6 @@ def apply_update_(
         p.copy_(work)
         return
     lo, _ = layout.v_range
-    scale = scale.to(p.dtype)
     if layout.row_ids is not None:
         s = scale[layout.row_ids.to(p.device) - lo]
         rows = (p.shape[0], math.prod(p.shape[1:]))

@@ -708,3 +708,31 @@ def test_empty_tensor_keeps_a_finite_second_moment(fused, shape):
     opt.step()
     assert opt.state[empty]["exp_avg_sq"].tolist() == [0.0]
     assert (other != 1).all()
+
+
+@pytest.mark.parametrize("rule", ["rows", "row_groups"])
+def test_float16_block_with_no_gradient_stays_finite(rule):
+    """v is float32 for float16 parameters, and so must be the per-block scale
+    ``lr / (1 - beta1^t) / (sqrt(v_b / (1 - beta2^t)) + eps)``: for an embedding row that has
+    had no gradient yet it is ``lr / eps = 1e5`` at eps=1e-8, past float16's 65504, and
+    ``m * inf = 0 * inf`` turned the row into NaN. Rows with a gradient follow the float64 math."""
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    params = {"rows": {}, "row_groups": {"groups": [0, 1, 2, 3]}}[rule]
+    part = Partition([TensorBlocks("emb", (4, 3), rule, params)])
+    emb = nn.Parameter(init.half())
+    opt = optimizer.AdamMini([("emb", emb)], part, lr=0.05)
+    p, m, v = emb.detach().double(), torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 1)
+    for t in range(1, 4):
+        g = torch.randn(4, 3, generator=gen, dtype=torch.float64).half()
+        g[1] = 0  # a token not seen yet
+        emb.grad = g
+        opt.step()
+        g = g.double()
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g.square().mean(1, keepdim=True).to(v.dtype)
+        p = p - 0.05 * (m / (1 - 0.9**t)) / ((v.double() / (1 - 0.999**t)).sqrt() + 1e-8)
+    assert torch.isfinite(emb).all()
+    assert torch.equal(emb[1], init[1].half())
+    torch.testing.assert_close(emb.double(), p, rtol=2e-3, atol=0)  # 2 float16 ulps
+    assert (emb.double() - init).abs().max() > 0.1  # the comparison is not vacuous
