@@ -125,10 +125,11 @@ class DenseOperator(Operator):
         return self.A.T @ V
 
     def to_dense(self, chunk: int | None = None) -> torch.Tensor:
-        """A copy of the matrix (no products; ``chunk`` is only checked)."""
+        """A dense (strided) copy of the matrix, also of a sparse one (no products; ``chunk`` is
+        only checked)."""
         if chunk is not None:
             check_positive_ints(chunk=chunk)
-        return self.A.clone()
+        return self.A.clone() if self.A.layout == torch.strided else self.A.to_dense()
 
     def asymmetry(self) -> str | None:
         r"""Set when :math:`\max|A - A^T| > 10^{-2} \max|A|`: a gross asymmetry (the rounding

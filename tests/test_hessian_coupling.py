@@ -8,7 +8,13 @@ import torch
 from problems import tiny_gpt_problem
 
 import partition
-from hessian import HessianOperator, block_coupling, blockwise_spectra, spectral_density
+from hessian import (
+    HessianOperator,
+    as_operator,
+    block_coupling,
+    blockwise_spectra,
+    spectral_density,
+)
 from lab.models import lm_loss
 
 
@@ -234,3 +240,19 @@ def test_odd_block_selectors_and_counts_are_named():
         blockwise_spectra(H, {1: torch.tensor([0]), "1": torch.tensor([1])}, progress=False)
     with pytest.raises(ValueError, match="num_samples must be an int >= 1, got 2.5"):
         block_coupling(H, flat_partition([3, 4]), num_samples=2.5, progress=False)
+
+
+def test_exact_coupling_of_a_sparse_matrix_equals_the_dense_one():
+    """A sparse torch Hessian (accepted everywhere) densifies in to_dense, so exact coupling
+    works on it instead of failing inside index_add_ on the sparse backend."""
+    sizes = [2, 3, 4]
+    rng = np.random.default_rng(2)
+    B = rng.standard_normal((9, 9))
+    H = torch.as_tensor(B + B.T)
+    part = flat_partition(sizes)
+    want = block_coupling(H, part, exact=True, seed=0, progress=False)
+    sparse = H.to_sparse()
+    dense = as_operator(sparse).to_dense()
+    assert dense.layout == torch.strided and torch.equal(dense, H)
+    got = block_coupling(sparse, part, exact=True, seed=0, progress=False)
+    assert np.array_equal(got.mass, want.mass) and got.r_diag_null == want.r_diag_null
