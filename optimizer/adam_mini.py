@@ -269,6 +269,12 @@ class AdamMini(torch.optim.Optimizer):
             taken.add(name)
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
+            if p in self._names:
+                raise ValueError(
+                    f"parameter {name!r} is already in an earlier param group (as "
+                    f"{self._names[p]!r}); put each tensor in one group only, e.g. split decay "
+                    "and no-decay groups by one test and its negation"
+                )
             if p.is_complex():
                 raise TypeError(
                     f"parameter {name!r} is complex ({p.dtype}); AdamMini's block means are defined "

@@ -736,3 +736,18 @@ def test_float16_block_with_no_gradient_stays_finite(rule):
     assert torch.equal(emb[1], init[1].half())
     torch.testing.assert_close(emb.double(), p, rtol=2e-3, atol=0)  # 2 float16 ulps
     assert (emb.double() - init).abs().max() > 0.1  # the comparison is not vacuous
+
+
+def test_a_tensor_in_two_groups_is_named():
+    """Overlapping decay/no-decay filters put a tensor in two groups: the error names it, also
+    with ``partition=None``, which called it a partition with a tensor twice."""
+    named = list(quad_model().named_parameters())
+    for part in (None, partition.by_tensor(named)):
+        match = r"'0\.bias' is already in an earlier param group \(as '0\.bias'\)"
+        with pytest.raises(ValueError, match=match):
+            optimizer.AdamMini([{"params": named[:2]}, {"params": named[1:]}], part, n_heads=1)
+        opt = optimizer.AdamMini(named[:2], part, n_heads=1)
+        with pytest.raises(ValueError, match=r"'bias' is already in an earlier param group \(as"):
+            opt.add_param_group({"params": [("bias", named[1][1])]})
+        opt.add_param_group({"params": named[2:]})  # the failed calls left nothing behind
+        assert opt.param_groups[1]["param_names"] == ["2.weight", "2.bias"]
