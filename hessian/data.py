@@ -4,7 +4,8 @@
 tensors (a dict, or transformers' ``BatchEncoding``), or a tuple/list whose items are all tensors
 (``(inputs, targets)``). Anything else that is iterable (a list of batches, a ``DataLoader``, a
 generator) is an iterable of batches. A one-shot iterator (a generator) is read once into a list,
-since the Hessian needs many passes.
+since the Hessian needs many passes. A map-style ``Dataset`` holds samples, not batches: it is
+refused with the fix, a ``DataLoader``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ class Batches:
     """A re-iterable view of ``data`` as a sequence of batches."""
 
     def __init__(self, data: Any):
+        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, Iterable):
+            raise ValueError(
+                f"data is a {type(data).__name__}, a Dataset of samples, not a batch or an "
+                "iterable of batches: pass DataLoader(dataset, batch_size=..., shuffle=False)"
+            )
         if is_single_batch(data):
             self._source: Any = [data]
         elif isinstance(data, Iterator):

@@ -453,6 +453,18 @@ def test_mapping_batches_that_are_not_dicts():
     assert fingerprint(UserDict(x=X)) != fingerprint(UserDict(x=X + 1))
 
 
+def test_a_dataset_of_samples_is_refused_with_the_dataloader_fix():
+    """A map-style Dataset holds samples, not batches: the error names DataLoader, not
+    batch_size_fn (with which loss_fn would get the whole Dataset as one batch)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, X, y = mlp_problem(n=8)
+    with pytest.raises(ValueError, match=r"TensorDataset.*DataLoader\(dataset, batch_size="):
+        HessianOperator(model, ce_loss, TensorDataset(X, y))
+    H = HessianOperator(model, ce_loss, DataLoader(TensorDataset(X, y), batch_size=3))
+    assert (H.to_dense() - dense_reference(model, ce_loss, (X, y))).abs().max() < 1e-10
+
+
 def test_nan_loss_is_named_as_such():
     model, X, y = mlp_problem(n=8)
     with torch.no_grad():
