@@ -478,6 +478,12 @@ class AdamMini(torch.optim.Optimizer):
         tasks = []
         for group in self.param_groups:
             for param in group["params"]:
+                if param.is_meta:  # also without a gradient: the copies to_empty made get them
+                    raise RuntimeError(
+                        f"parameter {self._names.get(param, tuple(param.shape))!r} is on the meta "
+                        "device (no storage); build AdamMini after model.to_empty(device=...), "
+                        "which gives the model new tensors: one built before holds the meta ones"
+                    )
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse or param.grad.layout != torch.strided:
@@ -491,11 +497,6 @@ class AdamMini(torch.optim.Optimizer):
                         f"a parameter of shape {tuple(param.shape)} was put into param_groups "
                         "by hand, so AdamMini has no name or partition blocks for it; add it with "
                         "optimizer.add_param_group({'params': [(name, tensor)]})"
-                    )
-                if param.is_meta:
-                    raise RuntimeError(
-                        f"parameter {self._names[param]!r} is on the meta device (no storage); "
-                        "materialize the model (e.g. model.to_empty(device=...)) before stepping"
                     )
                 if param.shape != layout.shape:
                     raise partition_lib.PartitionError(

@@ -751,3 +751,18 @@ def test_a_tensor_in_two_groups_is_named():
             opt.add_param_group({"params": [("bias", named[1][1])]})
         opt.add_param_group({"params": named[2:]})  # the failed calls left nothing behind
         assert opt.param_groups[1]["param_names"] == ["2.weight", "2.bias"]
+
+
+def test_optimizer_built_before_materializing_a_meta_model_refuses_to_step():
+    """``to_empty`` gives a meta model new tensors: an AdamMini built before it holds the
+    meta ones, none of which ever gets a gradient, and stepped silently doing nothing."""
+    with torch.device("meta"):
+        model = nn.Linear(4, 3)
+    opt = optimizer.AdamMini(model.named_parameters(), partition.by_tensor(model))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.weight.normal_(generator=torch.Generator().manual_seed(0))
+        model.bias.zero_()
+    model(torch.ones(2, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'weight' is on the meta device.*after model.to_empty"):
+        opt.step()
