@@ -103,10 +103,11 @@ class Operator:
 
 
 class DenseOperator(Operator):
-    """A dense matrix as an :class:`Operator`."""
+    """A dense matrix as an :class:`Operator`; its values only (a matrix that requires grad, such
+    as ``jacfwd(grad(f))`` at a model's parameters, is detached)."""
 
     def __init__(self, A: torch.Tensor | np.ndarray):
-        A = torch.as_tensor(A)
+        A = torch.as_tensor(A).detach()
         if A.ndim != 2:
             raise ValueError(f"a dense operator needs a 2-D matrix, got shape {tuple(A.shape)}")
         if A.is_complex():

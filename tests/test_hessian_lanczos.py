@@ -321,3 +321,28 @@ def test_float32_pairs_at_rounding_level_are_converged():
     assert res.converged.all()
     early = lanczos(A, k=3, max_iter=5, progress=False)
     assert not early.converged.any()
+
+
+def test_a_dense_hessian_that_requires_grad_is_taken_as_numbers():
+    """jacfwd(grad(f)) at a vector that requires grad (a model's parameters) returns a matrix
+    that requires grad; every algorithm takes its values, as for the detached matrix."""
+    w = torch.nn.Parameter(torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=torch.float64))
+
+    def f(x):
+        return torch.log1p(x.square()).sum() + x.prod() + torch.tanh(x).sum() ** 2
+
+    D = torch.func.jacfwd(torch.func.grad(f))(w)
+    assert D.requires_grad
+    plain = D.detach()
+    part = Partition([TensorBlocks("a", (1,), "tensor", {}), TensorBlocks("b", (3,), "tensor", {})])
+    runs = [
+        lambda A: lanczos(A, k=2, seed=0, progress=False).values,
+        lambda A: trace(A, num_matvecs=6, seed=0, progress=False).estimate,
+        lambda A: diagonal(A, num_matvecs=4, seed=0, progress=False).estimate,
+        lambda A: block_coupling(A, part, num_samples=2, seed=0, progress=False).mass,
+        lambda A: block_coupling(A, part, exact=True, progress=False).mass,
+        lambda A: spectral_density(A, num_probes=2, num_steps=3, progress=False).nodes,
+    ]
+    for run in runs:
+        np.testing.assert_array_equal(run(D), run(plain))
+    assert not as_operator(D).matvec(torch.ones(4)).requires_grad
