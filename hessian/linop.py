@@ -180,8 +180,10 @@ class _CallableOperator(Operator):
 
 def _as_output(out: Any, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
     """A user operator's product as a tensor of ``shape`` (a column ``(m, 1)`` for ``(m,)`` is
-    fine), or a ValueError naming the shape it should have."""
-    out = torch.as_tensor(np.asarray(out), dtype=dtype)
+    fine), or a ValueError naming the shape it should have. A tensor gives its values (detached,
+    on the CPU)."""
+    out = out.detach().cpu() if isinstance(out, torch.Tensor) else np.asarray(out)
+    out = torch.as_tensor(out, dtype=dtype)
     if out.numel() != math.prod(shape):
         raise ValueError(
             f"{what} returned a product of shape {tuple(out.shape)}, expected {shape}: one entry "

@@ -346,3 +346,22 @@ def test_a_dense_hessian_that_requires_grad_is_taken_as_numbers():
     for run in runs:
         np.testing.assert_array_equal(run(D), run(plain))
     assert not as_operator(D).matvec(torch.ones(4)).requires_grad
+
+
+def test_a_callable_whose_products_require_grad_is_taken_as_numbers():
+    """A hand-written HVP, jvp(grad(f)) at a model's parameters, returns tensors that require
+    grad; the callable operator takes their values."""
+    w = torch.nn.Parameter(torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=torch.float64))
+
+    def f(x):
+        return torch.log1p(x.square()).sum() + x.prod()
+
+    class HVP:
+        shape = (4, 4)
+
+        def __call__(self, v):
+            return torch.func.jvp(torch.func.grad(f), (w,), (v,))[1]
+
+    ref = np.linalg.eigvalsh(torch.func.jacfwd(torch.func.grad(f))(w).detach().numpy())
+    got = lanczos(HVP(), k=4, which="SA", progress=False).values
+    np.testing.assert_allclose(got, ref, atol=1e-12)
