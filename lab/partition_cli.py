@@ -241,7 +241,13 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
             f"config file {spec!r} has no 'model_type', so it is read as a TinyGPTConfig, "
             f"which has no fields {unknown}; known fields: {sorted(known)}"
         )
-    tiny = TinyGPTConfig(**config)
+    try:
+        tiny = TinyGPTConfig(**config)
+    except TypeError as exc:  # a field of the wrong JSON type, e.g. "init_std": "0.02"
+        raise PartitionError(
+            f"config file {spec!r}: TinyGPTConfig cannot take it ({_brief(exc)}); give sizes as "
+            "integers, init_std as a number and tie_weights/bias as true or false"
+        ) from exc
     try:
         with torch.device("meta" if meta else "cpu"):
             return TinyGPT(tiny, seed=0)

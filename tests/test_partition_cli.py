@@ -205,3 +205,14 @@ def test_config_json_that_cannot_be_read_is_a_one_line_error(tmp_path, capsys, c
     assert code == 1
     assert f"config file {str(cfg)!r}" in err and re.search(match, err)
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("init_std", ["0.02", None, [0.02]])
+def test_a_tinygpt_config_field_of_the_wrong_type_is_a_one_line_error(tmp_path, capsys, init_std):
+    """TinyGPTConfig compares init_std with 0: a string or null was a bare TypeError."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"d_model": 8, "n_heads": 2, "init_std": init_std}))
+    code, _, err = run(["--model", str(cfg)], capsys)
+    assert code == 1
+    assert f"config file {str(cfg)!r}" in err and "TinyGPTConfig" in err
+    assert len(err.strip().splitlines()) == 1
