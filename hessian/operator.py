@@ -284,6 +284,12 @@ class HessianOperator(Operator):
             for name in self.params:
                 if name not in partition:
                     continue
+                if tuple(partition[name].shape) != tuple(self.param_shapes[name]):
+                    raise ValueError(
+                        f"partition tensor {name!r} has shape {tuple(partition[name].shape)}, the "
+                        f"parameter has {tuple(self.param_shapes[name])}: build the partition "
+                        "from this model"
+                    )
                 bi = partition.block_index(name).reshape(-1).to(ids.device)
                 hit = torch.isin(bi, ids)
                 parts.append(hit.nonzero().reshape(-1) + self._offsets[name])

@@ -829,6 +829,22 @@ def test_numpy_block_ids_and_flat_indices_select_like_ints_and_tensors():
     assert torch.equal(H.select(np.array([7, 2, 7])), torch.tensor([2, 7]))
 
 
+def test_block_ids_of_a_partition_with_other_shapes_are_refused():
+    """A partition of a wider model with the same names: its block ids would silently index
+    other tensors' entries, or entries past the end of H."""
+    model, X, y = mlp_problem()
+    H = HessianOperator(model.eval(), ce_loss, (X, y))
+    wide = partition.by_rows(
+        [(n, torch.zeros(*p.shape[:-1], p.shape[-1] + 1)) for n, p in model.named_parameters()]
+    )
+    for block in (0, 6, wide.num_blocks - 1):
+        with pytest.raises(
+            ValueError,
+            match=r"partition tensor 'fc1.weight' has shape \(6, 6\), the parameter has \(6, 5\)",
+        ):
+            H.restrict(block, partition=wide)
+
+
 def test_the_errors_still_import_from_hessian_operator():
     """The split of operator.py moved the three errors to hessian/errors.py; the module that
     defined them still exports all three (ForwardModeError and HessianError were kept,
