@@ -37,7 +37,8 @@ from hessian.linop import (
 
 @dataclass(frozen=True, eq=False)
 class SpectralDensity:
-    """Raw SLQ quadrature: ``nodes`` and ``weights`` of shape ``(num_probes, num_steps)``.
+    """Raw SLQ quadrature: ``nodes`` and ``weights`` of shape ``(num_probes, min(num_steps, n))``
+    (a Krylov space holds at most ``n = dimension`` vectors).
 
     Each row of ``weights`` sums to 1. A probe whose Krylov space became invariant before
     ``num_steps`` steps is padded with copies of its last node with weight 0.
@@ -79,7 +80,8 @@ def spectral_density(
     reorth: bool = True,
     progress: bool = True,
 ) -> SpectralDensity:
-    """SLQ of ``op`` with ``num_probes`` Rademacher probes and ``num_steps`` Lanczos steps each."""
+    """SLQ of ``op`` with ``num_probes`` Rademacher probes and ``num_steps`` Lanczos steps each
+    (at most ``n``, the operator's size)."""
     check_positive_ints(num_probes=num_probes, num_steps=num_steps)
     A = as_operator(op)
     n = check_symmetric(A)
