@@ -14,7 +14,7 @@ from lab.experiments_plots import (
     save_figure,
     set_style,
 )
-from lab.train import check_seed, set_threads
+from lab.train import check_out_dir, check_seed, set_threads
 
 __all__ = [
     "COLORS",
@@ -31,7 +31,8 @@ FIGURES_DIR = Path(__file__).resolve().parent
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--quick`` (tiny sizes for the tests), ``--out DIR`` (default: ``figures/``), ``--seed``,
+    """``--quick`` (tiny sizes for the tests), ``--out DIR`` (default: ``figures/``; created
+    here, refused when it cannot be a writable folder), ``--seed``,
     ``--threads`` (torch CPU threads, default 1, set here: the float sums, and so the numbers,
     depend on how the work is split between threads)."""
     parser = argparse.ArgumentParser(description=description)
@@ -52,6 +53,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     try:
         check_seed(args.seed)
         set_threads(args.threads)
-    except ValueError as err:
+        check_out_dir(args.out)  # a file there would fail only at savefig, after the work
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     return args

@@ -42,7 +42,14 @@ from lab.experiments import (
     train_variants,
 )
 from lab.models import TinyGPT, TinyGPTConfig
-from lab.train import TrainResult, WarmupCosine, check_seed, set_threads, train
+from lab.train import (
+    TrainResult,
+    WarmupCosine,
+    check_out_dir,
+    check_seed,
+    set_threads,
+    train,
+)
 from partition.io import write_text
 
 
@@ -163,8 +170,8 @@ def run(
     config: ReproduceConfig, out: str | os.PathLike[str], progress: bool = True
 ) -> ReproduceResult:
     """Run the loop (module docstring) and write its files under ``out``."""
-    out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out)  # a one-line error naming --out before any work
+    check_out_dir(out / "figures")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     corpus = Corpus.stdlib()

@@ -189,6 +189,29 @@ def set_threads(threads: int, flag: str = "--threads") -> None:
     torch.set_num_threads(threads)
 
 
+def check_out_dir(out: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Create the output folder ``out`` (and its parents) before any work, or raise an OSError
+    on one line naming ``flag`` and the fix: ``out`` or a parent is a file, or it cannot be
+    created or written."""
+    out = Path(out)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"{flag} {str(out)!r}: {str(blocker)!r} is a file, not a folder; give a folder path "
+            "(it is created when missing)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise type(exc)(
+            f"{flag} {str(out)!r}: cannot create the folder ({exc.strerror}); choose a writable "
+            "folder"
+        ) from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {str(out)!r} is not writable; choose a writable folder")
+    return out
+
+
 def optimizer_state_nbytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of every tensor held in ``opt.state`` (what the optimizer really allocated)."""
     total = 0

@@ -82,6 +82,22 @@ def test_threads_and_seed_are_checked(capsys) -> None:
     assert f"--seed must be an integer in [-2**63, 2**63), got {2**63}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_an_out_path_that_cannot_be_a_folder_is_refused_at_once(where, tmp_path, capsys) -> None:
+    """Refused when the arguments are read, on one line naming --out and the fix, not as a
+    traceback from savefig after minutes of work."""
+    common = _load("_common")
+    blocker = tmp_path / "fig.png"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "sub"
+    with pytest.raises(SystemExit):
+        common.parse_args("x", ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"--out {str(out)!r}" in err and "is a file, not a folder" in err
+    assert "Traceback" not in err and blocker.read_text() == "not a folder"
+    assert common.parse_args("x", ["--out", str(tmp_path / "new" / "dir")]).out.is_dir()
+
+
 def test_block_mass_share_against_a_hand_computed_matrix() -> None:
     import numpy as np
 

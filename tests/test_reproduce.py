@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -160,3 +161,46 @@ def test_measure_structure_takes_one_pair_and_refuses_no_batches() -> None:
     assert one.coupling.r_diag == listed.coupling.r_diag
     with pytest.raises(ValueError, match="non-empty list of"):
         measure_structure(model, [], **kw)
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_an_out_path_that_cannot_be_a_folder_is_refused_before_any_work(
+    where, tmp_path, capsys, monkeypatch
+) -> None:
+    """--out naming a file (or a path under one) ends in one line naming --out and the fix,
+    before minutes of work, not in '[Errno 20] Not a directory: .../figures'."""
+    monkeypatch.setattr(
+        "lab.reproduce.warm_up_and_measure", lambda *a, **k: pytest.fail("work began")
+    )
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "sub"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["reproduce", "--quick", "--no-progress", "--out", str(out)]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Errno" not in err
+    assert f"--out {str(out)!r}" in err and "is a file, not a folder" in err
+    assert "give a folder path" in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_an_out_folder_that_is_not_writable_is_refused_before_any_work(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(
+        "lab.reproduce.warm_up_and_measure", lambda *a, **k: pytest.fail("work began")
+    )
+    real_access = os.access
+    monkeypatch.setattr(
+        "os.access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
+    )
+    threads = torch.get_num_threads()
+    try:
+        assert main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path)]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "choose a writable folder" in err
