@@ -144,6 +144,7 @@ def plot_coupling(
     big = [i for i, c in enumerate(counts) if c >= 0.012 * edges[-1]]
     ax.set_yticks(centers[big], [short_name(names[i]) for i in big], fontsize=6)
     ax.set_xticks([])
+    ax.grid(False)  # the style's grid would cross each tensor at its label, like a boundary
     return im
 
 

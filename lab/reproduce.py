@@ -252,6 +252,7 @@ def _figures(structure: StructureResult, variants: list[VariantResult], out: Pat
     norm_im = ax2.imshow(norm, cmap="rocket_r", norm=scale)
     ax2.set_xticks(range(len(names)), [plots.short_name(n) for n in names], rotation=90, fontsize=6)
     ax2.set_yticks(range(len(names)), [plots.short_name(n) for n in names], fontsize=6)
+    ax2.grid(False)  # grid lines at the ticks would cut every cell in four
     fig.colorbar(
         norm_im, ax=ax2, shrink=0.7, label="||H_tu||²_F / (||H_tt||_F ||H_uu||_F), log scale"
     )

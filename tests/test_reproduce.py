@@ -204,3 +204,37 @@ def test_an_out_folder_that_is_not_writable_is_refused_before_any_work(
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert "is not writable" in err and "choose a writable folder" in err
+
+
+def test_the_coupling_heatmaps_draw_no_grid_lines_through_the_tensors(tmp_path, monkeypatch):
+    """The style's grid sits at the tick labels, i.e. across the middle of every labelled
+    tensor, where it reads as one more block boundary: both heatmaps turn it off."""
+    import matplotlib.pyplot as plt
+
+    from lab import reproduce
+    from lab.data import Corpus
+    from lab.experiments import measure_structure, train_variants
+
+    cfg = TinyGPTConfig(vocab_size=256, context=4, n_layer=1, d_model=4, n_heads=2)
+    corpus = Corpus.stdlib()
+    batch = corpus.batch("train", 2, 4, torch.Generator().manual_seed(0))
+    kw = dict(num_samples=2, spectra_probes=1, spectra_steps=2, progress=False)
+    structure = measure_structure(TinyGPT(cfg, seed=0), batch, **kw)
+    variants = train_variants(
+        {"AdamW": None}, cfg, corpus, steps=2, lr=1e-3, batch_size=2, seed=0, eval_every=1,
+        eval_batches=1, progress=False,
+    )  # fmt: skip
+    saved = {}
+
+    def keep(fig, name, out, formats=("png",)):
+        saved[name] = fig
+        return []
+
+    monkeypatch.setattr(reproduce.plots, "save_figure", keep)
+    reproduce._figures(structure, variants, tmp_path)
+    axes = [ax for ax in saved["coupling"].axes if ax.images]
+    assert len(axes) == 2
+    for ax in axes:
+        lines = ax.get_xgridlines() + ax.get_ygridlines()
+        assert not any(line.get_visible() for line in lines), ax.get_title()
+    plt.close("all")
