@@ -243,7 +243,8 @@ class Corpus:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, val_fraction: float = 0.1) -> Corpus:
-        """Any file's bytes; the last ``val_fraction`` of them is the validation split."""
+        """Any text file's bytes (any encoding; a file with NUL bytes is refused as binary); the
+        last ``val_fraction`` of them is the validation split."""
         _check_fraction(val_fraction)
         p = Path(path)
         if not p.is_file():
@@ -251,6 +252,11 @@ class Corpus:
                 f"corpus file {str(p)!r} does not exist or is not a file: check the path"
             )
         data = p.read_bytes()
+        if b"\0" in data:  # what git and grep call binary; text in any 8-bit encoding passes
+            raise ValueError(
+                f"corpus file {str(p)!r} holds NUL bytes, so it is binary, not text: give a text "
+                "file (UTF-16 text: save it as UTF-8)"
+            )
         split = int((1 - val_fraction) * len(data))
         if split <= 0 or split >= len(data):
             raise ValueError(

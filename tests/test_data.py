@@ -195,3 +195,15 @@ def test_stdlib_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="max_bytes"):
         Corpus.stdlib(cache_dir=tmp_path, max_bytes=0)
     assert not os.listdir(tmp_path)
+
+
+def test_from_file_refuses_a_binary_file_but_takes_any_text_encoding(tmp_path):
+    """A file with NUL bytes (an .npy, a zip, a checkpoint) is refused, naming the fix, instead
+    of training a 'text' model on it; text in any byte encoding is still read byte by byte."""
+    binary = tmp_path / "tokens.npy"
+    np.save(binary, np.arange(1000, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"NUL bytes.*not text.*give a text file"):
+        Corpus.from_file(binary)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café, naïve résumé\n".encode("latin-1") * 20)  # not UTF-8
+    assert Corpus.from_file(latin1).tokens.numel() == latin1.stat().st_size
