@@ -123,6 +123,7 @@ def adam_mini(
     if not isinstance(model, (nn.Module, Mapping)) and isinstance(model, Iterable):
         model = list(model)  # read a generator once; named_shapes refuses what is not iterable
     shapes = named_shapes(model)
+    _refuse_fsdp1_flat(shapes)
     heads_given = any(x is not None for x in (n_heads, n_kv_heads, head_dim))
     n_heads, n_kv_heads, head_dim = head_counts(model, n_heads, n_kv_heads, head_dim)
     transposed = transposed_names(model, shapes)
@@ -220,6 +221,22 @@ def adam_mini(
     if sided:
         provenance["n_heads_by_stack"] = sided
     return Partition(tensors, provenance)
+
+
+def _refuse_fsdp1_flat(shapes: list[tuple[str, tuple[int, ...]]]) -> None:
+    """Refuse FSDP1's flattened parameters: its ``_flat_param``, or (``use_orig_params=True``,
+    sharded) 1-D views of every wrapped tensor, whose shapes no longer show rows or heads."""
+    wrapped = [
+        (n, s) for n, s in shapes if {"_flat_param", "_fsdp_wrapped_module"} & set(n.split("."))
+    ]
+    if wrapped and all(len(s) < 2 for _, s in wrapped):
+        raise PartitionError(
+            f"adam_mini: tensor {wrapped[0][0]!r} is a 1-D shard of FSDP1 "
+            "(FullyShardedDataParallel), which flattens the model's tensors, so their rows and "
+            "heads are lost (one block per shard would be one learning rate for many tensors); "
+            "shard with FSDP2 (torch.distributed.fsdp.fully_shard), which AdamMini supports, "
+            "instead of FSDP1 (use_orig_params=True shards flat views too)"
+        )
 
 
 def _query_or_key(

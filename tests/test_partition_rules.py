@@ -503,3 +503,28 @@ def test_xlnet_bare_attention_tensors_are_not_split_along_their_input_axis():
         ids = tb.local_index()
         # every head n (ids[:, n, :]) lies in one block, whatever the numbering
         assert all(ids[:, n, :].unique().numel() == 1 for n in range(4)), (leaf, tb.rule)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        {"_fsdp_wrapped_module._flat_param": (1136,)},  # use_orig_params=False
+        {  # use_orig_params=True on 2 ranks: rank 0's 1-D views of its shard (some empty)
+            "_fsdp_wrapped_module.tok_emb.weight": (128,),
+            "_fsdp_wrapped_module.blocks.0.ln_1.weight": (8,),
+            "_fsdp_wrapped_module.blocks.0.attn.q_proj.weight": (64,),
+            "_fsdp_wrapped_module.lm_head.weight": (0,),
+        },
+    ],
+)
+def test_fsdp1_flattened_parameters_are_refused_not_given_one_block(shapes):
+    """FSDP1 (FullyShardedDataParallel) flattens a TinyGPT into 1-D shards (the names and
+    shapes it gives): every tensor got one block, silently, so Adam-mini ran with one learning
+    rate per shard; and each rank saw its own shapes."""
+    with pytest.raises(PartitionError, match="FSDP1.*fully_shard.*use_orig_params"):
+        partition.adam_mini(shapes, n_heads=2)
+    unsharded = {  # world size 1 (NO_SHARD) with use_orig_params=True keeps the shapes
+        "_fsdp_wrapped_module.blocks.0.attn.q_proj.weight": (8, 8),
+        "_fsdp_wrapped_module.blocks.0.ln_1.weight": (8,),
+    }
+    assert partition.adam_mini(unsharded, n_heads=2).num_blocks == 2 + 1
