@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import sysconfig
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -185,7 +186,8 @@ class Corpus:
         the byte offset ``t`` and that one file appears in both ``train_files`` and
         ``val_files`` (the byte ranges stay disjoint). Tokens are cached as a uint8 ``.npy`` in
         ``cache_dir`` (default :func:`default_cache_dir`), keyed by the Python version, the
-        stdlib path, ``max_bytes`` and the file list with sizes.
+        stdlib path, ``max_bytes`` and the file list with sizes; a cache that cannot be
+        written is a ``RuntimeWarning``, not an error (``cache_path`` is then ``None``).
         """
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 1):
             raise ValueError(
@@ -226,7 +228,16 @@ class Corpus:
                     f"stdlib files changed while reading ({len(data)} != {total} bytes): retry"
                 )
             array = np.frombuffer(data, dtype=np.uint8).copy()
-            _save_atomic(path, array)
+            try:
+                _save_atomic(path, array)
+            except OSError as exc:  # the cache only saves time: go on without it
+                warnings.warn(
+                    f"cannot cache the corpus tokens ({exc}); set ADAM_MINI_LAB_CACHE to a "
+                    "writable folder to keep them between runs",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                path = None
 
         target = int((1 - val_fraction) * total)
         near = [s for s in starts if 0 < s < total and abs(s - target) <= val_fraction * total / 2]
