@@ -120,7 +120,7 @@ def read_json(path: str | Path) -> Any:
     if not raw.strip():
         raise PartitionError(f"partition file {str(path)!r} is empty")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8-sig"))  # -sig: a leading BOM (Windows editors)
     except UnicodeDecodeError as exc:
         raise PartitionError(f"partition file {str(path)!r} is not UTF-8 text: {exc}") from exc
     except json.JSONDecodeError as exc:

@@ -320,3 +320,13 @@ def test_unwritable_folder_names_the_file_not_the_temporary_one(tmp_path, monkey
         partition.by_tensor({"w": torch.empty(2)}).to_json(tmp_path / "p.json")
     assert ".tmp" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_saved_with_a_utf8_byte_order_mark_loads(tmp_path):
+    """Editors on Windows (Notepad, PowerShell 5's Out-File) save UTF-8 with a BOM; the file was
+    refused as 'not valid JSON (truncated?)'."""
+    part = Partition.from_dict(example_dict())
+    path = tmp_path / "p.json"
+    part.to_json(path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert Partition.from_json(path) == part
