@@ -120,9 +120,12 @@ def add_parser(subparsers: Any) -> None:
 
 def run_show(args: argparse.Namespace) -> int:
     """``partition show FILE``: print the summary table."""
-    if args.model is not None or args.out is not None or args.rule != "adam-mini":
-        print("adam-mini-lab partition show: it takes only a FILE; drop --model, --rule and "
-              "--out (they build a partition: 'partition --model M --out FILE')",
+    defaults = {"model": None, "out": None, "rule": "adam-mini", "n_heads": None,
+                "n_kv_heads": None, "head_dim": None, **DERIVED, "no_progress": False}  # fmt: skip
+    given = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k) != v]
+    if given:
+        print(f"adam-mini-lab partition show: it takes only a FILE; drop {', '.join(given)} "
+              "(they build a partition: 'partition --model M --out FILE')",
               file=sys.stderr)  # fmt: skip
         return 2
     try:

@@ -216,3 +216,16 @@ def test_a_tinygpt_config_field_of_the_wrong_type_is_a_one_line_error(tmp_path, 
     assert code == 1
     assert f"config file {str(cfg)!r}" in err and "TinyGPTConfig" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "flags", [["--n-heads", "4"], ["--threshold", "0.2", "--no-progress"], ["--rule", "rows"]]
+)
+def test_show_refuses_the_flags_that_build_a_partition(tmp_path, capsys, flags):
+    """``partition --n-heads 4 show FILE`` printed FILE's summary as if the flag had a use."""
+    path = tmp_path / "p.json"
+    Partition.from_dict({"format": "adam-mini-lab.partition", "version": 1, "provenance": {},
+                         "tensors": [], "num_blocks": 0}).to_json(path)  # fmt: skip
+    code, out, err = run([*flags, "show", str(path)], capsys)
+    assert code == 2 and out == ""
+    assert f"it takes only a FILE; drop {flags[0]}" in err
