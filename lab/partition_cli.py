@@ -30,7 +30,7 @@ from torch import nn
 import hessian
 import partition
 from lab.models import OneHiddenMLP, TinyGPT, TinyGPTConfig, classification_loss, lm_loss
-from lab.train import check_seed
+from lab.train import check_out_file, check_seed
 from partition import Partition, PartitionError
 
 RULES = ("adam-mini", "tensor", "rows", "elements", "derived")
@@ -144,6 +144,8 @@ def run_build(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
+        if args.out is not None:  # before the build: --rule derived takes minutes
+            check_out_file(args.out)
         part = build(args)
         if args.out is not None:
             part.to_json(args.out)

@@ -212,6 +212,28 @@ def check_out_dir(out: str | os.PathLike[str], flag: str = "--out") -> Path:
     return out
 
 
+def check_out_file(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Check, before any work and without writing, that ``path`` can be written as a file: not
+    a folder, no file among its parents, the nearest existing folder writable. An OSError on
+    one line naming ``flag`` and the fix otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{flag} {str(path)!r} is a folder; give a file path, e.g. {str(path / 'out.json')!r}"
+        )
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"{flag} {str(path)!r}: {str(blocker)!r} is a file, not a folder; choose another path"
+        )
+    folder = next(p for p in path.parents if p.exists())  # the one its folders are created in
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{flag} {str(path)!r}: {str(folder)!r} is not writable; choose a writable folder"
+        )
+    return path
+
+
 def optimizer_state_nbytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of every tensor held in ``opt.state`` (what the optimizer really allocated)."""
     total = 0

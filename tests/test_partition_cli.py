@@ -178,7 +178,9 @@ def test_cli_errors_name_path_and_fix(tmp_path, capsys):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     assert main(["reproduce", "--quick", "--out", str(not_a_dir)]) == 1
-    assert "Not a directory" in capsys.readouterr().err
+    assert f"--out {str(not_a_dir)!r}: {str(not_a_dir)!r} is a file, not a folder" in (
+        capsys.readouterr().err
+    )
     assert main(["memory", "--out", str(tmp_path)]) == 1
     assert "is a directory; give a file path" in capsys.readouterr().err
     for command in (["memory", "--models", "gpt2"], ["partition", "--model", "mlp"]):
@@ -229,3 +231,19 @@ def test_show_refuses_the_flags_that_build_a_partition(tmp_path, capsys, flags):
     code, out, err = run([*flags, "show", str(path)], capsys)
     assert code == 2 and out == ""
     assert f"it takes only a FILE; drop {flags[0]}" in err
+
+
+@pytest.mark.parametrize("where", ["folder", "below a file"])
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_build(
+    where, tmp_path, capsys, monkeypatch
+):
+    """--rule derived takes minutes (~15 for tinygpt): a bad --out was reported only after."""
+    monkeypatch.setattr(partition_cli, "build", lambda args: pytest.fail("the build began"))
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    out = tmp_path if where == "folder" else blocker / "derived.json"
+    code, stdout, err = run(["--model", "mlp", "--rule", "derived", "--out", str(out)], capsys)
+    assert code == 1 and not stdout
+    assert f"--out {str(out)!r}" in err and len(err.strip().splitlines()) == 1
+    assert ("give a file path" if where == "folder" else "is a file, not a folder") in err
+    assert blocker.read_text() == "a file"
