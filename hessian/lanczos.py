@@ -44,7 +44,13 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from hessian.linop import as_operator, check_positive_ints, check_symmetric, seeded_generator
+from hessian.linop import (
+    as_operator,
+    check_positive_ints,
+    check_symmetric,
+    rounding_floor,
+    seeded_generator,
+)
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -237,7 +243,7 @@ def lanczos(
     # right after an invariant subspace the rest of the spectrum is unexplored: not converged
     settled = window_end is None or num_steps >= window_end
     # no residual computed in the operator's dtype goes below its rounding, 100 eps * max|theta|
-    floor = 100 * torch.finfo(dtype).eps
+    floor = rounding_floor(dtype)
     return EigenResult(
         values=values,
         vectors=vectors,

@@ -253,6 +253,12 @@ def seeded_generator(seed: int | torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
+def rounding_floor(dtype: torch.dtype) -> float:
+    """``100 * eps`` of ``dtype``: the relative size below which a quantity computed in that dtype
+    (a residual, a Lanczos coefficient) is rounding noise, so no test can ask for less."""
+    return 100 * torch.finfo(dtype).eps
+
+
 def check_square(op: Operator) -> int:
     """The size ``n`` of a square operator, or a ValueError."""
     if op.shape[0] != op.shape[1]:

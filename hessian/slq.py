@@ -31,6 +31,7 @@ from hessian.linop import (
     check_positive_ints,
     check_symmetric,
     rademacher,
+    rounding_floor,
     seeded_generator,
 )
 
@@ -41,7 +42,8 @@ class SpectralDensity:
     (a Krylov space holds at most ``n = dimension`` vectors).
 
     Each row of ``weights`` sums to 1. A probe whose Krylov space became invariant before
-    ``num_steps`` steps is padded with copies of its last node with weight 0.
+    ``num_steps`` steps (its next ``beta`` at most ``max(1e-12, 100 eps)`` of its scale, ``eps``
+    the operator dtype's machine epsilon) is padded with copies of its last node with weight 0.
     """
 
     nodes: np.ndarray
@@ -135,6 +137,8 @@ def multi_lanczos(
     betas: list[list[float]] = [[] for _ in range(L)]
     active = list(range(L))
     used = 0
+    # breakdown (an invariant Krylov space): beta at the operator dtype's rounding, not float64's
+    breakdown = max(1e-12, rounding_floor(A.dtype))
     bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False)
     while active:
         Y = _apply_embedded(A, [q[i] for i in active], [supports[i] for i in active], chunk)
@@ -153,7 +157,7 @@ def multi_lanczos(
             b = float(torch.linalg.vector_norm(w))
             alphas[i].append(a)
             scale = max(abs(a), betas[i][-1] if betas[i] else 0.0, 1e-300)
-            if len(alphas[i]) >= limit[i] or b <= 1e-12 * scale:
+            if len(alphas[i]) >= limit[i] or b <= breakdown * scale:
                 continue
             betas[i].append(b)
             q_prev[i], q[i] = q[i], w / b

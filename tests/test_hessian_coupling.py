@@ -195,6 +195,22 @@ def test_blockwise_spectra_count_each_blocks_own_products():
     assert [out[k].num_matvecs for k in "abc"] == [2 * 1, 2 * 10, 2 * 2]
 
 
+def test_blockwise_spectra_of_a_float32_operator_stop_at_an_invariant_krylov_space():
+    # each diagonal block has two distinct eigenvalues: two steps, in float32 as in float64
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    H = (Q * np.repeat([1.0, 3.0], 20)) @ Q.T
+    H = np.kron(np.eye(2), (H + H.T) / 2)
+    blocks = {"a": torch.arange(40), "b": torch.arange(40, 80)}
+    kw = dict(num_probes=2, num_steps=30, seed=0, progress=False)
+    out64 = blockwise_spectra(torch.tensor(H), blocks, **kw)
+    out32 = blockwise_spectra(torch.tensor(H, dtype=torch.float32), blocks, **kw)
+    for k in "ab":
+        assert out64[k].num_matvecs == out32[k].num_matvecs == 2 * 2
+        np.testing.assert_allclose(out32[k].weights, out64[k].weights, atol=1e-6)
+        np.testing.assert_allclose(out32[k].nodes, out64[k].nodes, atol=1e-5)
+
+
 def test_bad_blocks_and_asymmetric_restrictions_are_refused(gpt_hessian):
     H = block_diag([2, 3])
     for idx in (torch.zeros(0, dtype=torch.long), torch.tensor([0, 5]), torch.tensor([-1, 0])):

@@ -94,6 +94,30 @@ def test_invariant_krylov_space_pads_with_zero_weight():
     assert np.allclose(np.sort(sd.nodes[0][live]), [1.0, 2.0])
 
 
+def three_eigenvalue_matrix() -> np.ndarray:
+    """100 x 100, eigenvalues -1 (30 times), 2 (50 times), 5 (20 times): Krylov spaces of size 3."""
+    return planted(np.repeat([-1.0, 2.0, 5.0], [30, 50, 20]))
+
+
+def weight_per_eigenvalue(sd: SpectralDensity) -> np.ndarray:
+    """``(num_probes, 3)``: each probe's total weight at -1, 2 and 5 (every node is one of them)."""
+    near = np.abs(sd.nodes[..., None] - np.array([-1.0, 2.0, 5.0])) < 1e-3
+    assert near.any(axis=-1)[sd.weights > 0].all()
+    return (sd.weights[..., None] * near).sum(axis=1)
+
+
+def test_float32_krylov_breakdown_stops_at_its_rounding_like_float64():
+    # float32 rounding leaves beta ~ 1e-7 of its scale after an invariant Krylov space, never the
+    # 1e-12 that float64 reaches: the probes ran all 40 steps with duplicated nodes
+    H = three_eigenvalue_matrix()
+    kw = dict(num_probes=4, num_steps=40, seed=0, progress=False)
+    sd64 = spectral_density(torch.tensor(H), **kw)
+    sd32 = spectral_density(torch.tensor(H, dtype=torch.float32), **kw)
+    assert sd64.num_matvecs == sd32.num_matvecs == 4 * 3
+    assert ((sd32.weights > 0).sum(axis=1) == 3).all()
+    np.testing.assert_allclose(weight_per_eigenvalue(sd32), weight_per_eigenvalue(sd64), atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
 def test_trace_estimators_are_unbiased(method):
     exact = np.trace(A)
