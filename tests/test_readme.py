@@ -53,3 +53,12 @@ def test_the_json_partition_example_loads_round_trips_and_is_in_model_order(tmp_
     for name in part.names:
         assert part[name] == full[name]
     assert {k: part.provenance[k] for k in full.provenance} == full.provenance
+
+
+def test_every_make_target_is_in_the_readme():
+    """Each target of the Makefile's .PHONY line is named as `make TARGET` in README.md."""
+    makefile = (README.parent / "Makefile").read_text()
+    (phony,) = re.findall(r"^\.PHONY:(.*)$", makefile, re.M)
+    text = README.read_text()
+    missing = [t for t in phony.split() if f"`make {t}`" not in text and f"make {t} " not in text]
+    assert not missing, f"targets not in README.md: {missing}"
