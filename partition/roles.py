@@ -3,6 +3,7 @@ q|k|v, neuron, token, positional, norm, experts; GPT-2 ``Conv1D`` weights; token
 
 from __future__ import annotations
 
+import re
 import warnings
 
 from torch import nn
@@ -15,6 +16,9 @@ _POSITIONAL = {
     "pos_emb", "wpe", "position_embeddings", "token_type_embeddings", "embed_positions",
     "relative_attention_bias",  # T5: a learned bias per (distance bucket, head)
 }  # fmt: skip
+# an embedding (a leaf with "emb") with one of these words (split at "_" and digits) holds
+# positions: pos_embed, pos_embedding, rel_pos_emb, class_pos_emb, DeBERTa's rel_embeddings
+_POSITION_WORDS = {"pos", "positional", "rel", "relative"}
 # "shared": the token embedding of T5, BART, mBART, Pegasus, Marian (tied to the output layer)
 _TOKEN_EMB = {
     "tok_emb", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in", "shared",
@@ -49,6 +53,10 @@ def _is_attention(parts: list[str]) -> bool:
     return any("attn" in p or "attention" in p for p in parts)
 
 
+def _is_position_embedding(leaf: str) -> bool:
+    return "emb" in leaf and not _POSITION_WORDS.isdisjoint(re.split(r"[^a-z]+", leaf))
+
+
 def role_of(name: str, ndim: int = 2) -> str:
     """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, norm, experts, or ''.
 
@@ -71,7 +79,7 @@ def role_of(name: str, ndim: int = 2) -> str:
         return "norm"
     if "indexer" in parents:  # DeepSeek-V3.2's sparse-attention indexer: its wk is no model key
         return ""
-    if leaf in _POSITIONAL or "position" in leaf:
+    if leaf in _POSITIONAL or "position" in leaf or _is_position_embedding(leaf):
         return "positional"
     if leaf in _FUSED_QKV:
         return "fused_unordered" if leaf == "query_key_value" else "fused"

@@ -239,6 +239,36 @@ def test_names_only_edge_layouts():
         )
 
 
+def test_position_embeddings_get_one_block_under_every_name_and_token_embeddings_one_per_token():
+    positional = [  # ViT/timm, torchvision ViT, Qwen3-VL vision, SEW-D, OWL-ViT, DeBERTa
+        "pos_embed.weight", "visual.pos_embed.weight", "encoder.pos_embedding.weight",
+        "pos_embeddings.weight", "embed_pos.weight", "rel_pos_emb.weight", "class_pos_emb",
+        "decoder_pos_embed", "embeddings.position_embedding.weight",
+        "embeddings.position_embeddings.weight", "encoder.rel_embeddings.weight",
+    ]  # fmt: skip
+    tokens = [
+        "transformer.wte.weight", "model.embed_tokens.weight", "embeddings.word_embeddings.weight",
+        "tok_embeddings.weight", "shared.weight", "gpt_neox.embed_in.weight", "tok_emb.weight",
+    ]  # fmt: skip
+    shapes = {n: torch.empty(12, 16, device="meta") for n in positional + tokens}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        p = partition.adam_mini(shapes, n_heads=1)
+    assert {n: p[n].num_blocks for n in positional} == dict.fromkeys(positional, 1)
+    assert {n: p[n].num_blocks for n in tokens} == dict.fromkeys(tokens, 12)
+    # DeBERTa's relative-position table is an nn.Embedding, but not the input embedding
+    c = transformers.DebertaV2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=40,
+        vocab_size=61, relative_attention=True, max_relative_positions=8,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartitionWarning)  # its query_proj/key_proj, by name
+        part = partition.adam_mini(meta(transformers.DebertaV2ForMaskedLM, c))
+    assert part["deberta.encoder.rel_embeddings.weight"].shape == (16, 32)
+    assert part["deberta.encoder.rel_embeddings.weight"].rule == "tensor"
+    assert part["deberta.embeddings.word_embeddings.weight"].num_blocks == 61
+
+
 def test_row_group_ids_beyond_the_row_count_are_refused_at_once():
     with pytest.raises(PartitionError, match="group ids"):
         partition.TensorBlocks("w", (4, 3), "row_groups", {"groups": [0, 0, 0, 10**20]})
