@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -174,6 +175,13 @@ class Partition:
 
     def locate(self, block_id: int) -> tuple[str, int]:
         """``(tensor name, local id)`` of global block ``block_id``."""
+        if isinstance(block_id, (bool, np.bool_)) or (
+            isinstance(block_id, torch.Tensor) and block_id.dtype == torch.bool
+        ):  # Python's, NumPy's and torch's bools pass for 0 and 1
+            raise TypeError(
+                f"block id must be an int, got the bool {block_id!r}; pass the block's number, "
+                f"an int in [0, {self.num_blocks})"
+            )
         try:
             block_id = operator.index(block_id)  # ints, numpy ints, 0-d integer tensors
         except TypeError:

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,6 +178,9 @@ def test_partition_global_numbering_follows_names_order():
     assert torch.equal(part.block_sizes(), torch.bincount(flat))
     assert part.block_labels()[5] == "c[head 0]" and part.block_labels()[4] == "b"
     assert part.locate(6) == ("c", 1)
+    for flag in (True, np.True_, torch.tensor(True)):  # not block 1
+        with pytest.raises(TypeError, match="block id must be an int, got the bool"):
+            part.locate(flag)
     with pytest.raises(PartitionError, match="'zzz' is not in the partition"):
         part["zzz"]
     with pytest.raises(PartitionError, match="appears twice"):
