@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from optimizer.cache import cache_dir as _shared_cache_dir
 from partition.io import atomic_path
 
 __all__ = ["gaussian_classification", "Corpus", "default_cache_dir", "DEFAULT_MAX_BYTES"]
@@ -70,9 +71,10 @@ def gaussian_classification(
 
 
 def default_cache_dir() -> Path:
-    """``$ADAM_MINI_LAB_CACHE`` if set, else ``~/.cache/adam-mini-lab``."""
-    env = os.environ.get("ADAM_MINI_LAB_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "adam-mini-lab"
+    """``$ADAM_MINI_LAB_CACHE`` if set, else ``$XDG_CACHE_HOME/adam-mini-lab``, else
+    ``~/.cache/adam-mini-lab``: the folder of the compiled CPU kernel too
+    (:func:`optimizer.cache.cache_dir`)."""
+    return _shared_cache_dir()
 
 
 def _stdlib_files(exclude: Sequence[str]) -> tuple[Path, list[tuple[str, int]]]:

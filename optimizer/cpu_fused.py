@@ -16,8 +16,9 @@ Per-entry arithmetic follows the eager path (same ops, same order, no FMA
 contraction), so the two differ only in the summation order of the block sums.
 
 The C source below is compiled once per machine with the system C compiler
-(``cc -O3 -fopenmp``, about a second) into ``$XDG_CACHE_HOME/adam-mini-lab``
-(or ``ADAM_MINI_LAB_CACHE``) and loaded with :mod:`ctypes`; without a compiler
+(``cc -O3 -fopenmp``, about a second) into :func:`optimizer.cache.cache_dir`
+(``$ADAM_MINI_LAB_CACHE``, else ``$XDG_CACHE_HOME/adam-mini-lab``, else
+``~/.cache/adam-mini-lab``, as the corpus tokens) and loaded with :mod:`ctypes`; without a compiler
 :func:`load` returns None and the optimizer stays on the eager path.
 """
 
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from optimizer.cache import cache_dir
 
 if TYPE_CHECKING:
     from optimizer.layout import Run
@@ -149,13 +152,6 @@ _FLAGS = [
 ]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("ADAM_MINI_LAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "adam-mini-lab"
-    )
-    return Path(root)
-
-
 def _build(path: Path) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -189,7 +185,7 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("ADAM_MINI_LAB_NO_FUSED") == "1" or not sys.platform.startswith("linux"):
         return None
     digest = hashlib.sha256((SOURCE + " ".join(_FLAGS) + _cpu_id()).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"adam_mini_cpu_{digest}.so"
+    path = cache_dir() / f"adam_mini_cpu_{digest}.so"
     try:
         if not path.exists():
             _build(path)

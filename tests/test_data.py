@@ -132,9 +132,51 @@ def test_a_cache_that_cannot_be_written_warns_and_the_corpus_still_loads(tmp_pat
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ADAM_MINI_LAB_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path  # ours wins over XDG's
     monkeypatch.delenv("ADAM_MINI_LAB_CACHE")
+    assert default_cache_dir() == tmp_path / "xdg" / "adam-mini-lab"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "adam-mini-lab"
+
+
+@pytest.mark.parametrize(
+    ("ours", "xdg", "where"),
+    [
+        ("ours", "xdg", "ours"),
+        ("", "xdg", "xdg/adam-mini-lab"),
+        (None, "xdg", "xdg/adam-mini-lab"),
+        (None, "", "home/.cache/adam-mini-lab"),  # empty: unset, not the working folder
+        (None, "relative", "home/.cache/adam-mini-lab"),  # relative: ignored (XDG spec)
+        (None, None, "home/.cache/adam-mini-lab"),
+    ],
+)
+def test_kernel_and_corpus_tokens_share_one_cache_folder(monkeypatch, tmp_path, ours, xdg, where):
+    """The compiled CPU kernel goes where the corpus tokens go, by one rule."""
+    from optimizer import cpu_fused
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ADAM_MINI_LAB_NO_FUSED", raising=False)
+    for var, value in (("ADAM_MINI_LAB_CACHE", ours), ("XDG_CACHE_HOME", xdg)):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            absolute = value and value != "relative"
+            monkeypatch.setenv(var, str(tmp_path / value) if absolute else value)
+    expected = tmp_path / where
+    assert default_cache_dir() == expected
+    corpus = Corpus.stdlib(max_bytes=20_000)
+    assert corpus.cache_path is not None and corpus.cache_path.parent == expected
+    cpu_fused.load.cache_clear()
+    try:
+        lib = cpu_fused.load()
+        if lib is not None:  # no C compiler: the kernel has no file to place
+            assert [p.parent for p in expected.glob("adam_mini_cpu_*.so")] == [expected]
+    finally:
+        cpu_fused.load.cache_clear()  # later tests load the kernel from the real cache again
+    assert not list((tmp_path / "cwd").iterdir())  # nothing cached in the working folder
 
 
 def test_batches_are_seeded_shifted_windows(corpus):
