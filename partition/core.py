@@ -242,6 +242,7 @@ class Partition:
         is valid for the model's shape (e.g. rows divisible by ``head_dim``).
         """
         model = dict(named_shapes(model_or_named_parameters))
+        self._check_wrapper_prefix(list(model))
         missing = [n for n in model if n not in self._tensors]
         if missing:
             raise PartitionError(
@@ -268,6 +269,29 @@ class Partition:
                 f"tensor {name!r} has shape {shape} in the model but {tb.shape} in the partition; "
                 "rebuild the partition for this model"
             )
+
+    def _check_wrapper_prefix(self, model_names: list[str]) -> None:
+        """A PartitionError naming DDP/DataParallel's ``module.`` prefix when it is the only
+        difference between the model's names and the partition's."""
+        ours, prefix = list(self._tensors), "module."
+        if set(model_names) == set(ours):
+            return
+        if model_names and all(n.startswith(prefix) for n in model_names):
+            if {n[len(prefix) :] for n in model_names} == set(ours):
+                raise PartitionError(
+                    f"the model's tensor names start with {prefix!r} ({model_names[0]!r}), the "
+                    "partition's do not: the model is wrapped in DistributedDataParallel or "
+                    "DataParallel; check the unwrapped model, part.check(model.module), the "
+                    "one to build partitions from too (partition.adam_mini(model.module))"
+                )
+        if ours and all(n.startswith(prefix) for n in ours):
+            if {n[len(prefix) :] for n in ours} == set(model_names):
+                raise PartitionError(
+                    f"the partition's tensor names start with {prefix!r} ({ours[0]!r}), the "
+                    "model's do not: it was built from a DistributedDataParallel or DataParallel "
+                    "wrapper; build it from the unwrapped model, e.g. "
+                    "partition.adam_mini(model.module)"
+                )
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

@@ -228,6 +228,24 @@ def test_check_accepts_the_model_and_names_the_offending_tensor():
         heads.check({"q.weight": torch.empty(96, 8)})
 
 
+def test_check_of_a_data_parallel_wrapper_names_the_module_prefix():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    wrapped = torch.nn.DataParallel(model)  # DDP prefixes the same "module."
+    part = partition.by_rows(model)
+    with pytest.raises(PartitionError, match=r"start with 'module\.' \('module\.0\.weight'\)"):
+        part.check(wrapped)
+    with pytest.raises(PartitionError, match=r"part\.check\(model\.module\)"):
+        part.check(dict(wrapped.named_parameters()))
+    part.check(wrapped.module)
+    with pytest.raises(PartitionError, match=r"build it from the unwrapped model.*model\.module"):
+        partition.by_rows(wrapped).check(model)
+    # a mismatch beyond the prefix keeps the plain message
+    grown = torch.nn.DataParallel(torch.nn.Sequential(*model, torch.nn.Linear(4, 1)))
+    with pytest.raises(PartitionError, match="'module.0.weight' of the model is missing") as err:
+        part.check(grown)
+    assert "DataParallel" not in str(err.value)
+
+
 def test_simple_builders():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv2d(4, 2, 3))
     shapes = {n: p.shape for n, p in model.named_parameters()}
