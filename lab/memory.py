@@ -1,7 +1,7 @@
 """``adam-mini-lab memory``: optimizer-state bytes of AdamW vs Adam-mini on real model configs.
 
-Models are built from ``transformers`` configs on the meta device (no download,
-no memory), partitioned with ``partition.adam_mini`` and counted with
+Models are the presets of ``adam-mini-lab partition --model`` (``transformers`` configs, and
+the lab's TinyGPT and MLP), built on the meta device (no download, no memory), partitioned with ``partition.adam_mini`` and counted with
 ``optimizer.state_bytes`` (fp32 state, float32 ``step`` counters included).
 GB means 1e9 bytes, as in the paper's Table 1.
 """
@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 import optimizer
+from lab.partition_cli import PRESETS, load_model
 from partition.io import write_text
 
 GB = 1e9
@@ -25,49 +22,17 @@ GB = 1e9
 PAPER = {"Llama 2-7B": (53.92, 26.96)}
 
 
-def _gpt2(n_embd: int, n_layer: int, n_head: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        return GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head))
-
-    return build
-
-
-def _llama(hidden: int, layers: int, heads: int, intermediate: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            intermediate_size=intermediate,
-            vocab_size=32000,
-        )
-        return LlamaForCausalLM(cfg)
-
-    return build
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {
-    "GPT-2 125M": _gpt2(768, 12, 12),
-    "GPT-2 355M": _gpt2(1024, 24, 16),
-    "GPT-2 774M": _gpt2(1280, 36, 20),
-    "GPT-2 1.5B": _gpt2(1600, 48, 25),
-    "Llama 2-7B": _llama(4096, 32, 32, 11008),
-    "Llama 2-13B": _llama(5120, 40, 40, 13824),
+# the table's rows: name in the table -> preset of ``adam-mini-lab partition --model``
+# (lab.partition_cli.PRESETS, the one list of presets: ``--models`` takes any of them)
+MODELS: dict[str, str] = {
+    "GPT-2 125M": "gpt2",
+    "GPT-2 355M": "gpt2-medium",
+    "GPT-2 774M": "gpt2-large",
+    "GPT-2 1.5B": "gpt2-xl",
+    "Llama 2-7B": "llama2-7b",
+    "Llama 2-13B": "llama2-13b",
 }
-# command-line names, as the presets of ``adam-mini-lab partition --model``
-ALIASES = {
-    "gpt2": "GPT-2 125M",
-    "gpt2-medium": "GPT-2 355M",
-    "gpt2-large": "GPT-2 774M",
-    "gpt2-xl": "GPT-2 1.5B",
-    "llama2-7b": "Llama 2-7B",
-    "llama2-13b": "Llama 2-13B",
-}
+ALIASES = {preset: name for name, preset in MODELS.items()}  # preset -> name in the table
 
 
 @dataclass(frozen=True)
@@ -89,15 +54,20 @@ class MemoryRow:
 
 def memory_rows(names: list[str] | None = None) -> list[MemoryRow]:
     """Count the state of every model in ``names`` (default: all of :data:`MODELS`), given by
-    table name or command-line alias (:data:`ALIASES`)."""
+    table name or by any preset of ``adam-mini-lab partition --model``
+    (:data:`lab.partition_cli.PRESETS`); presets of the table are shown by their table name."""
     rows = []
     for given in names or list(MODELS):
-        name = ALIASES.get(given, given)
-        if name not in MODELS:
-            raise ValueError(f"unknown model {given!r}; choose from {', '.join(ALIASES)}")
-        with torch.device("meta"), warnings.catch_warnings():
+        preset = MODELS.get(given, given)
+        if preset not in PRESETS:
+            raise ValueError(
+                f"unknown model {given!r}; choose from {', '.join(PRESETS)} "
+                f"(or a table name: {', '.join(MODELS)})"
+            )
+        name = ALIASES.get(preset, preset)
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = MODELS[name]()
+            model = load_model(preset, meta=True)
         sb = optimizer.state_bytes(model)
         low = optimizer.state_bytes(model, momentum_dtype="bf16")
         rows.append(
@@ -144,8 +114,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--models",
         nargs="+",
         metavar="NAME",
-        choices=[*ALIASES, *MODELS],
-        help="subset of: " + ", ".join(ALIASES) + " (or the table's names, e.g. 'Llama 2-7B')",
+        choices=[*PRESETS, *MODELS],
+        help="any of the presets of 'partition --model': " + ", ".join(PRESETS) + " (or the "
+        "table's names, e.g. 'Llama 2-7B'); default: the table's six GPT-2 and Llama 2 models",
     )
     p.add_argument("--out", help="also write the table as markdown to this path")
     p.set_defaults(func=run)

@@ -35,14 +35,22 @@ from partition import Partition, PartitionError
 
 RULES = ("adam-mini", "tensor", "rows", "elements", "derived")
 
-# name -> transformers config class and its arguments (published model shapes)
+# name -> transformers config class and its arguments (published model shapes); with LAB_MODELS
+# the one list of presets, of `partition --model` and of `memory --models` (lab.memory)
 HF_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("GPT2Config", {}),
     "gpt2-medium": ("GPT2Config", {"n_embd": 1024, "n_layer": 24, "n_head": 16}),
+    "gpt2-large": ("GPT2Config", {"n_embd": 1280, "n_layer": 36, "n_head": 20}),
+    "gpt2-xl": ("GPT2Config", {"n_embd": 1600, "n_layer": 48, "n_head": 25}),
     "llama2-7b": (
         "LlamaConfig",
         dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    ),
+    "llama2-13b": (
+        "LlamaConfig",
+        dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+             num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
     ),
     "llama3-8b": (
         "LlamaConfig",

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from lab import memory
+from lab import memory, partition_cli
+from lab.cli import main
 
 
 def test_memory_command_matches_paper_llama2_7b(tmp_path, capsys):
@@ -27,7 +28,27 @@ def test_memory_command_matches_paper_llama2_7b(tmp_path, capsys):
 
 
 def test_unknown_model_is_named_and_aliases_are_the_partition_presets():
-    with pytest.raises(ValueError, match="'GPT-3'; choose from gpt2, gpt2-medium"):
+    with pytest.raises(ValueError, match="'GPT-3'; choose from tinygpt, mlp, gpt2, gpt2-medium"):
         memory.memory_rows(["GPT-3"])
     [row] = memory.memory_rows(["gpt2-medium"])
     assert row.model == "GPT-2 355M" and row.num_params == 354_823_168
+
+
+@pytest.mark.parametrize("name", list(memory.MODELS))
+def test_every_table_model_is_a_partition_preset_with_the_same_blocks(name, tmp_path, capsys):
+    """`partition --model P` builds the model that `memory --models P` counts (one preset list)."""
+    preset = memory.MODELS[name]
+    out = tmp_path / "part.json"
+    assert main(["partition", "--model", preset, "--out", str(out)]) == 0, capsys.readouterr().err
+    [row] = memory.memory_rows([preset])
+    assert row.model == name
+    assert partition_cli.Partition.from_json(out).num_blocks == row.num_blocks
+
+
+def test_memory_takes_every_partition_preset():
+    parser = argparse.ArgumentParser()
+    memory.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["memory", "--models", *partition_cli.PRESETS])
+    rows = memory.memory_rows(args.models)
+    assert len(rows) == len(partition_cli.PRESETS)
+    assert all(0 < r.num_blocks < r.num_params and r.adam_mini < r.adamw for r in rows)
