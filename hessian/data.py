@@ -3,9 +3,11 @@
 ``data`` is either one batch or an iterable of batches. A batch is a tensor, a mapping of
 tensors (a dict, or transformers' ``BatchEncoding``), or a tuple/list whose items are all tensors
 (``(inputs, targets)``). Anything else that is iterable (a list of batches, a ``DataLoader``, a
-generator) is an iterable of batches. A one-shot iterator (a generator) is read once into a list,
-since the Hessian needs many passes. A map-style ``Dataset`` holds samples, not batches: it is
-refused with the fix, a ``DataLoader``.
+generator) is an iterable of batches, also a tuple that mixes tensors with other items
+(``(x, None)``): when one of its items cannot be counted as a batch, the error names that likely
+mistake. A one-shot iterator (a generator) is read once into a list, since the Hessian needs many
+passes. A map-style ``Dataset`` holds samples, not batches: it is refused with the fix, a
+``DataLoader``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,15 @@ class Batches:
                 f"data is a {type(data).__name__}, a Dataset of samples, not a batch or an "
                 "iterable of batches: pass DataLoader(dataset, batch_size=..., shuffle=False)"
             )
+        # a tuple/list mixing tensors with other items, e.g. (x, None): read as batches, but
+        # most likely one batch with a non-tensor item (named if a batch cannot be counted)
+        self.mixed = (
+            data
+            if isinstance(data, (tuple, list))
+            and any(isinstance(x, torch.Tensor) for x in data)
+            and not is_single_batch(data)
+            else None
+        )
         if is_single_batch(data):
             self._source: Any = [data]
         elif isinstance(data, Iterator):

@@ -45,6 +45,21 @@ def describe_batch(batch: Any) -> str:
     return type(batch).__name__
 
 
+def mixed_tuple_error(data: Any, index: int, batch: Any) -> ValueError:
+    """Batch ``index`` of ``data``, a tuple/list of tensors and other items read as batches,
+    cannot be counted: most likely ``data`` was meant as one batch."""
+    kind = type(data).__name__
+    odd = next(describe_batch(x) for x in data if not isinstance(x, torch.Tensor))
+    return ValueError(
+        f"data is a {describe_batch(data)}, read as {len(data)} batches since not all its items "
+        f"are tensors ({odd} is not), and batch {index}, {describe_batch(batch)}, has no tensor "
+        f"whose leading size counts its samples. Likely cause: one batch given as a {kind} "
+        f"holding a non-tensor item; only a {kind} whose items are all tensors is one batch. "
+        "Pass one batch as a tuple of tensors (drop the non-tensor item) or a dict of tensors, "
+        f"or wrap batches in a list ([data] for this {kind} as one batch)"
+    )
+
+
 def tensor_kinds(batch: Any) -> str:
     """The distinct ``dtype on device`` of the tensors in a batch."""
     kinds: dict[str, None] = {}

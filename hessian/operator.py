@@ -59,6 +59,7 @@ from hessian.messages import (
     double_backward_error,
     first_line,
     forward_mode_error,
+    mixed_tuple_error,
     user_stacklevel,
 )
 from hessian.padding import constant_padding_rows
@@ -431,8 +432,13 @@ class HessianOperator(Operator):
     def _count_samples(self) -> list[int]:
         """Samples per local batch, after the data and first-loss checks."""
         counts, prints = [], []
-        for batch in self._batches:
-            counts.append(sample_count(batch, self.batch_size_fn))
+        for i, batch in enumerate(self._batches):
+            try:
+                counts.append(sample_count(batch, self.batch_size_fn))
+            except ValueError as err:
+                if self._batches.mixed is None or self.batch_size_fn is not None:
+                    raise
+                raise mixed_tuple_error(self._batches.mixed, i, batch) from err
             if self.check_determinism and not self._batches.is_fixed:
                 prints.append(fingerprint(batch))
         if not counts and not self.distributed:

@@ -418,6 +418,36 @@ def test_bad_loss_and_batch_name_the_fix():
         HessianOperator(model, ce_loss, (X, y)).restrict(torch.tensor([0.5, 1.5]))
 
 
+def test_a_tuple_batch_with_a_non_tensor_item_is_named_as_the_likely_cause():
+    """``(x, None)`` is read as two batches (not all items are tensors); the count of the None
+    batch fails, and the error says why rather than asking for batch_size_fn."""
+    model, X, y = mlp_problem(n=8)
+    n = sum(p.numel() for p in model.parameters())
+
+    def loss_fn(m, b):
+        x, _ = b
+        return m(x).square().mean()
+
+    for data, kind in (((X, None), "tuple"), ([None, X], "list")):
+        with pytest.raises(ValueError, match="Likely cause") as err:
+            HessianOperator(model, loss_fn, data) @ torch.zeros(n, dtype=F64)
+        msg = str(err.value)
+        assert f"data is a {kind}(" in msg and "NoneType" in msg
+        assert f"one batch given as a {kind} holding a non-tensor item" in msg
+        assert "tuple of tensors" in msg and "dict" in msg and "wrap batches in a list" in msg
+        assert "batch_size_fn" not in msg
+    # the fix it names: wrapped in a list, (X, None) is one batch
+    v = torch.randn(n, dtype=F64)
+    one = HessianOperator(model, loss_fn, [(X, None)]) @ v
+    assert (
+        one - HessianOperator(model, lambda m, b: loss_fn(m, (b, None)), X) @ v
+    ).abs().max() == 0
+    # a batch that cannot be counted for another reason keeps the batch_size_fn advice
+    with pytest.raises(ValueError, match="batch_size_fn=lambda") as err:
+        HessianOperator(model, loss_fn, [None]) @ torch.zeros(n, dtype=F64)
+    assert "Likely cause" not in str(err.value)
+
+
 def test_batches_with_scalar_tensors_from_an_iterable():
     model, X, y = mlp_problem(n=8)
 
