@@ -23,7 +23,13 @@ from torch import Tensor
 from optimizer.cache import cache_dir as _shared_cache_dir
 from partition.io import atomic_path
 
-__all__ = ["gaussian_classification", "Corpus", "default_cache_dir", "DEFAULT_MAX_BYTES"]
+__all__ = [
+    "gaussian_classification",
+    "Corpus",
+    "CorpusChangedError",
+    "default_cache_dir",
+    "DEFAULT_MAX_BYTES",
+]
 
 DEFAULT_MAX_BYTES = 4 * 2**20
 """Default cap of the stdlib corpus: the first 4 MiB of the sorted source files."""
@@ -68,6 +74,10 @@ def gaussian_classification(
         W = torch.randn(num_classes, d, generator=gen, dtype=torch.float64) / d**0.5
         y = (X @ W.T).argmax(dim=1)
     return X.to(dtype), y
+
+
+class CorpusChangedError(RuntimeError):
+    """The stdlib's files changed size while :meth:`Corpus.stdlib` read them: retry later."""
 
 
 def default_cache_dir() -> Path:
@@ -226,8 +236,10 @@ class Corpus:
         if not from_cache:
             data = b"".join((root / name).read_bytes() for name in files)[:total]
             if len(data) != total:
-                raise RuntimeError(
-                    f"stdlib files changed while reading ({len(data)} != {total} bytes): retry"
+                raise CorpusChangedError(
+                    f"stdlib files changed while reading ({len(data)} != {total} bytes), as "
+                    "when Python or a package is being installed or upgraded: retry when it "
+                    "has finished"
                 )
             array = np.frombuffer(data, dtype=np.uint8).copy()
             try:

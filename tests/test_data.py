@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lab.data import DEFAULT_MAX_BYTES, Corpus, default_cache_dir, gaussian_classification
+from lab.data import (
+    DEFAULT_MAX_BYTES,
+    Corpus,
+    CorpusChangedError,
+    default_cache_dir,
+    gaussian_classification,
+)
 
 MAX_BYTES = DEFAULT_MAX_BYTES
 
@@ -263,3 +269,11 @@ def test_from_file_refuses_a_binary_file_but_takes_any_text_encoding(tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café, naïve résumé\n".encode("latin-1") * 20)  # not UTF-8
     assert Corpus.from_file(latin1).tokens.numel() == latin1.stat().st_size
+
+
+def test_stdlib_files_changing_while_read_is_its_own_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(Path, "read_bytes", lambda self: b"")  # emptied since it was listed
+    with pytest.raises(CorpusChangedError, match=r"changed while reading.*retry when"):
+        Corpus.stdlib(cache_dir=tmp_path, max_bytes=20_000)
+    assert issubclass(CorpusChangedError, RuntimeError)  # callers catching RuntimeError still do
+    assert not list(tmp_path.iterdir())  # nothing cached

@@ -238,3 +238,44 @@ def test_the_coupling_heatmaps_draw_no_grid_lines_through_the_tensors(tmp_path, 
         lines = ax.get_xgridlines() + ax.get_ygridlines()
         assert not any(line.get_visible() for line in lines), ax.get_title()
     plt.close("all")
+
+
+def reproduce_raising(error: BaseException | None, monkeypatch, tmp_path, capsys):
+    """Run `adam-mini-lab reproduce --quick` with its work replaced by ``error``'s raise."""
+
+    def fake_run(config, out, progress=True):
+        if error is None:  # the real corpus read, with the files changing under it
+            from lab.data import Corpus
+
+            Corpus.stdlib(cache_dir=tmp_path / "cache", max_bytes=20_000)
+        raise error or AssertionError("the corpus read should have failed")
+
+    monkeypatch.setattr("lab.reproduce.run", fake_run)
+    threads = torch.get_num_threads()
+    try:
+        return main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path / "o")])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_diverged_training_is_a_one_line_error_naming_the_fix(monkeypatch, tmp_path, capsys):
+    error = FloatingPointError(
+        "AdamW: training loss became nan at step 3; lower the lr (base lr 0.01) or keep grad_clip on"
+    )
+    assert reproduce_raising(error, monkeypatch, tmp_path, capsys) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("adam-mini-lab reproduce: error: training diverged: AdamW: training ")
+    assert "--seed" in err and "lr=" in err and err.count("\n") == 1
+
+
+def test_stdlib_changing_under_the_corpus_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(Path, "read_bytes", lambda self: b"")  # emptied since it was listed
+    assert reproduce_raising(None, monkeypatch, tmp_path, capsys) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("adam-mini-lab reproduce: error: stdlib files changed while reading")
+    assert "retry when" in err and err.count("\n") == 1
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch, tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="a bug"):
+        reproduce_raising(RuntimeError("a bug"), monkeypatch, tmp_path, capsys)
