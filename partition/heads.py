@@ -1,9 +1,10 @@
 """Attention head counts: from the arguments, a model's config (through wrappers), each stack's
-own (encoder vs decoder), or the query weights' shapes."""
+own (encoder vs decoder), each tower's own (a composite config's sub-configs), or the query
+weights' shapes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -11,6 +12,8 @@ from torch import nn
 from partition.blocks import _is_int
 from partition.core import ModelLike
 from partition.errors import PartitionError
+
+_N_HEADS = ("n_heads", "num_attention_heads", "n_head")
 
 
 def config_int(config: Any, *keys: str) -> int | None:
@@ -39,6 +42,40 @@ def config_of(model: ModelLike) -> Any:
     return None if inner is None else inner.config
 
 
+def sub_configs(model: ModelLike) -> dict[str, Any]:
+    """The sub-configs of a composite ``model.config`` (transformers' ``sub_configs`` keys:
+    ``text_config``, ``vision_config``, ...) of towers with attention (a head count of their own,
+    or of their own sub-configs), by key; empty for a single config (MPT's ``attn_config``, which
+    gives no head count, is no tower)."""
+    return _tower_configs(config_of(model))
+
+
+def _tower_configs(config: Any) -> dict[str, Any]:
+    keys = getattr(config, "sub_configs", None)
+    if not isinstance(keys, Mapping):
+        return {}
+    subs = {key: getattr(config, key, None) for key in keys}
+    return {
+        key: sub
+        for key, sub in subs.items()
+        if sub is not None and (config_int(sub, *_N_HEADS) or _tower_configs(sub))
+    }
+
+
+def towers(model: nn.Module, subs: dict[str, Any]) -> list[tuple[str, str, nn.Module]]:
+    """``(key, module name, module)`` in model order: the outermost submodules whose own
+    ``config`` is the sub-config ``subs[key]`` itself (transformers builds each tower from it)."""
+    keys = {id(sub): key for key, sub in subs.items()}
+    found: list[tuple[str, str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{prefix}.") for _, prefix, _ in found):
+            continue
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in keys:
+            found.append((keys[id(config)], name, module))
+    return found
+
+
 def head_counts(
     model: ModelLike, n_heads: int | None, n_kv_heads: int | None, head_dim: int | None
 ) -> tuple[int | None, int | None, int | None]:
@@ -46,7 +83,7 @@ def head_counts(
     config = config_of(model)
     if config is not None:
         if n_heads is None:
-            n_heads = config_int(config, "n_heads", "num_attention_heads", "n_head")
+            n_heads = config_int(config, *_N_HEADS)
         if n_kv_heads is None:
             n_kv_heads = config_int(config, "n_kv_heads", "num_key_value_heads")
         if head_dim is None:

@@ -8,7 +8,9 @@ device. Every parameter is included (``requires_grad`` is not consulted), in the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 
@@ -22,6 +24,8 @@ from partition.heads import (
     head_dim_from_query,
     side_of,
     sided_heads,
+    sub_configs,
+    towers,
 )
 from partition.roles import role_of, token_embedding_names, transposed_names
 
@@ -102,7 +106,13 @@ def adam_mini(
     Head counts are one for the whole model, except in an encoder-decoder model whose config
     gives its stacks their own (``encoder_attention_heads`` != ``decoder_attention_heads``, BART
     family): there each query and key weight under ``encoder``/``decoder`` is split by its own
-    stack's heads (recorded as ``provenance["n_heads_by_stack"]``), unless head counts are passed.
+    stack's heads (recorded as ``provenance["n_heads_by_stack"]``), unless head counts are passed;
+    and in a model whose config is composite (sub-configs with their own heads: ``text_config``,
+    ``vision_config``; Llava, PaliGemma, Gemma 3, CLIP, Idefics3, BLIP-2): each tower, the
+    submodule whose ``.config`` is a sub-config, gets these rules with that sub-config's head
+    counts (recorded as ``provenance["n_heads_by_tower"]``, by module name), and tensors outside
+    every tower (projectors) get the rules without heads, ``rows`` for an ``nn.Linear`` weight.
+    Passing head counts for a composite model is refused: one count cannot fit towers that differ.
 
     Unlike the reference implementation, biases get one block (not one per entry), 1-D weights
     never get a per-row rule, ``head_dim`` may differ from ``hidden / n_heads`` (Qwen3), and
@@ -117,22 +127,144 @@ def adam_mini(
             else ``q rows / n_heads``.
 
     Raises:
-        PartitionError: head counts are needed but unknown, or shapes do not split into heads.
+        PartitionError: head counts are needed but unknown (also: a tower's tensor lies in no
+            submodule carrying its sub-config), given for a composite model, or shapes do not
+            split into heads.
     """
     model = model_or_named_parameters
     if not isinstance(model, (nn.Module, Mapping)) and isinstance(model, Iterable):
         model = list(model)  # read a generator once; named_shapes refuses what is not iterable
     shapes = named_shapes(model)
     _refuse_fsdp1_flat(shapes)
+    built = _rules(model, shapes, n_heads, n_kv_heads, head_dim)
+    _warn(built)
+    return Partition(built.tensors, built.provenance)
+
+
+_COUNTS = ("n_heads", "n_kv_heads", "head_dim", "n_heads_by_stack")
+
+
+@dataclass
+class _Built:
+    """The blocks of some tensors, and what the warnings and the provenance need of them."""
+
+    tensors: list[TensorBlocks]
+    unrecognized: list[str]  # also those of `unordered`
+    unordered: list[str]  # fused q|k|v of unknown row order
+    experts: list[str]
+    provenance: dict[str, Any]
+
+
+def _rules(
+    model: ModelLike,
+    shapes: list[tuple[str, tuple[int, ...]]],
+    n_heads: int | None,
+    n_kv_heads: int | None,
+    head_dim: int | None,
+) -> _Built:
+    """The rules for one model: per tower when its config is composite, else with one set of
+    head counts (per stack when the encoder's and decoder's differ)."""
     heads_given = any(x is not None for x in (n_heads, n_kv_heads, head_dim))
-    n_heads, n_kv_heads, head_dim = head_counts(model, n_heads, n_kv_heads, head_dim)
+    subs = sub_configs(model)
+    if subs and heads_given:
+        raise PartitionError(
+            f"adam_mini: {type(model).__name__} has a composite config ({', '.join(subs)}) whose "
+            "towers have their own head counts, but n_heads=/n_kv_heads=/head_dim= is one count "
+            "for all of them; drop these arguments to split each tower by its own sub-config, "
+            "pass one tower module with them (partition.adam_mini(model.<tower>, n_heads=...)), "
+            "or pass model.named_parameters() with them to split every tensor by one count"
+        )
+    if subs:
+        return _composite(model, shapes, subs)
+    counts = head_counts(model, n_heads, n_kv_heads, head_dim)
+    return _single(model, shapes, *counts, {} if heads_given else sided_heads(model))
+
+
+def _composite(
+    model: nn.Module, shapes: list[tuple[str, tuple[int, ...]]], subs: dict[str, Any]
+) -> _Built:
+    """Each tower (the submodule built from one sub-config) by its own rules and head counts;
+    the tensors outside every tower (projectors) by the rules without heads, where an
+    unrecognized ``nn.Linear`` weight gets one block per output neuron."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    blocks: dict[str, TensorBlocks] = {}
+    unrecognized, unordered, experts, by_tower = [], [], [], {}
+    found = towers(model, subs)
+    for key, prefix, tower in found:
+        local = [
+            (n, tuple(p.shape))
+            for n, p in tower.named_parameters()
+            if names[id(p)] == f"{prefix}.{n}"  # a tied tensor listed first elsewhere lives there
+        ]
+        try:
+            built = _rules(tower, local, None, None, None)  # a tower may be composite itself
+        except PartitionError as err:  # its messages name the tower's own tensor names
+            raise PartitionError(f"adam_mini: in {prefix!r} (the {key} tower): {err}") from err
+        for tb in built.tensors:
+            blocks[f"{prefix}.{tb.name}"] = replace(tb, name=f"{prefix}.{tb.name}")
+        unrecognized += [f"{prefix}.{n}" for n in built.unrecognized]
+        unordered += [f"{prefix}.{n}" for n in built.unordered]
+        experts += [f"{prefix}.{n}" for n in built.experts]
+        drop = ("method", "unrecognized")
+        by_tower[prefix] = {"config": key} | {
+            k: v for k, v in built.provenance.items() if k not in drop
+        }
+    missing = [key for key in subs if key not in {key for key, _, _ in found}]
+    where = (
+        f"no submodule of {type(model).__name__} has config.{' / config.'.join(missing)} as its "
+        ".config, so that tower's head counts cannot be matched to its tensors"
+        if missing
+        else f"it lies outside the towers of {type(model).__name__} ({', '.join(by_tower)})"
+    )
+    outside = [(n, s) for n, s in shapes if n not in blocks]
+    rest = _single(  # a top-level head count (an inline text model) splits these
+        model,
+        outside,
+        *head_counts(model, None, None, None),
+        sided_heads(model),
+        no_heads=lambda name: (
+            f"adam_mini: tensor {name!r} is split by attention head, but {where}; set each "
+            "tower's .config to its sub-config, or partition the tower modules one by one "
+            "(partition.adam_mini(model.<tower>))"
+        ),
+    )
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    linear = {names[i] for i in linear if i in names}
+    for tb in rest.tensors:
+        if tb.name in rest.unrecognized and tb.name in linear and len(tb.shape) == 2:
+            tb = TensorBlocks(tb.name, tb.shape, "rows", {})  # (out, in): one per output neuron
+        blocks[tb.name] = tb
+    unrecognized += [n for n in rest.unrecognized if blocks[n].rule == "tensor"]
+    top = {k: v for k, v in rest.provenance.items() if k in _COUNTS and v is not None}
+    provenance = {"method": "adam_mini", **top, "n_heads_by_tower": by_tower}
+    provenance["unrecognized"] = unrecognized
+    return _Built(
+        [blocks[n] for n, _ in shapes],
+        unrecognized,
+        unordered + rest.unordered,
+        experts + rest.experts,
+        provenance,
+    )
+
+
+def _single(
+    model: ModelLike,
+    shapes: list[tuple[str, tuple[int, ...]]],
+    n_heads: int | None,
+    n_kv_heads: int | None,
+    head_dim: int | None,
+    sided: dict[str, int],
+    no_heads: Callable[[str], str] | None = None,
+) -> _Built:
+    """The rules with one set of head counts (``sided``: each stack's own); ``no_heads(name)``
+    is the error for a tensor split by head when the counts are unknown."""
     transposed = transposed_names(model, shapes)
     kinds = {name: role_of(name, len(shape)) if len(shape) >= 2 else "1d" for name, shape in shapes}
     for name in token_embedding_names(model):  # whatever their names (CTRL's "w"); all 2-D
-        kinds[name] = "token"
+        if name in kinds:  # a composite model's part: only its own tensors
+            kinds[name] = "token"
     layout, layout_kv = fused_layout(model, n_heads)
     n_kv_heads = n_kv_heads or layout_kv
-    sided = {} if heads_given else sided_heads(model)
     unordered = [n for n, k in kinds.items() if k == "fused_unordered"]
     for name in unordered:  # a known layout makes them ordinary fused weights
         kinds[name] = "fused" if layout else ""
@@ -140,6 +272,8 @@ def adam_mini(
         kinds[name] = "fused_kv"
     needs_heads = [n for n, k in kinds.items() if k in ("q", "k", "fused", "fused_kv")]
     if needs_heads and head_dim is None:
+        if n_heads is None and no_heads is not None:
+            raise PartitionError(no_heads(needs_heads[0]))
         if n_heads is None:
             raise PartitionError(
                 f"adam_mini: tensor {needs_heads[0]!r} is split by attention head, but the number "
@@ -183,34 +317,6 @@ def adam_mini(
         else:
             unrecognized.append(name)
             tensors.append(TensorBlocks(name, shape, "tensor", {}))
-    if unordered and not layout:
-        warnings.warn(
-            f"adam_mini: {unordered[0]!r} fuses q|k|v in an order that differs between models "
-            "(GPT-NeoX and Bloom interleave q, k, v per head; Falcon has three layouts), and names "
-            "alone do not tell which; pass the model itself (its config names the layout) for "
-            f"per-head blocks. The {len(unordered)} such tensor(s) get one block each",
-            PartitionWarning,
-            stacklevel=2,
-        )
-    unmatched = [n for n in unrecognized if n not in unordered]  # those were warned about
-    if unmatched:
-        shown = ", ".join(repr(n) for n in unmatched[:10])
-        more = f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""
-        warnings.warn(
-            f"adam_mini: no Adam-mini rule matches {len(unmatched)} tensor(s): {shown}{more}; "
-            "they get one block per tensor ('tensor'). Build a Partition by hand for other rules.",
-            PartitionWarning,
-            stacklevel=2,
-        )
-    if experts:
-        warnings.warn(
-            f"adam_mini: {len(experts)} stacked mixture-of-experts weight(s) such as "
-            f"{experts[0]!r} get one block per expert ('rows' on the expert axis), not one per "
-            "output neuron of each expert: the rules have no two-axis split. Build a Partition "
-            "by hand (one tensor per expert) for per-neuron blocks.",
-            PartitionWarning,
-            stacklevel=2,
-        )
     provenance = {
         "method": "adam_mini",
         "n_heads": n_heads,
@@ -220,7 +326,40 @@ def adam_mini(
     }
     if sided:
         provenance["n_heads_by_stack"] = sided
-    return Partition(tensors, provenance)
+    return _Built(tensors, unrecognized, unordered if not layout else [], experts, provenance)
+
+
+def _warn(built: _Built) -> None:
+    """The warnings for unordered fused q|k|v, unmatched tensors and stacked experts."""
+    unordered, unrecognized, experts = built.unordered, built.unrecognized, built.experts
+    if unordered:
+        warnings.warn(
+            f"adam_mini: {unordered[0]!r} fuses q|k|v in an order that differs between models "
+            "(GPT-NeoX and Bloom interleave q, k, v per head; Falcon has three layouts), and names "
+            "alone do not tell which; pass the model itself (its config names the layout) for "
+            f"per-head blocks. The {len(unordered)} such tensor(s) get one block each",
+            PartitionWarning,
+            stacklevel=3,
+        )
+    unmatched = [n for n in unrecognized if n not in unordered]  # those were warned about
+    if unmatched:
+        shown = ", ".join(repr(n) for n in unmatched[:10])
+        more = f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""
+        warnings.warn(
+            f"adam_mini: no Adam-mini rule matches {len(unmatched)} tensor(s): {shown}{more}; "
+            "they get one block per tensor ('tensor'). Build a Partition by hand for other rules.",
+            PartitionWarning,
+            stacklevel=3,
+        )
+    if experts:
+        warnings.warn(
+            f"adam_mini: {len(experts)} stacked mixture-of-experts weight(s) such as "
+            f"{experts[0]!r} get one block per expert ('rows' on the expert axis), not one per "
+            "output neuron of each expert: the rules have no two-axis split. Build a Partition "
+            "by hand (one tensor per expert) for per-neuron blocks.",
+            PartitionWarning,
+            stacklevel=3,
+        )
 
 
 def _refuse_fsdp1_flat(shapes: list[tuple[str, tuple[int, ...]]]) -> None:

@@ -221,11 +221,11 @@ class _MatmulCapture(torch.overrides.TorchFunctionMode):
 
 
 def _install_probes(model: nn.Module, capture: _MatmulCapture) -> None:
-    if "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules[type(model).__module__]):
-        for module in model.modules():
-            config = getattr(module, "config", None)
-            if isinstance(config, transformers.PretrainedConfig):
-                config._attn_implementation_internal = PROBE
+    for module in model.modules():  # a composite model's towers come from their own files
+        config = getattr(module, "config", None)
+        uses = "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules[type(module).__module__])
+        if uses and isinstance(config, transformers.PretrainedConfig):
+            config._attn_implementation_internal = PROBE
     for module in model.modules():
         # norms of q / k do not change which rows feed a head, but one over all heads (OLMo2)
         # would make every row feed every head: take the split of the projection itself
@@ -262,16 +262,19 @@ def _install_probes(model: nn.Module, capture: _MatmulCapture) -> None:
             module.register_forward_hook(lambda m, a, o: setattr(capture, "module", None))
 
 
-def head_supports(model: nn.Module) -> dict[str, dict[str, dict[tuple[int, ...], tuple]]]:
+def head_supports(
+    model: nn.Module, batch: dict[str, torch.Tensor] | None = None
+) -> dict[str, dict[str, dict[tuple[int, ...], tuple]]]:
     """``{weight name: {role: {entries: target}}}``: for every q head, k head and v neuron that
-    the model's attention receives, the flat indices of the entries of each attention weight
-    that feed it (nonzero gradient), over the first call of every attention module."""
+    the model's attention receives on ``batch`` (default :func:`inputs`), the flat indices of the
+    entries of each attention weight that feed it (nonzero gradient), over the first call of
+    every attention module."""
     CALLS.clear()
     capture = _MatmulCapture()
     _install_probes(model, capture)
     model.eval()
     with capture:
-        model(**inputs(model, labels=False))
+        model(**(inputs(model, labels=False) if batch is None else batch))
     first = {}
     for call in CALLS:  # ALBERT shares its layer: later calls also see the earlier ones
         first.setdefault(id(call[0]), call)
