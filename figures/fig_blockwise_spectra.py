@@ -25,6 +25,7 @@ from lab.data import Corpus
 from lab.experiments import block_types
 from lab.experiments_plots import plot_spectra
 from lab.models import TinyGPT, TinyGPTConfig, lm_loss
+from lab.report import plural
 from lab.train import WarmupCosine, train
 
 NAME = "fig_blockwise_spectra"
@@ -101,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     )
     caption(
         fig,
-        f"TinyGPT ({cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, context "
-        f"{cfg.context}) after {s['steps']} AdamW steps (val loss {res.final_val_loss:.2f}); "
+        f"TinyGPT ({plural(cfg.n_layer, 'layer')}, d_model {cfg.d_model}, "
+        f"{plural(cfg.n_heads, 'head')}, context {cfg.context}) after "
+        f"{plural(s['steps'], 'AdamW step')} (val loss {res.final_val_loss:.2f}); "
         f"Hessian of the loss on {b}×{t} training tokens in float64; SLQ with {s['probes']} "
         f"Rademacher probe(s) × {s['lanczos']} Lanczos steps per block, densities smoothed "
         "with a Gaussian of 1/60 of each block's range (hessian.blockwise_spectra). Token rows: "

@@ -25,6 +25,7 @@ import partition
 from lab.data import Corpus
 from lab.experiments import train_variants
 from lab.models import TinyGPT
+from lab.report import plural
 from lab.reproduce import DEFAULT, QUICK, ReproduceConfig, warm_up_and_measure
 from partition.io import write_text
 
@@ -105,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     m = c.model
     caption(
         fig,
-        f"TinyGPT {m.n_layer} layers, d_model {m.d_model}, {m.n_heads} heads, context {m.context}; "
-        f"{s['steps']} steps, batch {c.batch_size}, warmup 5% + cosine, betas (0.9, 0.95), "
+        f"TinyGPT {plural(m.n_layer, 'layer')}, d_model {m.d_model}, {plural(m.n_heads, 'head')}, "
+        f"context {m.context}; {plural(s['steps'], 'step')}, batch {c.batch_size}, warmup 5% + cosine, betas (0.9, 0.95), "
         f"weight decay 0.1 on matrices; seeds {list(s['seeds'])} (band: min..max). "
         f"v entries: AdamW one per parameter; Adam-mini paper rules {n['Adam-mini (paper rules)']}, "
         f"derived {n['Adam-mini (derived)']} (partition.derive on the Hessian measured as in "

@@ -16,6 +16,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def plural(n: int, word: str) -> str:
+    """``(1, 'layer') -> '1 layer'``, ``(2, 'layer') -> '2 layers'`` (nouns with a plain -s)."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def percent(x: float, digits: int = 1) -> str:
     """``0.4567 -> '45.7%'``."""
     return f"{100 * x:.{digits}f}%"

@@ -356,12 +356,14 @@ def render(r: ReproduceResult) -> str:
     ]
     m = c.model
     setup = {
-        "model": f"TinyGPT: {m.n_layer} layers, d_model {m.d_model}, {m.n_heads} heads, "
+        "model": f"TinyGPT: {md.plural(m.n_layer, 'layer')}, d_model {m.d_model}, "
+        f"{md.plural(m.n_heads, 'head')}, "
         f"context {m.context}, vocab {m.vocab_size} ({s.candidate.num_params:,} parameters)",
         "data": "Python standard-library source, byte level (lab.data.Corpus.stdlib)",
         "Hessian": f"after {c.hessian_warmup_steps} AdamW steps (val loss {r.warmup_val_loss:.3f}); "
         f"{s.num_tokens} training tokens, float64, {s.num_matvecs:,} Hessian-vector products",
-        "training": f"{c.steps} steps, batch {c.batch_size}×{m.context} tokens, lr {c.lr:g} "
+        "training": f"{md.plural(c.steps, 'step')}, batch {c.batch_size}×{m.context} tokens, "
+        f"lr {c.lr:g} "
         f"(warmup {c.steps // 20} + cosine to 10%), betas {BETAS}, weight decay {WEIGHT_DECAY} "
         f"on matrices, grad clip 1.0, seed {c.seed}",
         "machine": f"{platform.machine()}, torch threads: {torch.get_num_threads()}, "

@@ -12,6 +12,7 @@ import torch
 
 import hessian
 import partition
+from lab import report as md
 from lab.cli import main
 from lab.experiments import block_share
 from lab.models import TinyGPT, TinyGPTConfig, lm_loss
@@ -41,6 +42,18 @@ def test_writes_report_partition_and_figures(out: Path) -> None:
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / image).exists(), image
     assert len(list((out / "curves").glob("*.csv"))) == 3
+
+
+@pytest.mark.slow
+def test_report_counts_one_layer_in_the_singular(out: Path) -> None:
+    assert QUICK.model.n_layer == 1 and QUICK.model.n_heads == 2
+    report = (out / "report.md").read_text()
+    assert "TinyGPT: 1 layer, d_model 8, 2 heads, context 8" in report
+    assert not re.search(r"\b1 (layer|head|step)s\b", report)
+
+
+def test_plural() -> None:
+    assert [md.plural(n, "layer") for n in (0, 1, 2)] == ["0 layers", "1 layer", "2 layers"]
 
 
 @pytest.mark.slow
