@@ -30,12 +30,19 @@ __all__ = [
 FIGURES_DIR = Path(__file__).resolve().parent
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str, argv: Sequence[str] | None = None, replot: bool = False
+) -> argparse.Namespace:
     """``--quick`` (tiny sizes for the tests), ``--out DIR`` (default: ``figures/``; created
     here, refused when it cannot be a writable folder), ``--seed``,
     ``--threads`` (torch CPU threads, default 1, set here: the float sums, and so the numbers,
-    depend on how the work is split between threads)."""
+    depend on how the work is split between threads); with ``replot=True`` also ``--replot``
+    (draw again from the json the script wrote into ``--out``, without rerunning)."""
     parser = argparse.ArgumentParser(description=description)
+    if replot:
+        parser.add_argument(
+            "--replot", action="store_true", help="redraw from the json in --out; no training"
+        )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds")
     parser.add_argument(
         "--out", type=Path, default=FIGURES_DIR, help="output folder (default: figures/)"

@@ -128,3 +128,46 @@ def test_a_saved_pdf_is_the_same_bytes_on_a_rerun(tmp_path: Path, monkeypatch) -
         ax.plot([1.0, 2.0, 3.0])
         saved.append(save_figure(fig, "x", tmp_path, formats=("pdf",))[0].read_bytes())
     assert saved[0] == saved[1]
+
+
+def test_training_curves_legend_gives_the_sample_std_over_seeds(monkeypatch) -> None:
+    """Mean ± the sample standard deviation (n - 1 in the denominator) of the final losses."""
+    import statistics
+
+    module = _load("fig_training_curves")
+    s = dict(steps=4, seeds=(0, 1, 2), grid=(1e-2,), equal_lr=1e-2)
+    finals = {"AdamW": [2.0, 2.1, 2.5], "Adam-mini (paper rules)": [2.2, 2.2, 2.6]}
+    finals |= {"Adam-mini (derived)": [3.0, 3.3, 3.1], "Adam-mini (by tensor)": [2.4, 2.9, 2.5]}
+    records = [
+        {"optimizer": name, "lr": 1e-2, "seed": seed, "eval_steps": [2, 4], "val_loss": [5.0, end]}
+        for name, ends in finals.items()
+        for seed, end in enumerate(ends)
+    ]
+    drawn = {}
+
+    def keep(fig, name, out):
+        drawn["legends"] = [ax.get_legend() for ax in fig.axes]
+        return []
+
+    monkeypatch.setattr(module, "save_figure", keep)
+    v_entries = dict.fromkeys(finals, 7) | {"AdamW": None}
+    module.draw(records, s, module.QUICK, v_entries, Path("unused"))
+    for legend in drawn["legends"]:
+        assert "sample std" in legend.get_title().get_text()
+        labels = [t.get_text() for t in legend.get_texts()]
+        for name, ends in finals.items():
+            want = f"{name}, lr 0.01: {statistics.mean(ends):.3f} ± {statistics.stdev(ends):.3f}"
+            assert want in labels
+    with pytest.raises(ValueError, match="rerun without --replot"):
+        module.draw(records, dict(s, steps=5), module.QUICK, v_entries, Path("unused"))
+
+
+@pytest.mark.slow
+def test_training_curves_replot_from_the_json_draws_the_same_figure(tmp_path: Path) -> None:
+    module = _load("fig_training_curves")
+    module.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    png = (tmp_path / "fig_training_curves.png").read_bytes()
+    records = (tmp_path / "fig_training_curves.json").read_text()
+    module.main(["--quick", "--out", str(tmp_path), "--no-progress", "--replot"])
+    assert (tmp_path / "fig_training_curves.png").read_bytes() == png
+    assert (tmp_path / "fig_training_curves.json").read_text() == records
