@@ -79,7 +79,7 @@ from optimizer.kernels import (
     mean_square,
 )
 from optimizer.layout import BlockLayout, layout_of
-from partition.heads import head_counts
+from partition.heads import head_counts, sub_configs
 
 NONFINITE = ("raise", "skip", "skip_blocks", "ignore")
 
@@ -212,12 +212,15 @@ class AdamMini(torch.optim.Optimizer):
     ) -> partition_lib.Partition | None:
         """``partition.adam_mini(model, **heads)`` (the head sizes given to AdamMini), or None
         without a model or when the model as a whole does not split (then each group is
-        partitioned from its names, which raise if needed)."""
+        partitioned from its names, which raise if needed). Head counts given for a composite
+        model (towers with their own counts) are refused, not applied to every tower."""
         if model is None:
             return None
         try:  # the model's config gives the rest, also per stack (encoder vs decoder heads)
             return partition_lib.adam_mini(model, **heads)
         except partition_lib.PartitionError:
+            if any(v is not None for v in heads.values()) and sub_configs(model):
+                raise
             return None
 
     def _auto_partition(self, named: list[tuple[str, torch.Tensor]]) -> partition_lib.Partition:

@@ -152,6 +152,8 @@ def test_the_one_count_refusal_is_gone_but_explicit_counts_are_refused():
         partition.adam_mini(dict(model.named_parameters()))  # names alone: no config
     with pytest.raises(PartitionError, match="composite config .*text_config.*one count"):
         partition.adam_mini(model, n_heads=4)
+    with pytest.raises(PartitionError, match="composite config .*text_config.*one count"):
+        optimizer.AdamMini(model.named_parameters(), partition=None, model=model, n_heads=4)
     tower = partition.adam_mini(model.model.vision_tower, n_heads=6)  # one tower, overridden
     assert tower["encoder.layers.0.self_attn.q_proj.weight"].num_blocks == 6
 
