@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from partition.io import write_text
+from partition.io import check_file_path, write_text
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -216,16 +216,7 @@ def check_out_file(path: str | os.PathLike[str], flag: str = "--out") -> Path:
     """Check, before any work and without writing, that ``path`` can be written as a file: not
     a folder, no file among its parents, the nearest existing folder writable. An OSError on
     one line naming ``flag`` and the fix otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{flag} {str(path)!r} is a folder; give a file path, e.g. {str(path / 'out.json')!r}"
-        )
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise NotADirectoryError(
-            f"{flag} {str(path)!r}: {str(blocker)!r} is a file, not a folder; choose another path"
-        )
+    path = check_file_path(path, flag)
     folder = next(p for p in path.parents if p.exists())  # the one its folders are created in
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(

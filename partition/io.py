@@ -146,6 +146,24 @@ def dumps(data: Any) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def check_file_path(path: str | os.PathLike[str], label: str) -> Path:
+    """``path`` as a ``Path`` when it can name a file: not a folder, no file among its parents.
+    Else an OSError on one line: ``label`` (what is being done, or a CLI flag), the path, the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{label} {str(path)!r}: it is a folder; give a file path, e.g. "
+            f"{str(path / 'out.json')!r}"
+        )
+    blocker = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"{label} {str(path)!r}: {str(blocker)!r} is a file, not a folder; choose another path"
+        )
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path``.
@@ -154,17 +172,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     the permissions a plain ``open`` would give (0666 less the umask), not ``mkstemp``'s 0600.
     The parent folder is created when missing.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{str(path)!r} is a directory; give a file path, e.g. {str(path / 'out.json')!r}"
-        )
-    blocker = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
-    if blocker is not None:
-        raise NotADirectoryError(
-            f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder; choose "
-            "another path"
-        )
+    path = check_file_path(path, "cannot write")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

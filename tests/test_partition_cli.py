@@ -182,7 +182,7 @@ def test_cli_errors_name_path_and_fix(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert main(["memory", "--out", str(tmp_path)]) == 1
-    assert "is a directory; give a file path" in capsys.readouterr().err
+    assert "it is a folder; give a file path" in capsys.readouterr().err
     for command in (["memory", "--models", "gpt2"], ["partition", "--model", "mlp"]):
         assert main([*command, "--out", str(not_a_dir / "sub" / "x.json")]) == 1
         assert f"{str(not_a_dir)!r} is a file, not a folder" in capsys.readouterr().err
