@@ -79,8 +79,11 @@ def towers(model: nn.Module, subs: dict[str, Any]) -> list[tuple[str, str, nn.Mo
 def head_counts(
     model: ModelLike, n_heads: int | None, n_kv_heads: int | None, head_dim: int | None
 ) -> tuple[int | None, int | None, int | None]:
-    """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers)."""
+    """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers), else
+    the ``num_heads`` of the model's ``nn.MultiheadAttention`` modules."""
     config = config_of(model)
+    if config is None and n_heads is None:
+        n_heads = _multihead_attention_heads(model)
     if config is not None:
         if n_heads is None:
             n_heads = config_int(config, *_N_HEADS)
@@ -96,6 +99,26 @@ def head_counts(
         if value is not None and not (_is_int(value) and value > 0):
             raise PartitionError(f"adam_mini: {label} must be a positive integer, got {value!r}")
     return tuple(None if v is None else int(v) for v in (n_heads, n_kv_heads, head_dim))
+
+
+def _multihead_attention_heads(model: ModelLike) -> int | None:
+    """The ``num_heads`` that all ``nn.MultiheadAttention`` modules of ``model`` share; None
+    without any."""
+    if not isinstance(model, nn.Module):
+        return None
+    found: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            found.setdefault(module.num_heads, name)
+    if len(found) > 1:
+        (h1, a), (h2, b) = list(found.items())[:2]
+        raise PartitionError(
+            f"adam_mini: the nn.MultiheadAttention modules {a!r} ({h1} heads) and {b!r} ({h2} "
+            "heads) differ in num_heads, and one head count splits every query and key; pass "
+            "n_heads=... to split them all by one count, or partition each module on its own "
+            "(partition.adam_mini(model.<module>))"
+        )
+    return next(iter(found), None)
 
 
 def sided_heads(model: ModelLike) -> dict[str, int]:

@@ -24,11 +24,13 @@ _TOKEN_EMB = {
     "tok_emb", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in", "shared",
 }  # fmt: skip
 _OUTPUT = {"lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score"}
-_QUERY = {"q_proj", "wq", "query", "q_lin", "q_attn"}  # q_attn: GPT-2 cross-attention
-_KEY = {"k_proj", "wk", "key", "k_lin"}
+# q_attn: GPT-2 cross-attention; q_proj_weight, k_proj_weight, v_proj_weight: nn.MultiheadAttention
+# with kdim/vdim != embed_dim
+_QUERY = {"q_proj", "wq", "query", "q_lin", "q_attn", "q_proj_weight"}
+_KEY = {"k_proj", "wk", "key", "k_lin", "k_proj_weight"}
 _NEURON = {
     # values
-    "v_proj", "wv", "value", "v_lin",
+    "v_proj", "wv", "value", "v_lin", "v_proj_weight",
     # attention output
     "o_proj", "wo", "out_proj", "out_lin", "c_proj", "dense",
     # MLP
@@ -40,7 +42,8 @@ _NEURON = {
     "vocab_transform", "pooler",
 }  # fmt: skip
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"}
-_FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "query_key_value"}
+# in_proj_weight: nn.MultiheadAttention's q | k | v sections (F.multi_head_attention_forward)
+_FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "query_key_value", "in_proj_weight"}
 
 
 def module_of(name: str) -> str:
@@ -135,6 +138,31 @@ def transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]]
             stacklevel=3,
         )
     return guessed
+
+
+def torch_layer_kinds(model: ModelLike) -> dict[str, str]:
+    """Roles of the tensors of PyTorch's own attention layers, by module type: in an
+    ``nn.MultiheadAttention``, ``in_proj_weight`` fused q|k|v, ``q_proj_weight``/``k_proj_weight``
+    q/k, ``v_proj_weight`` neuron, ``bias_k``/``bias_v`` (learned key/value tokens) one block;
+    the ``nn.Linear`` MLP of an ``nn.TransformerEncoderLayer``/``DecoderLayer`` (``linear1``,
+    ``linear2``) neuron. Empty without a module."""
+    if not isinstance(model, nn.Module):
+        return {}
+    owned = {}
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for leaf in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, leaf) is not None:
+                    owned[id(getattr(module, leaf))] = role_of(leaf)
+            for leaf in ("bias_k", "bias_v"):
+                if getattr(module, leaf) is not None:
+                    owned[id(getattr(module, leaf))] = "1d"
+        elif isinstance(module, layers):
+            for child in module.children():
+                if isinstance(child, nn.Linear):
+                    owned[id(child.weight)] = "neuron"
+    return {name: owned[id(p)] for name, p in model.named_parameters() if id(p) in owned}
 
 
 def token_embedding_names(model: ModelLike) -> set[str]:

@@ -27,7 +27,7 @@ from partition.heads import (
     sub_configs,
     towers,
 )
-from partition.roles import role_of, token_embedding_names, transposed_names
+from partition.roles import role_of, token_embedding_names, torch_layer_kinds, transposed_names
 
 __all__ = ["ModelLike", "adam_mini", "by_rows", "by_tensor", "config_of", "elements"]
 
@@ -263,6 +263,9 @@ def _single(
     for name in token_embedding_names(model):  # whatever their names (CTRL's "w"); all 2-D
         if name in kinds:  # a composite model's part: only its own tensors
             kinds[name] = "token"
+    for name, kind in torch_layer_kinds(model).items():  # nn.MultiheadAttention, linear1/linear2
+        if name in kinds:
+            kinds[name] = kind
     layout, layout_kv = fused_layout(model, n_heads)
     n_kv_heads = n_kv_heads or layout_kv
     unordered = [n for n, k in kinds.items() if k == "fused_unordered"]
