@@ -25,12 +25,16 @@ _TOKEN_EMB = {
 }  # fmt: skip
 _OUTPUT = {"lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score"}
 # q_attn: GPT-2 cross-attention; q_proj_weight, k_proj_weight, v_proj_weight: nn.MultiheadAttention
-# with kdim/vdim != embed_dim
-_QUERY = {"q_proj", "wq", "query", "q_lin", "q_attn", "q_proj_weight"}
-_KEY = {"k_proj", "wk", "key", "k_lin", "k_proj_weight"}
+# with kdim/vdim != embed_dim; *_proj: DeBERTa(-v2), whose pos_query_proj/pos_key_proj project the
+# relative-position embeddings into heads like query_proj/key_proj, each head's rows entering only
+# that head's scores (p2c: k_h . pos_q_h, c2p: q_h . pos_k_h), so one block per head as well
+_QUERY = {
+    "q_proj", "wq", "query", "q_lin", "q_attn", "q_proj_weight", "query_proj", "pos_query_proj",
+}  # fmt: skip
+_KEY = {"k_proj", "wk", "key", "k_lin", "k_proj_weight", "key_proj", "pos_key_proj"}
 _NEURON = {
     # values
-    "v_proj", "wv", "value", "v_lin", "v_proj_weight",
+    "v_proj", "wv", "value", "v_lin", "v_proj_weight", "value_proj",
     # attention output
     "o_proj", "wo", "out_proj", "out_lin", "c_proj", "dense",
     # MLP

@@ -154,6 +154,14 @@ ARCHS = {
     "persimmon": ("PersimmonForCausalLM", dict(MHA, qk_layernorm=True), (NH, NH), None),
     "granite": ("GraniteForCausalLM", GQA, (NH, KV), None),
     "cohere": ("CohereForCausalLM", dict(GQA, use_qk_norm=True), (NH, KV), None),
+    "deberta_v2": (  # DeBERTa-v3's relative attention: query_proj / key_proj also project positions
+        "DebertaV2ForMaskedLM",
+        dict(MHA, relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True,
+             position_buckets=8, max_relative_positions=16, norm_rel_ebd="layer_norm",
+             max_position_embeddings=32),
+        (NH, NH),
+        None,
+    ),
 }  # fmt: skip
 DECODER_HEADS = {"bart": (2, 2)}  # (q, kv) heads of the decoder stack where they differ
 
@@ -257,6 +265,18 @@ def _install_probes(model: nn.Module, capture: _MatmulCapture) -> None:
                 return attn(q, k, v, *args, **kwargs)
 
             module._attn = _attn
+        elif cls == "DisentangledSelfAttention":  # DeBERTa: (batch * heads, seq, head_dim)
+            seen = []  # q, k, v, then the relative-position projections (not recorded)
+            split = module.transpose_for_scores
+
+            def transpose_for_scores(x, heads, module=module, split=split, seen=seen):
+                out = split(x, heads)
+                seen.append(out.view(-1, heads, *out.shape[1:]))
+                if len(seen) == 3:
+                    CALLS.append((module, *seen))
+                return out
+
+            module.transpose_for_scores = transpose_for_scores
         elif cls == "MptAttention":
             module.register_forward_pre_hook(lambda m, a: setattr(capture, "module", m))
             module.register_forward_hook(lambda m, a, o: setattr(capture, "module", None))
@@ -537,3 +557,28 @@ def test_bigbird_pooler_is_a_dense_layer():
         warnings.simplefilter("error", PartitionWarning)
         part = partition.adam_mini({"bert.pooler.weight": torch.empty(H, H)})
     assert part["bert.pooler.weight"].rule == "rows"
+
+
+def test_deberta_v2_relative_position_projections_are_split_by_head():
+    """Without share_att_key, DeBERTa's pos_key_proj / pos_query_proj project the relative
+    position embeddings into heads, and the rows of head h enter only head h's attention scores
+    (c2p: q_h . pos_k_h, p2c: k_h . pos_q_h): one block per head, as for query and key."""
+    config = transformers.DebertaV2Config(**dict(ARCHS["deberta_v2"][1], share_att_key=False))
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForMaskedLM(config)
+    part = adam_mini_checked(model, "deberta_v2")
+    for name, roles in head_supports(model).items():
+        assert block_sets(part, name) == {e for sets in roles.values() for e in sets}, name
+    names = {id(p): n for n, p in model.named_parameters()}
+    probs = model(**inputs(model, labels=False), output_attentions=True).attentions
+    g = torch.Generator().manual_seed(2)
+    for layer, p in zip(model.deberta.encoder.layer, probs, strict=True):
+        for proj in ("pos_key_proj", "pos_query_proj"):
+            weight = getattr(layer.attention.self, proj).weight
+            found = set()
+            for h in range(NH):
+                r = torch.randn(p[:, h].shape, generator=g)
+                (grad,) = torch.autograd.grad((p[:, h] * r).sum(), weight, retain_graph=True)
+                found.add(tuple(grad.flatten().nonzero().flatten().tolist()))
+            assert len(found) == NH
+            assert block_sets(part, names[id(weight)]) == found, names[id(weight)]
