@@ -90,6 +90,10 @@ def adam_mini(
     ``c_attn``                                  resp. q section
     interleaved q|k|v (GPT-NeoX, Persimmon,     ``row_groups``: the same blocks in the row
     Bloom, Falcon, CodeGen; from ``config``)    order of ``config.model_type``
+    torch ``nn.MultiheadAttention``'s           ``fused_heads`` (q | k | v); separate
+    ``in_proj_weight`` (``q/k/v_proj_weight``)  q, k, v as above
+    MLP ``linear1``/``linear2`` of              ``rows``, found by module type
+    ``nn.Transformer{Encoder,Decoder}Layer``
     norms (also 2-D ones), biases, positional   ``tensor``: one block
     embeddings, T5's relative attention bias,
     every other 1-D tensor
@@ -121,7 +125,7 @@ def adam_mini(
     Args:
         model_or_named_parameters: module, ``named_parameters()`` or mapping name -> tensor.
         n_heads: query heads; default ``model.config`` (``n_heads``/``num_attention_heads``/
-            ``n_head``).
+            ``n_head``), else the ``num_heads`` shared by its ``nn.MultiheadAttention`` modules.
         n_kv_heads: key/value heads (GQA); default ``model.config``, else ``n_heads``.
         head_dim: default ``model.config.head_dim`` (T5: ``d_kv``), else ``hidden / n_heads``,
             else ``q rows / n_heads``.
