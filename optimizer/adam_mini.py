@@ -169,7 +169,8 @@ class AdamMini(torch.optim.Optimizer):
         keys = ("n_heads", "n_kv_heads", "head_dim")
         given = dict(zip(keys, (n_heads, n_kv_heads, head_dim), strict=True))
         given = {k: v for k, v in given.items() if v is not None}
-        counts = head_counts(model, n_heads, n_kv_heads, head_dim)  # given, else model.config
+        # given, else model.config (or its nn.MultiheadAttention modules) when building the blocks
+        counts = head_counts(model if partition is None else None, n_heads, n_kv_heads, head_dim)
         self._heads = {k: v for k, v in zip(keys, counts, strict=True) if v is not None}
         self._source = None  # the JSON file the partition came from, for error messages
         if isinstance(partition, (str, os.PathLike)):

@@ -138,6 +138,7 @@ def test_head_counts_of_multihead_attention_modules():
     model = nn.ModuleDict({"a": nn.MultiheadAttention(E, NH), "b": nn.MultiheadAttention(E, 2)})
     with pytest.raises(PartitionError, match=r"'a'.*'b'.*n_heads="):
         partition.adam_mini(model)
+    optimizer.AdamMini(model.named_parameters(), partition=partition.by_tensor(model), model=model)
     part = quiet_adam_mini(model, n_heads=2)  # an explicit count wins
     assert part["a.in_proj_weight"].params["head_dim"] == E // 2
     assert quiet_adam_mini(encoder(), n_heads=2)[
