@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 
+import torch
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -27,7 +28,10 @@ def load_checkpoint(opt: AdamMini, checkpoint_id: str | os.PathLike, *, key: str
 
     The same as ``opt.init_state(); sd = opt.state_dict(); dcp.load({key: sd}, checkpoint_id);
     opt.load_state_dict(sd)``, with the partition checked first: a state saved under another
-    partition is a :class:`partition.PartitionError` naming the tensor. Parameters that had no
+    partition is a :class:`partition.PartitionError` naming the tensor. Tensors are matched by
+    the saved ``param_names``, as :meth:`AdamMini.load_state_dict` matches them, where that
+    recipe needs the saved order (DCP fills ``state.i`` with the saved ``i``-th tensor's state,
+    in a buffer shaped and typed for this optimizer's ``i``-th tensor). Parameters that had no
     state when saved (never stepped) have none after loading. A missing, corrupt or
     mismatched checkpoint raises before ``opt`` changes. Under a process group (FSDP2, DDP)
     every rank calls it, as with ``dcp.load``.
@@ -54,31 +58,33 @@ def load_checkpoint(opt: AdamMini, checkpoint_id: str | os.PathLike, *, key: str
         for k in metadata.state_dict_metadata
         if k.startswith(f"{key}.") and (m := _GROUP_KEY.match(k.removeprefix(f"{key}.")))
     }
-    if len(groups) != len(opt.param_groups) or max(saved, default=-1) >= len(params):
+    by_index: dict[int, torch.Tensor] = {}
+    if len(groups) == len(opt.param_groups):
+        # the saved state's ids are the saved positions: match them to our tensors by the saved
+        # param_names as load_state_dict does (by position, a tensor of the same shape at the
+        # same index would be given another's state, read through its buffer's dtype)
+        saved_groups = opt._in_our_order({"param_groups": _saved_groups(opt, metadata, key, path)})
+        ordered = saved_groups["param_groups"]
+        if [len(g["params"]) for g in ordered] == [len(g["params"]) for g in opt.param_groups]:
+            by_index = dict(zip((i for g in ordered for i in g["params"]), params, strict=True))
+    if not by_index or any(i not in by_index for i in saved):
         raise ValueError(
             f"checkpoint {path!r} holds an optimizer of {len(groups)} param group(s) with state "
             f"up to tensor index {max(saved, default=-1)}, but this optimizer has "
             f"{len(opt.param_groups)} group(s) and {len(params)} tensors; build it with the same "
-            "parameters and param groups, in the same order, as the saved one"
+            "parameters and param groups as the saved one"
         )
     for index, shapes in saved.items():
-        opt.check_saved_shapes(params[index], shapes)
+        opt.check_saved_shapes(by_index[index], shapes)
     # DCP fills fresh tensors, never opt's own: a failed read leaves opt unchanged
     state_dict = opt.state_dict()
-    state_dict["state"] = {i: opt.new_state(params[i]) for i in saved}
+    state_dict["state"] = {i: opt.new_state(by_index[i]) for i in saved}
     # the records the checkpoint holds: none in torch.optim's format, and under other names when
     # saved through a wrapper (DDP's "module.", torch.compile's "_orig_mod."), as load_state_dict
     prefix = f"{key}.blocks."
     recorded = {k[len(prefix) :] for k in metadata.state_dict_metadata if k.startswith(prefix)}
     state_dict["blocks"] = {n: b for n, b in state_dict["blocks"].items() if n in recorded}
-    try:
-        dcp.load({key: state_dict}, checkpoint_id=path)
-    except CheckpointException as err:  # a BaseException, with every rank's traceback
-        causes = "; ".join(f"rank {r}: {e!r}" for r, (e, _) in err.failures.items())
-        raise RuntimeError(
-            f"checkpoint {path!r} could not be read ({causes}); it is corrupt or incomplete: "
-            "save it again or resume from an earlier one. The optimizer is unchanged"
-        ) from err
+    _load({key: state_dict}, path)
     opt.load_state_dict(state_dict)
 
 
@@ -97,3 +103,27 @@ def _saved_shapes(entries: dict, key: str, path: str) -> dict[int, dict[str, tup
         if m:
             shapes.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(meta.size)
     return shapes
+
+
+def _saved_groups(opt: AdamMini, metadata, key: str, path: str) -> list[dict]:
+    """The saved param groups' ``params`` (state ids) and ``param_names`` (where saved)."""
+    groups = []
+    for i, g in enumerate(opt.param_groups):  # placeholders of the right types, for DCP to fill
+        group = {"params": list(range(len(g["params"])))}
+        if f"{key}.param_groups.{i}.param_names" in metadata.state_dict_metadata:
+            group["param_names"] = list(g["param_names"])
+        groups.append(group)
+    _load({key: {"param_groups": groups}}, path)
+    return groups
+
+
+def _load(state_dict: dict, path: str) -> None:
+    """``dcp.load``, a failed read as a ``RuntimeError`` that says the optimizer is unchanged."""
+    try:
+        dcp.load(state_dict, checkpoint_id=path)
+    except CheckpointException as err:  # a BaseException, with every rank's traceback
+        causes = "; ".join(f"rank {r}: {e!r}" for r, (e, _) in err.failures.items())
+        raise RuntimeError(
+            f"checkpoint {path!r} could not be read ({causes}); it is corrupt or incomplete: "
+            "save it again or resume from an earlier one. The optimizer is unchanged"
+        ) from err

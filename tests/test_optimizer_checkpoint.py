@@ -197,3 +197,43 @@ def test_state_dict_loads_by_name_into_another_parameter_order():
         ValueError, match=r"'2\.weight' is in param group 1 of the saved state but in group 0 here"
     ):
         moved.load_state_dict(saved_two)
+
+
+def test_checkpoint_loads_by_name_into_another_parameter_order(tmp_path):
+    """``load_checkpoint`` matches tensors by the saved ``param_names`` as ``load_state_dict``
+    does. By position, a float32 weight's momentum was read into the buffer of the bfloat16
+    weight of the same shape that sat at its index (rounded, silently), and a weight and a bias
+    in another order were refused as "another model". A tensor in another group than when saved
+    is refused by name, before anything is loaded."""
+    torch.manual_seed(0)
+    w32 = nn.Parameter(torch.randn(4, 4, dtype=torch.float32))
+    w16 = nn.Parameter(torch.randn(4, 4).to(torch.bfloat16))
+    bias = nn.Parameter(torch.randn(4))
+    named = [("w32", w32), ("w16", w16), ("bias", bias)]
+    part = partition.by_rows(named)
+    opt = optimizer.AdamMini(named, part, lr=0.1)
+
+    def train(opt: optimizer.AdamMini) -> None:
+        for _ in range(3):
+            opt.zero_grad()
+            (w32.square().sum() + w16.float().pow(3).sum() + bias.exp().sum()).backward()
+            opt.step()
+
+    train(opt)
+    dcp.save({"optim": opt.state_dict()}, checkpoint_id=tmp_path / "one")
+    for order in ([1, 0, 2], [2, 1, 0]):
+        fresh = optimizer.AdamMini([named[i] for i in order], part, lr=0.1)
+        optimizer.load_checkpoint(fresh, tmp_path / "one")
+        for n, p in named:
+            for k, t in opt.state[p].items():
+                assert torch.equal(fresh.state[p][k], t), (order, n, k)
+
+    two = optimizer.AdamMini([{"params": named[:2]}, {"params": named[2:]}], part, lr=0.1)
+    train(two)
+    dcp.save({"optim": two.state_dict()}, checkpoint_id=tmp_path / "two")
+    moved = optimizer.AdamMini([{"params": named[1:2]}, {"params": named[::2]}], part)
+    with pytest.raises(
+        ValueError, match=r"'w32' is in param group 0 of the saved state but in group 1"
+    ):
+        optimizer.load_checkpoint(moved, tmp_path / "two")
+    assert not moved.state
