@@ -80,7 +80,7 @@ def head_counts(
     model: ModelLike, n_heads: int | None, n_kv_heads: int | None, head_dim: int | None
 ) -> tuple[int | None, int | None, int | None]:
     """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers), else
-    the ``num_heads`` of the model's ``nn.MultiheadAttention`` modules."""
+    the ``num_heads`` that all of the model's ``nn.MultiheadAttention`` modules share."""
     config = config_of(model)
     if config is None and n_heads is None:
         n_heads = _multihead_attention_heads(model)
@@ -101,24 +101,27 @@ def head_counts(
     return tuple(None if v is None else int(v) for v in (n_heads, n_kv_heads, head_dim))
 
 
+def multihead_attention_heads(model: ModelLike) -> dict[str, tuple[str, int, int]]:
+    """``{tensor name: (module name, num_heads, head_dim)}`` for the query and key weights
+    (``in_proj_weight``, ``q_proj_weight``, ``k_proj_weight``) of each ``nn.MultiheadAttention``
+    module of ``model``: the split its forward uses (``head_dim = embed_dim // num_heads``, also
+    with kdim/vdim, whose q/k weights have embed_dim rows). Empty without a module."""
+    if not isinstance(model, nn.Module):
+        return {}
+    owned = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for leaf in ("in_proj_weight", "q_proj_weight", "k_proj_weight"):
+                if getattr(module, leaf) is not None:
+                    owned[id(getattr(module, leaf))] = (mod_name, module.num_heads, module.head_dim)
+    return {name: owned[id(p)] for name, p in model.named_parameters() if id(p) in owned}
+
+
 def _multihead_attention_heads(model: ModelLike) -> int | None:
     """The ``num_heads`` that all ``nn.MultiheadAttention`` modules of ``model`` share; None
-    without any."""
-    if not isinstance(model, nn.Module):
-        return None
-    found: dict[int, str] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            found.setdefault(module.num_heads, name)
-    if len(found) > 1:
-        (h1, a), (h2, b) = list(found.items())[:2]
-        raise PartitionError(
-            f"adam_mini: the nn.MultiheadAttention modules {a!r} ({h1} heads) and {b!r} ({h2} "
-            "heads) differ in num_heads, and one head count splits every query and key; pass "
-            "n_heads=... to split them all by one count, or partition each module on its own "
-            "(partition.adam_mini(model.<module>))"
-        )
-    return next(iter(found), None)
+    without any or when they differ."""
+    found = {heads for _, heads, _ in multihead_attention_heads(model).values()}
+    return found.pop() if len(found) == 1 else None
 
 
 def sided_heads(model: ModelLike) -> dict[str, int]:

@@ -22,6 +22,7 @@ from partition.heads import (
     config_of,
     head_counts,
     head_dim_from_query,
+    multihead_attention_heads,
     side_of,
     sided_heads,
     sub_configs,
@@ -117,6 +118,10 @@ def adam_mini(
     counts (recorded as ``provenance["n_heads_by_tower"]``, by module name), and tensors outside
     every tower (projectors) get the rules without heads, ``rows`` for an ``nn.Linear`` weight.
     Passing head counts for a composite model is refused: one count cannot fit towers that differ.
+    An ``nn.MultiheadAttention`` module's q|k|v, q and k weights are always split by its own
+    ``num_heads`` and ``head_dim`` (what its forward uses; recorded as
+    ``provenance["n_heads_by_module"]``), whatever the config or the arguments say: the arguments
+    split the other tensors (pass ``named_parameters()`` to split every tensor by them).
 
     Unlike the reference implementation, biases get one block (not one per entry), 1-D weights
     never get a per-row rule, ``head_dim`` may differ from ``hidden / n_heads`` (Qwen3), and
@@ -125,7 +130,8 @@ def adam_mini(
     Args:
         model_or_named_parameters: module, ``named_parameters()`` or mapping name -> tensor.
         n_heads: query heads; default ``model.config`` (``n_heads``/``num_attention_heads``/
-            ``n_head``), else the ``num_heads`` shared by its ``nn.MultiheadAttention`` modules.
+            ``n_head``), else the ``num_heads`` shared by its ``nn.MultiheadAttention`` modules
+            (which each have their own anyway).
         n_kv_heads: key/value heads (GQA); default ``model.config``, else ``n_heads``.
         head_dim: default ``model.config.head_dim`` (T5: ``d_kv``), else ``hidden / n_heads``,
             else ``q rows / n_heads``.
@@ -145,7 +151,7 @@ def adam_mini(
     return Partition(built.tensors, built.provenance)
 
 
-_COUNTS = ("n_heads", "n_kv_heads", "head_dim", "n_heads_by_stack")
+_COUNTS = ("n_heads", "n_kv_heads", "head_dim", "n_heads_by_stack", "n_heads_by_module")
 
 
 @dataclass
@@ -277,7 +283,10 @@ def _single(
         kinds[name] = "fused" if layout else ""
     for name in cross_kv_names(shapes, kinds):
         kinds[name] = "fused_kv"
-    needs_heads = [n for n, k in kinds.items() if k in ("q", "k", "fused", "fused_kv")]
+    own = {n: v for n, v in multihead_attention_heads(model).items() if n in kinds}
+    needs_heads = [
+        n for n, k in kinds.items() if k in ("q", "k", "fused", "fused_kv") and n not in own
+    ]
     if needs_heads and head_dim is None:
         if n_heads is None and no_heads is not None:
             raise PartitionError(no_heads(needs_heads[0]))
@@ -296,6 +305,13 @@ def _single(
             tensors.append(TensorBlocks(name, shape, "rows", {}))
         elif kind in ("1d", "positional", "norm"):
             tensors.append(TensorBlocks(name, shape, "tensor", {}))
+        elif name in own:  # an nn.MultiheadAttention's q|k|v, q or k, by its own num_heads
+            _, heads, dim = own[name]
+            tensors.append(
+                fused_heads(name, shape, False, heads, heads, dim)
+                if kind == "fused"
+                else _query_or_key(name, shape, kind, False, heads, dim)
+            )
         elif kind in ("q", "k"):
             heads = n_heads if kind == "q" else (n_kv_heads or n_heads)
             side = side_of(name, sided)
@@ -333,6 +349,8 @@ def _single(
     }
     if sided:
         provenance["n_heads_by_stack"] = sided
+    if own:
+        provenance["n_heads_by_module"] = {m: h for m, h, _ in own.values()}
     return _Built(tensors, unrecognized, unordered if not layout else [], experts, provenance)
 
 

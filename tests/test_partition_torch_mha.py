@@ -63,8 +63,8 @@ def changed_heads(mha, weight, rows, inputs):
 
 
 def check_heads(part, model, prefix, mha, weights, inputs):
-    """Every q and k block of ``weights`` (names under ``prefix``) moves exactly one head, each
-    head once per q and once per k; v blocks move none."""
+    """Every q and k block of ``weights`` (names under ``prefix``) moves exactly one head, each of
+    ``mha``'s heads once per q and once per k; v blocks move none."""
     moved = {"q": [], "k": []}
     for leaf in weights:
         name = f"{prefix}.{leaf}"
@@ -74,7 +74,7 @@ def check_heads(part, model, prefix, mha, weights, inputs):
             rows = (ids == block).nonzero().flatten()
             heads = changed_heads(mha, param, rows, inputs)
             if leaf == "in_proj_weight":
-                role = "qkv"[int(rows[0]) // E]
+                role = "qkv"[int(rows[0]) // mha.embed_dim]
             else:
                 role = leaf[0]
             if role == "v":
@@ -82,7 +82,7 @@ def check_heads(part, model, prefix, mha, weights, inputs):
             else:
                 assert len(heads) == 1, f"{name} block {block} moved heads {heads}"
                 moved[role] += sorted(heads)
-    assert sorted(moved["q"]) == sorted(moved["k"]) == list(range(NH))
+    assert sorted(moved["q"]) == sorted(moved["k"]) == list(range(mha.num_heads))
 
 
 def test_transformer_encoder_blocks_follow_torchs_head_split():
@@ -134,16 +134,96 @@ def test_separate_projections_when_kdim_and_vdim_differ():
     check_heads(part, model, "attn", model.attn, leaves, inputs)
 
 
-def test_head_counts_of_multihead_attention_modules():
-    model = nn.ModuleDict({"a": nn.MultiheadAttention(E, NH), "b": nn.MultiheadAttention(E, 2)})
-    with pytest.raises(PartitionError, match=r"'a'.*'b'.*n_heads="):
-        partition.adam_mini(model)
+def test_modules_that_differ_in_num_heads_are_split_by_their_own(tmp_path):
+    torch.manual_seed(0)
+    decoder = nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(E, 8, dim_feedforward=FF, batch_first=True), num_layers=1
+    )
+    model = nn.Transformer(
+        d_model=E,
+        nhead=NH,
+        num_encoder_layers=1,
+        dim_feedforward=FF,
+        batch_first=True,
+        custom_decoder=decoder,
+    )
+    part = quiet_adam_mini(model)
+    part.check(model)
+    assert part.provenance["n_heads_by_module"] == {
+        "encoder.layers.0.self_attn": NH,
+        "decoder.layers.0.self_attn": 8,
+        "decoder.layers.0.multihead_attn": 8,
+    }
+    part.to_json(tmp_path / "p.json")
+    assert partition.Partition.from_json(tmp_path / "p.json") == part
+    g = torch.Generator().manual_seed(1)
+    src, tgt = torch.randn(2, 6, E, generator=g), torch.randn(2, 3, E, generator=g)
+    enc = model.encoder.layers[0].self_attn
+    check_heads(part, model, "encoder.layers.0.self_attn", enc, ["in_proj_weight"], (src,) * 3)
+    d = "decoder.layers.0."
+    for attn, inputs in (("self_attn", (tgt,) * 3), ("multihead_attn", (tgt, src, src))):
+        mha = getattr(model.decoder.layers[0], attn)
+        check_heads(part, model, d + attn, mha, ["in_proj_weight"], inputs)
+    opt = optimizer.AdamMini(model.named_parameters(), partition=None, model=model)
+    model(src, tgt).pow(2).mean().backward()
+    opt.step()
+    assert sum(s["exp_avg_sq"].numel() for s in opt.state.values()) == part.num_blocks
+
+
+def test_explicit_head_counts_split_the_other_tensors_only():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.pool = nn.MultiheadAttention(E, 1, kdim=12, vdim=12, batch_first=True)
+    model.attn = nn.Module()
+    model.attn.q_proj, model.attn.k_proj = nn.Linear(E, E), nn.Linear(E, E)
+    part = quiet_adam_mini(model)  # no config: the one MHA module's count splits the rest too
+    assert part["attn.q_proj.weight"].params == {"head_dim": E}
+    part = quiet_adam_mini(model, n_heads=8)
+    part.check(model)
+    assert part["attn.q_proj.weight"].params == part["attn.k_proj.weight"].params
+    assert part["attn.q_proj.weight"].params == {"head_dim": E // 8}
+    assert part["pool.q_proj_weight"].params == {"head_dim": E}
+    assert part["pool.k_proj_weight"].num_blocks == 1
+    assert part.provenance["n_heads"] == 8
+    assert part.provenance["n_heads_by_module"] == {"pool": 1}
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(2, n, d, generator=g) for n, d in ((1, E), (6, 12), (6, 12))]
+    leaves = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    check_heads(part, model, "pool", model.pool, leaves, inputs)
+    named = partition.adam_mini(model.named_parameters(), n_heads=8)  # names: one count for all
+    assert named["pool.q_proj_weight"].num_blocks == 8
     optimizer.AdamMini(model.named_parameters(), partition=partition.by_tensor(model), model=model)
-    part = quiet_adam_mini(model, n_heads=2)  # an explicit count wins
-    assert part["a.in_proj_weight"].params["head_dim"] == E // 2
-    assert quiet_adam_mini(encoder(), n_heads=2)[
-        "layers.0.self_attn.in_proj_weight"
-    ].num_blocks == (2 + 2 + E)
+
+
+@pytest.mark.parametrize("pool_heads", [None, 1])
+def test_siglip_pooling_head_by_its_own_num_heads(pool_heads):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SiglipVisionConfig(
+        hidden_size=E,
+        intermediate_size=FF,
+        num_hidden_layers=1,
+        num_attention_heads=NH,
+        image_size=16,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    model = transformers.SiglipVisionModel(config)
+    if pool_heads is not None:  # a one-head attention-pooling head under a 4-head config
+        model.head.attention = nn.MultiheadAttention(E, pool_heads, batch_first=True)
+    mha = model.head.attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartitionWarning)  # head.probe, the learned query token
+        part = partition.adam_mini(model)
+    part.check(model)
+    heads = pool_heads or NH
+    assert part.provenance["n_heads"] == NH
+    assert part.provenance["n_heads_by_module"] == {"head.attention": heads}
+    assert part["head.attention.in_proj_weight"].num_blocks == heads + heads + E
+    assert part["encoder.layers.0.self_attn.q_proj.weight"].num_blocks == NH
+    g = torch.Generator().manual_seed(1)
+    probe, states = model.head.probe.detach(), torch.randn(1, 4, E, generator=g)
+    inputs = (probe, states, states)
+    check_heads(part, model, "head.attention", mha, ["in_proj_weight"], inputs)
 
 
 def test_names_only():
