@@ -44,6 +44,13 @@ of range raise ``ValueError``; sparse gradients raise ``RuntimeError`` at
 
 Under ``torch.distributed`` blocks cut by a shard boundary decide on the all-reduced
 sum, so every rank takes the same decision.
+
+``skipped_steps`` and ``skipped_blocks`` are per-session diagnostics: counts since this
+optimizer object was built, not optimizer state. ``state_dict`` does not save them and
+``load_state_dict`` / ``load_checkpoint`` leave them as they are, so a resumed run counts from
+0 (keep a running total across restarts yourself, e.g. next to the checkpoint). Under
+``torch.distributed`` ``skipped_steps`` is the same on every rank, while ``skipped_blocks``
+counts the blocks of this rank's shards (a block cut by a shard boundary on each of its ranks).
 """
 
 from __future__ import annotations
