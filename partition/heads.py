@@ -117,6 +117,28 @@ def multihead_attention_heads(model: ModelLike) -> dict[str, tuple[str, int, int
     return {name: owned[id(p)] for name, p in model.named_parameters() if id(p) in owned}
 
 
+def qkv_linear_heads(model: ModelLike) -> dict[str, tuple[str, int, int]]:
+    """``{tensor name: (module name, num_heads, head_dim)}`` for the ``qkv`` ``nn.Linear`` weight of
+    each attention module (class name with "Attention") that has ``num_heads`` or
+    ``num_attention_heads``: rows q | k | v, each ``num_heads`` heads of ``head_dim`` rows, as
+    transformers' vision attentions (Qwen2-VL, BLIP-2, SAM, Hiera, ...) and timm's ViT reshape it
+    to ``(..., 3, num_heads, head_dim)``. Empty without a module."""
+    if not isinstance(model, nn.Module):
+        return {}
+    owned = {}
+    for mod_name, module in model.named_modules():
+        qkv = getattr(module, "qkv", None)
+        heads = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))
+        if "attention" not in type(module).__name__.lower() or not isinstance(qkv, nn.Linear):
+            continue
+        if not (_is_int(heads) and heads > 0 and qkv.out_features % (3 * heads) == 0):
+            continue
+        head_dim = qkv.out_features // (3 * heads)
+        if getattr(module, "head_dim", head_dim) == head_dim:  # q | k | v of equal widths
+            owned[id(qkv.weight)] = (mod_name, int(heads), head_dim)
+    return {name: owned[id(p)] for name, p in model.named_parameters() if id(p) in owned}
+
+
 def _multihead_attention_heads(model: ModelLike) -> int | None:
     """The ``num_heads`` that all ``nn.MultiheadAttention`` modules of ``model`` share; None
     without any or when they differ."""

@@ -46,6 +46,10 @@ _NEURON = {
     "vocab_transform", "pooler",
 }  # fmt: skip
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"}
+# proj/projection: the output of an attention module under these names (Qwen2-VL's attn.proj,
+# BLIP-2's self_attn.projection, timm's attn.proj); too generic a name elsewhere (ESMFold's
+# seq_attention.proj is its fused input)
+_ATTENTION_PARENTS = {"attn", "self_attn", "attention"}
 # in_proj_weight: nn.MultiheadAttention's q | k | v sections (F.multi_head_attention_forward)
 _FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "query_key_value", "in_proj_weight"}
 
@@ -98,6 +102,8 @@ def role_of(name: str, ndim: int = 2) -> str:
         return "token"
     if leaf in _OUTPUT:
         return "token"
+    if leaf in {"proj", "projection"} and parents and parents[-1] in _ATTENTION_PARENTS:
+        return "neuron"
     if leaf in _NEURON or (leaf in {"v", "o"} and _is_attention(parents)):
         return "neuron"
     if any(p in _MLP_PARENTS for p in parents):

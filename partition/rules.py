@@ -23,6 +23,7 @@ from partition.heads import (
     head_counts,
     head_dim_from_query,
     multihead_attention_heads,
+    qkv_linear_heads,
     side_of,
     sided_heads,
     sub_configs,
@@ -284,6 +285,9 @@ def _single(
     for name in cross_kv_names(shapes, kinds):
         kinds[name] = "fused_kv"
     own = {n: v for n, v in multihead_attention_heads(model).items() if n in kinds}
+    for name, heads in qkv_linear_heads(model).items():  # an attention's fused qkv nn.Linear
+        if name in kinds:
+            kinds[name], own[name] = "fused", heads
     needs_heads = [
         n for n, k in kinds.items() if k in ("q", "k", "fused", "fused_kv") and n not in own
     ]

@@ -170,3 +170,69 @@ def test_a_tower_whose_module_cannot_be_found_is_a_clear_error():
 
     with pytest.raises(PartitionError, match="'vision.q_proj.weight'.*config.vision_config"):
         partition.adam_mini(Custom())
+
+
+def _qwen2_vl():  # vision heads of 16 = embed_dim / num_heads, not hidden_size / num_heads
+    text = dict(TEXT, num_attention_heads=4, num_key_value_heads=2)
+    text["rope_parameters"] = dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=1e4)
+    vision = dict(depth=1, embed_dim=48, hidden_size=32, num_heads=3, mlp_ratio=1, patch_size=2,
+                  temporal_patch_size=2, spatial_merge_size=2)  # fmt: skip
+    config = transformers.Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=61,
+        vision_start_token_id=62,
+    )  # fmt: skip
+    return transformers.Qwen2VLForConditionalGeneration(config)
+
+
+def _qwen2_vl_batch(g: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.cat(
+        [torch.tensor([[62, IMAGE_TOKEN]]), torch.randint(3, 60, (1, 5), generator=g)], 1
+    )
+    return {  # one 2 x 2 grid of patches of 3 x 2 x 2 x 2, merged into one image token
+        "input_ids": ids,
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).long(),
+        "pixel_values": torch.randn(4, 24, generator=g),
+        "image_grid_thw": torch.tensor([[1, 2, 2]]),
+    }
+
+
+def _blip_2():
+    config = transformers.Blip2Config(
+        vision_config=VISION,
+        qformer_config=dict(TEXT, num_attention_heads=4, encoder_hidden_size=48),
+        text_config=dict(TEXT, model_type="opt", ffn_dim=40, num_attention_heads=4),
+        num_query_tokens=2,
+        image_token_index=IMAGE_TOKEN,
+    )
+    return transformers.Blip2ForConditionalGeneration(config)
+
+
+def _blip_2_batch(g: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.cat([torch.full((1, 2), IMAGE_TOKEN), torch.randint(3, 60, (1, 5), generator=g)], 1)
+    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 8, 8, generator=g)}
+
+
+# name: (builder, batch, the vision attention's module name, its heads, its output projection)
+FUSED_QKV = {
+    "qwen2_vl": (_qwen2_vl, _qwen2_vl_batch, "model.visual.blocks.0.attn", 3, "proj"),
+    "blip_2": (_blip_2, _blip_2_batch, "vision_model.encoder.layers.0.self_attn", 3, "projection"),
+}
+
+
+@pytest.mark.parametrize("arch", list(FUSED_QKV))
+def test_a_vision_towers_fused_qkv_is_split_by_its_attentions_heads(arch):
+    builder, make_batch, attn, heads, out = FUSED_QKV[arch]
+    torch.manual_seed(0)
+    model = builder()
+    model.config._attn_implementation_internal = "eager"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PartitionWarning)
+        part = partition.adam_mini(model)
+    said = " ".join(str(w.message) for w in caught)
+    qkv, proj = f"{attn}.qkv.weight", f"{attn}.{out}.weight"
+    assert qkv not in said and proj not in said
+    part.check(model)
+    roles = head_supports(model, make_batch(torch.Generator().manual_seed(1)))[qkv]
+    assert (len(roles["q"]), len(roles["k"])) == (heads, heads)  # as the model splits its heads
+    assert block_sets(part, qkv) == {entries for sets in roles.values() for entries in sets}
+    assert part[proj].rule == "rows" and part[proj].num_blocks == part[proj].shape[0]
