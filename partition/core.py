@@ -46,6 +46,15 @@ def named_shapes(
     return out
 
 
+def _wrapped(names: list[str], unwrapped: list[str]) -> bool:
+    """Whether ``names`` are ``unwrapped`` each behind DDP/DataParallel's ``module.`` prefix."""
+    return (
+        bool(names)
+        and all(n.startswith("module.") for n in names)
+        and {n.removeprefix("module.") for n in names} == set(unwrapped)
+    )
+
+
 class Partition:
     r"""The blocks of every parameter tensor; immutable.
 
@@ -273,25 +282,21 @@ class Partition:
     def _check_wrapper_prefix(self, model_names: list[str]) -> None:
         """A PartitionError naming DDP/DataParallel's ``module.`` prefix when it is the only
         difference between the model's names and the partition's."""
-        ours, prefix = list(self._tensors), "module."
-        if set(model_names) == set(ours):
-            return
-        if model_names and all(n.startswith(prefix) for n in model_names):
-            if {n[len(prefix) :] for n in model_names} == set(ours):
-                raise PartitionError(
-                    f"the model's tensor names start with {prefix!r} ({model_names[0]!r}), the "
-                    "partition's do not: the model is wrapped in DistributedDataParallel or "
-                    "DataParallel; check the unwrapped model, part.check(model.module), the "
-                    "one to build partitions from too (partition.adam_mini(model.module))"
-                )
-        if ours and all(n.startswith(prefix) for n in ours):
-            if {n[len(prefix) :] for n in ours} == set(model_names):
-                raise PartitionError(
-                    f"the partition's tensor names start with {prefix!r} ({ours[0]!r}), the "
-                    "model's do not: it was built from a DistributedDataParallel or DataParallel "
-                    "wrapper; build it from the unwrapped model, e.g. "
-                    "partition.adam_mini(model.module)"
-                )
+        ours = list(self._tensors)
+        if _wrapped(model_names, ours):
+            raise PartitionError(
+                f"the model's tensor names start with 'module.' ({model_names[0]!r}), the "
+                "partition's do not: the model is wrapped in DistributedDataParallel or "
+                "DataParallel; check the unwrapped model, part.check(model.module), the "
+                "one to build partitions from too (partition.adam_mini(model.module))"
+            )
+        if _wrapped(ours, model_names):
+            raise PartitionError(
+                f"the partition's tensor names start with 'module.' ({ours[0]!r}), the "
+                "model's do not: it was built from a DistributedDataParallel or DataParallel "
+                "wrapper; build it from the unwrapped model, e.g. "
+                "partition.adam_mini(model.module)"
+            )
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
