@@ -122,15 +122,19 @@ def add_parser(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="partition_command", metavar="{show}")
     show = sub.add_parser("show", help="print the summary table of a partition file")
     show.add_argument("path", type=Path, help="a partition JSON file (written by --out)")
-    show.set_defaults(func=run_show)
     p.set_defaults(func=run_build)
+    # what `show` refuses: any build flag given other than its default
+    flags = {
+        k: v for k, v in vars(p.parse_args([])).items() if k not in ("func", "partition_command")
+    }
+    show.set_defaults(func=run_show, build_flags=flags)
 
 
 def run_show(args: argparse.Namespace) -> int:
     """``partition show FILE``: print the summary table."""
-    defaults = {"model": None, "out": None, "rule": "adam-mini", "n_heads": None,
-                "n_kv_heads": None, "head_dim": None, **DERIVED, "no_progress": False}  # fmt: skip
-    given = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k) != v]
+    given = [
+        f"--{k.replace('_', '-')}" for k, v in args.build_flags.items() if getattr(args, k) != v
+    ]
     if given:
         print(f"adam-mini-lab partition show: it takes only a FILE; drop {', '.join(given)} "
               "(they build a partition: 'partition --model M --out FILE')",
