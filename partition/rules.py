@@ -258,6 +258,15 @@ def _composite(
     )
 
 
+def _unknown_heads(name: str) -> str:
+    """The error for ``name``, split by head, when no head count is known."""
+    return (
+        f"adam_mini: tensor {name!r} is split by attention head, but the number of heads is "
+        "unknown; pass n_heads=... (and n_kv_heads=..., head_dim=... if they differ) or a model "
+        "with a .config"
+    )
+
+
 def _single(
     model: ModelLike,
     shapes: list[tuple[str, tuple[int, ...]]],
@@ -265,7 +274,7 @@ def _single(
     n_kv_heads: int | None,
     head_dim: int | None,
     sided: dict[str, int],
-    no_heads: Callable[[str], str] | None = None,
+    no_heads: Callable[[str], str] = _unknown_heads,
 ) -> _Built:
     """The rules with one set of head counts (``sided``: each stack's own); ``no_heads(name)``
     is the error for a tensor split by head when the counts are unknown."""
@@ -292,14 +301,8 @@ def _single(
         n for n, k in kinds.items() if k in ("q", "k", "fused", "fused_kv") and n not in own
     ]
     if needs_heads and head_dim is None:
-        if n_heads is None and no_heads is not None:
-            raise PartitionError(no_heads(needs_heads[0]))
         if n_heads is None:
-            raise PartitionError(
-                f"adam_mini: tensor {needs_heads[0]!r} is split by attention head, but the number "
-                "of heads is unknown; pass n_heads=... (and n_kv_heads=..., head_dim=... if they "
-                "differ) or a model with a .config"
-            )
+            raise PartitionError(no_heads(needs_heads[0]))
         head_dim = head_dim_from_query(shapes, kinds, transposed, n_heads, n_kv_heads)
     tensors, unrecognized, experts = [], [], []
     for name, shape in shapes:
