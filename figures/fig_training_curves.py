@@ -44,19 +44,18 @@ def derived_partition(
     return structure.derived
 
 
-def seed_stats(records: Sequence[dict], name: str, lr: float) -> tuple[float, float, int]:
+def seed_stats(records: Sequence[dict], name: str, lr: float) -> tuple[float, float]:
     """Mean and sample standard deviation (``ddof=1``) of the final validation loss of
-    ``name`` at ``lr`` over its seeds, and the number of seeds."""
+    ``name`` at ``lr`` over its seeds."""
     ends = np.array(
         [r["val_loss"][-1] for r in records if r["optimizer"] == name and r["lr"] == lr]
     )
-    return float(ends.mean()), float(ends.std(ddof=1)), len(ends)
+    return float(ends.mean()), float(ends.std(ddof=1))
 
 
-def draw(
-    records: Sequence[dict], s: dict, c: ReproduceConfig, v_entries: dict, out: Path
-) -> list[Path]:
-    """The figure from the per-run records of ``fig_training_curves.json``; returns its files."""
+def draw(records: Sequence[dict], s: dict, c: ReproduceConfig, out: Path) -> list[Path]:
+    """The figure from the per-run records of ``fig_training_curves.json`` (each with its
+    optimizer's ``v_entries``, ``None`` for AdamW); returns its files."""
     runs = {(r["optimizer"], r["lr"], r["seed"]): r for r in records}
     names = list(dict.fromkeys(r["optimizer"] for r in records))
     got = (sorted({k[1] for k in runs}), sorted({k[2] for k in runs}))
@@ -86,7 +85,7 @@ def draw(
             curves = [runs[(name, lr, sd)] for sd in s["seeds"]]
             eval_steps = np.array(curves[0]["eval_steps"])
             vals = np.array([r["val_loss"] for r in curves])
-            mean, std, _ = seed_stats(records, name, lr)
+            mean, std = seed_stats(records, name, lr)
             label = f"{name}, lr {lr:g}: {mean:.3f} ± {std:.3f}"
             ax.plot(eval_steps, vals.mean(0), color=COLORS[name], lw=1.6, label=label)
             ax.fill_between(eval_steps, vals.min(0), vals.max(0), color=COLORS[name], alpha=0.2)
@@ -100,7 +99,7 @@ def draw(
         lo = min(r["val_loss"][-1] for r in records)
         ax.set_ylim(lo - 0.1, lo + 1.2)
     axes[0].set_ylabel("validation loss (nats / byte)")
-    n = {name: ("all" if v is None else v) for name, v in v_entries.items()}
+    n = {r["optimizer"]: ("all" if r["v_entries"] is None else r["v_entries"]) for r in records}
     fig.suptitle("AdamW vs Adam-mini on a small GPT (byte-level Python-stdlib text)")
     m = c.model
     caption(
@@ -143,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                 "Adam-mini (by tensor)": partition.by_tensor(meta).num_blocks,
             }
         records = [{**r, "v_entries": stored[r["optimizer"]]} for r in records]
-        paths = draw(records, s, c, stored, args.out)
+        paths = draw(records, s, c, args.out)
         paths.append(write_text(json_path, json.dumps(records, indent=1)))
         return paths
 
@@ -181,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                     "v_entries": v_entries[v.name],
                 }
             )
-    paths = draw(records, s, c, v_entries, args.out)
+    paths = draw(records, s, c, args.out)
     paths.append(write_text(json_path, json.dumps(records, indent=1)))
     return paths
 
