@@ -136,11 +136,7 @@ def test_every_seed_torch_takes_reaches_the_config(seed, monkeypatch) -> None:
 )
 def test_bad_numbers_are_one_line_errors(argv, message, capsys, tmp_path) -> None:
     """Refused before any work, on one line that names the flag, like the other subcommands."""
-    threads = torch.get_num_threads()
-    try:
-        assert main(["reproduce", *argv, "--quick", "--no-progress", "--out", str(tmp_path)]) == 1
-    finally:
-        torch.set_num_threads(threads)
+    assert reproduce_quick(*argv, "--out", str(tmp_path)) == 1
     assert capsys.readouterr().err == f"adam-mini-lab reproduce: error: {message}\n"
 
 
@@ -176,47 +172,45 @@ def test_measure_structure_takes_one_pair_and_refuses_no_batches() -> None:
         measure_structure(model, [], **kw)
 
 
-@pytest.mark.parametrize("where", ["file", "below a file"])
-def test_an_out_path_that_cannot_be_a_folder_is_refused_before_any_work(
-    where, tmp_path, capsys, monkeypatch
+def reproduce_quick(*argv: str) -> int:
+    """``adam-mini-lab reproduce --quick --no-progress ARGV``; restores torch's thread count,
+    which reproduce sets (``--threads``, default 1)."""
+    threads = torch.get_num_threads()
+    try:
+        return main(["reproduce", "--quick", "--no-progress", *argv])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("file", "is a file, not a folder; give a folder path"),
+        ("below a file", "is a file, not a folder; give a folder path"),
+        ("not writable", "is not writable; choose a writable folder"),
+    ],
+)
+def test_an_unusable_out_is_refused_before_any_work(
+    where, message, tmp_path, capsys, monkeypatch
 ) -> None:
-    """--out naming a file (or a path under one) ends in one line naming --out and the fix,
-    before minutes of work, not in '[Errno 20] Not a directory: .../figures'."""
+    """--out naming a file, a path under one or a folder that cannot be written ends in one
+    line naming --out and the fix, before minutes of work, not in '[Errno 20] Not a directory:
+    .../figures' or a traceback at the first write."""
     monkeypatch.setattr(
         "lab.reproduce.warm_up_and_measure", lambda *a, **k: pytest.fail("work began")
     )
     blocker = tmp_path / "results.txt"
     blocker.write_text("not a folder")
-    out = blocker if where == "file" else blocker / "sub"
-    threads = torch.get_num_threads()
-    try:
-        assert main(["reproduce", "--quick", "--no-progress", "--out", str(out)]) == 1
-    finally:
-        torch.set_num_threads(threads)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Errno" not in err
-    assert f"--out {str(out)!r}" in err and "is a file, not a folder" in err
-    assert "give a folder path" in err
-    assert blocker.read_text() == "not a folder"
-
-
-def test_an_out_folder_that_is_not_writable_is_refused_before_any_work(
-    tmp_path, capsys, monkeypatch
-) -> None:
-    monkeypatch.setattr(
-        "lab.reproduce.warm_up_and_measure", lambda *a, **k: pytest.fail("work began")
-    )
+    out = {"file": blocker, "below a file": blocker / "sub", "not writable": tmp_path}[where]
     real_access = os.access
     monkeypatch.setattr(
-        "os.access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
-    )
-    threads = torch.get_num_threads()
-    try:
-        assert main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path)]) == 1
-    finally:
-        torch.set_num_threads(threads)
+        "os.access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode)
+    )  # tmp_path itself reads as not writable (a chmod does not stop root)
+    assert reproduce_quick("--out", str(out)) == 1
     err = capsys.readouterr().err
-    assert "is not writable" in err and "choose a writable folder" in err
+    assert err.count("\n") == 1 and "Errno" not in err
+    assert f"--out {str(out)!r}" in err and message in err
+    assert blocker.read_text() == "not a folder"
 
 
 def test_the_coupling_heatmaps_draw_no_grid_lines_through_the_tensors(tmp_path, monkeypatch):
@@ -264,11 +258,7 @@ def reproduce_raising(error: BaseException | None, monkeypatch, tmp_path, capsys
         raise error or AssertionError("the corpus read should have failed")
 
     monkeypatch.setattr("lab.reproduce.run", fake_run)
-    threads = torch.get_num_threads()
-    try:
-        return main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path / "o")])
-    finally:
-        torch.set_num_threads(threads)
+    return reproduce_quick("--out", str(tmp_path / "o"))
 
 
 def test_diverged_training_is_a_one_line_error_naming_the_fix(monkeypatch, tmp_path, capsys):
