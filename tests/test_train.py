@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from lab import experiments_quadratic as eq
 from lab.data import Corpus
 from lab.models import TinyGPT, TinyGPTConfig
-from lab.train import TrainResult, WarmupCosine, evaluate, train
+from lab.train import TrainResult, WarmupCosine, check_out_file, evaluate, train
 
 CFG = TinyGPTConfig(context=8, d_model=8, n_layer=1, n_heads=2)
 
@@ -220,3 +222,22 @@ def test_first_adam_step_is_lr_times_sign_and_tune_picks_best() -> None:
     best = eq.tune(lambda lr: eq.gd(loss, grad, x0, lr, 30), [1e-4, 1e-2, 1e3])
     assert best.lr == 1e-2
     assert math.isinf(eq.gd(loss, grad, x0, 1e3, 30).final)
+
+
+def test_check_out_file_refuses_what_cannot_be_written_without_writing(tmp_path, monkeypatch):
+    """A folder, a path under a file and an unwritable nearest folder are one-line OSErrors
+    naming the flag and the fix; a good path is returned and nothing is created."""
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    with pytest.raises(IsADirectoryError, match=r"^--out '.*': it is a folder; give a file"):
+        check_out_file(tmp_path)
+    with pytest.raises(NotADirectoryError, match=r"is a file, not a folder"):
+        check_out_file(blocker / "p.json", "--save")
+    target = tmp_path / "new" / "p.json"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+    with pytest.raises(PermissionError, match=r"is not writable; choose a writable folder"):
+        check_out_file(target)  # the nearest existing folder, where "new" would be created
+    monkeypatch.undo()
+    assert check_out_file(target) == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
