@@ -245,9 +245,13 @@ class Corpus:
             try:
                 _save_atomic(path, array)
             except OSError as exc:  # the cache only saves time: go on without it
+                fix = (
+                    "pass a writable cache_dir"
+                    if cache_dir is not None
+                    else "set ADAM_MINI_LAB_CACHE to a writable folder"
+                )
                 warnings.warn(
-                    f"cannot cache the corpus tokens ({exc}); set ADAM_MINI_LAB_CACHE to a "
-                    "writable folder to keep them between runs",
+                    f"cannot cache the corpus tokens ({exc}); {fix} to keep them between runs",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -122,18 +122,21 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert not rebuilt.from_cache and torch.equal(rebuilt.tokens, first.tokens)
 
 
-def test_a_cache_that_cannot_be_written_warns_and_the_corpus_still_loads(tmp_path):
+def test_a_cache_that_cannot_be_written_warns_and_the_corpus_still_loads(tmp_path, monkeypatch):
     """The cache only saves time: a read-only home or a file in the cache's place must not stop
     the default corpus (it was a fatal 'cannot write ...; choose another path', naming no
     setting the user could change)."""
     good = Corpus.stdlib(cache_dir=tmp_path / "good", max_bytes=20_000)
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache folder would go")
-    with pytest.warns(RuntimeWarning, match=r"cannot cache.*ADAM_MINI_LAB_CACHE"):
+    with pytest.warns(RuntimeWarning, match=r"cannot cache.*pass a writable cache_dir"):
         corpus = Corpus.stdlib(cache_dir=blocker, max_bytes=20_000)
     assert torch.equal(corpus.tokens, good.tokens) and corpus.split_index == good.split_index
     assert not corpus.from_cache and corpus.cache_path is None
     assert blocker.read_text() == "a file where the cache folder would go"
+    monkeypatch.setenv("ADAM_MINI_LAB_CACHE", str(blocker))  # the default cache: name the setting
+    with pytest.warns(RuntimeWarning, match=r"cannot cache.*set ADAM_MINI_LAB_CACHE to a writable"):
+        assert Corpus.stdlib(max_bytes=20_000).cache_path is None
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
