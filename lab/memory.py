@@ -1,8 +1,8 @@
 """``adam-mini-lab memory``: optimizer-state bytes of AdamW vs Adam-mini on real model configs.
 
 Models are the presets of ``adam-mini-lab partition --model`` (``transformers`` configs, and
-the lab's TinyGPT and MLP), built on the meta device (no download, no memory), partitioned with ``partition.adam_mini`` and counted with
-``optimizer.state_bytes`` (fp32 state, float32 ``step`` counters included).
+the lab's TinyGPT and MLP), built on the meta device (no download, no memory), partitioned
+with ``partition.adam_mini`` and counted with ``optimizer.state_bytes`` (fp32 state, float32 ``step`` counters included).
 GB means 1e9 bytes, as in the paper's Table 1.
 """
 
