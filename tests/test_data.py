@@ -139,16 +139,6 @@ def test_a_cache_that_cannot_be_written_warns_and_the_corpus_still_loads(tmp_pat
         assert Corpus.stdlib(max_bytes=20_000).cache_path is None
 
 
-def test_cache_dir_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("ADAM_MINI_LAB_CACHE", str(tmp_path))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path  # ours wins over XDG's
-    monkeypatch.delenv("ADAM_MINI_LAB_CACHE")
-    assert default_cache_dir() == tmp_path / "xdg" / "adam-mini-lab"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert default_cache_dir() == Path.home() / ".cache" / "adam-mini-lab"
-
-
 @pytest.mark.parametrize(
     ("ours", "xdg", "where"),
     [
