@@ -143,9 +143,10 @@ def apply_update_(
 ) -> None:
     """``p += m * scale[block]`` for every local entry, through broadcast views.
 
-    ``scale`` keeps v's dtype: float32 for float16/bfloat16 ``p``, where ``lr / eps``
-    (1e5 for a block with no gradient yet) would overflow float16 (max 65504) and
-    ``0 * inf`` make the block NaN.
+    ``scale`` is cast to ``p``'s dtype (a same-dtype ``addcmul_`` is 4-7x faster on the CPU
+    than a mixed one), except for float16 ``p``: there it keeps v's float32, since ``lr / eps``
+    (1e5 for a block with no gradient yet) would overflow float16 (max 65504) and ``0 * inf``
+    make the block NaN. bfloat16 has float32's range.
 
     A non-contiguous ``p`` (a transposed or channels-last parameter) has no flat view: the
     update runs on a contiguous copy, written back.
@@ -155,6 +156,8 @@ def apply_update_(
         apply_update_(work, m, scale, layout)
         p.copy_(work)
         return
+    if p.dtype != torch.float16:
+        scale = scale.to(p.dtype)
     lo, _ = layout.v_range
     if layout.row_ids is not None:
         s = scale[layout.row_ids.to(p.device) - lo]
