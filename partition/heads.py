@@ -139,6 +139,33 @@ def qkv_linear_heads(model: ModelLike) -> dict[str, tuple[str, int, int]]:
     return {name: owned[id(p)] for name, p in model.named_parameters() if id(p) in owned}
 
 
+# DeBERTa (v1) attention's weights: (role, sections of num_heads * head_dim rows)
+_DEBERTA = {"in_proj": ("interleaved", 3), "pos_q_proj": ("q", 1), "pos_proj": ("k", 1)}
+
+
+def deberta_attention_heads(model: ModelLike) -> dict[str, tuple[str, str, int, int]]:
+    """``{tensor name: (role, module name, num_heads, head_dim)}`` for the weights of each DeBERTa
+    (v1) ``DisentangledSelfAttention`` of transformers, split as its forward splits them: the
+    fused ``in_proj`` (role ``"interleaved"``: it views the rows as ``(num_heads, 3 * head_dim)``
+    and chunks each head's into q, k, v), and the relative-position projections ``pos_q_proj``
+    (``"q"``, p2c scores ``k_h . pos_q_h``) and ``pos_proj`` (``"k"``, c2p scores
+    ``q_h . pos_k_h``), whose head ``h`` rows enter only head ``h``'s scores. Empty without a
+    module; DeBERTa-v2 (``query_proj``, ``key_proj``) goes by its names."""
+    if not isinstance(model, nn.Module):
+        return {}
+    owned = {}
+    for mod_name, module in model.named_modules():
+        cls = type(module)
+        if cls.__name__ != "DisentangledSelfAttention" or "transformers" not in cls.__module__:
+            continue
+        heads, head_dim = module.num_attention_heads, module.attention_head_size
+        for leaf, (role, sections) in _DEBERTA.items():
+            linear = getattr(module, leaf, None)
+            if isinstance(linear, nn.Linear) and linear.out_features == sections * heads * head_dim:
+                owned[id(linear.weight)] = (role, mod_name, heads, head_dim)
+    return {name: owned[id(p)] for name, p in model.named_parameters() if id(p) in owned}
+
+
 def _multihead_attention_heads(model: ModelLike) -> int | None:
     """The ``num_heads`` that all ``nn.MultiheadAttention`` modules of ``model`` share; None
     without any or when they differ."""

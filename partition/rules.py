@@ -20,6 +20,7 @@ from partition.errors import PartitionError, PartitionWarning
 from partition.fused import cross_kv_names, fused_heads, fused_layout, fused_row_groups
 from partition.heads import (
     config_of,
+    deberta_attention_heads,
     head_counts,
     head_dim_from_query,
     multihead_attention_heads,
@@ -92,6 +93,8 @@ def adam_mini(
     ``c_attn``                                  resp. q section
     interleaved q|k|v (GPT-NeoX, Persimmon,     ``row_groups``: the same blocks in the row
     Bloom, Falcon, CodeGen; from ``config``)    order of ``config.model_type``
+    DeBERTa (v1) ``in_proj`` (q, k, v per       ``row_groups``, and ``heads`` for its
+    head), ``pos_q_proj``/``pos_proj``          relative-position projections (by module)
     torch ``nn.MultiheadAttention``'s           ``fused_heads`` (q | k | v); separate
     ``in_proj_weight`` (``q/k/v_proj_weight``)  q, k, v as above
     MLP ``linear1``/``linear2`` of              ``rows``, found by module type
@@ -122,7 +125,12 @@ def adam_mini(
     An ``nn.MultiheadAttention`` module's q|k|v, q and k weights are always split by its own
     ``num_heads`` and ``head_dim`` (what its forward uses; recorded as
     ``provenance["n_heads_by_module"]``), whatever the config or the arguments say: the arguments
-    split the other tensors (pass ``named_parameters()`` to split every tensor by them).
+    split the other tensors (pass ``named_parameters()`` to split every tensor by them). So are
+    a vision attention's fused ``qkv`` ``nn.Linear`` and a DeBERTa (v1) attention's ``in_proj``
+    (its forward views the rows ``(num_heads, 3 * head_dim)`` and chunks each head's into q, k,
+    v), ``pos_q_proj`` and ``pos_proj`` (head ``h``'s rows enter only head ``h``'s scores); with
+    names alone these DeBERTa weights get one block and the warning (``in_proj`` is no q|k|v
+    elsewhere: Mamba's is x | z). Its ``q_bias``/``v_bias`` are biases: one block each.
 
     Unlike the reference implementation, biases get one block (not one per entry), 1-D weights
     never get a per-row rule, ``head_dim`` may differ from ``hidden / n_heads`` (Qwen3), and
@@ -297,6 +305,9 @@ def _single(
     for name, heads in qkv_linear_heads(model).items():  # an attention's fused qkv nn.Linear
         if name in kinds:
             kinds[name], own[name] = "fused", heads
+    for name, (role, *heads) in deberta_attention_heads(model).items():
+        if name in kinds:
+            kinds[name], own[name] = role, tuple(heads)
     needs_heads = [
         n for n, k in kinds.items() if k in ("q", "k", "fused", "fused_kv") and n not in own
     ]
@@ -312,13 +323,14 @@ def _single(
             tensors.append(TensorBlocks(name, shape, "rows", {}))
         elif kind in ("1d", "positional", "norm"):
             tensors.append(TensorBlocks(name, shape, "tensor", {}))
-        elif name in own:  # an nn.MultiheadAttention's q|k|v, q or k, by its own num_heads
+        elif name in own:  # an attention module's q|k|v, q or k, by its own num_heads
             _, heads, dim = own[name]
-            tensors.append(
-                fused_heads(name, shape, False, heads, heads, dim)
-                if kind == "fused"
-                else _query_or_key(name, shape, kind, False, heads, dim)
-            )
+            if kind == "fused":
+                tensors.append(fused_heads(name, shape, False, heads, heads, dim))
+            elif kind == "interleaved":
+                tensors.append(fused_row_groups(name, shape, kind, heads, heads, dim))
+            else:
+                tensors.append(_query_or_key(name, shape, kind, False, heads, dim))
         elif kind in ("q", "k"):
             heads = n_heads if kind == "q" else (n_kv_heads or n_heads)
             side = side_of(name, sided)

@@ -154,6 +154,7 @@ ARCHS = {
     "persimmon": ("PersimmonForCausalLM", dict(MHA, qk_layernorm=True), (NH, NH), None),
     "granite": ("GraniteForCausalLM", GQA, (NH, KV), None),
     "cohere": ("CohereForCausalLM", dict(GQA, use_qk_norm=True), (NH, KV), None),
+    "deberta": ("DebertaForMaskedLM", MHA, (NH, NH), None),  # fused in_proj: q, k, v per head
     "deberta_v2": (  # DeBERTa-v3's relative attention: query_proj / key_proj also project positions
         "DebertaV2ForMaskedLM",
         dict(MHA, relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True,
@@ -212,11 +213,13 @@ class _Passthrough(nn.Module):
 
 
 class _MatmulCapture(torch.overrides.TorchFunctionMode):
-    """MPT multiplies q @ k^T, then probs @ v, inline: record both while an attention runs."""
+    """MPT multiplies q @ k^T, then probs @ v, inline: record both while an attention runs.
+    DeBERTa (v1) chunks each head's fused rows into q, k, v inline: record the first chunk
+    while its attention (``chunking``) runs."""
 
     def __init__(self):
         super().__init__()
-        self.module, self.args = None, []
+        self.module, self.args, self.chunking = None, [], None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if self.module is not None and func in (torch.matmul, torch.Tensor.__matmul__):
@@ -225,7 +228,11 @@ class _MatmulCapture(torch.overrides.TorchFunctionMode):
                 (q, kt), (_, v) = self.args
                 CALLS.append((self.module, q, kt.transpose(-1, -2), v))
                 self.args = []
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if self.chunking is not None and func is torch.Tensor.chunk:
+            CALLS.append((self.chunking, *out))  # (batch, heads, seq, head_dim) each
+            self.chunking = None
+        return out
 
 
 def _install_probes(model: nn.Module, capture: _MatmulCapture) -> None:
@@ -265,7 +272,9 @@ def _install_probes(model: nn.Module, capture: _MatmulCapture) -> None:
                 return attn(q, k, v, *args, **kwargs)
 
             module._attn = _attn
-        elif cls == "DisentangledSelfAttention":  # DeBERTa: (batch * heads, seq, head_dim)
+        elif cls == "DisentangledSelfAttention" and hasattr(module, "in_proj"):  # DeBERTa v1
+            module.register_forward_pre_hook(lambda m, a: setattr(capture, "chunking", m))
+        elif cls == "DisentangledSelfAttention":  # DeBERTa-v2: (batch * heads, seq, head_dim)
             seen = []  # q, k, v, then the relative-position projections (not recorded)
             split = module.transpose_for_scores
 
@@ -559,21 +568,36 @@ def test_bigbird_pooler_is_a_dense_layer():
     assert part["bert.pooler.weight"].rule == "rows"
 
 
-def test_deberta_v2_relative_position_projections_are_split_by_head():
-    """Without share_att_key, DeBERTa's pos_key_proj / pos_query_proj project the relative
-    position embeddings into heads, and the rows of head h enter only head h's attention scores
-    (c2p: q_h . pos_k_h, p2c: k_h . pos_q_h): one block per head, as for query and key."""
-    config = transformers.DebertaV2Config(**dict(ARCHS["deberta_v2"][1], share_att_key=False))
+RELATIVE = {  # DeBERTa's relative attention: (config, its c2p and p2c projections)
+    "deberta": (
+        transformers.DebertaConfig(**dict(MHA, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                          max_relative_positions=16, max_position_embeddings=32)),
+        ("pos_proj", "pos_q_proj"),
+    ),
+    "deberta_v2": (
+        transformers.DebertaV2Config(**dict(ARCHS["deberta_v2"][1], share_att_key=False)),
+        ("pos_key_proj", "pos_query_proj"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(RELATIVE))
+def test_deberta_relative_position_projections_are_split_by_head(arch):
+    """DeBERTa's c2p and p2c projections (v1: pos_proj / pos_q_proj; v2 without share_att_key:
+    pos_key_proj / pos_query_proj) project the relative position embeddings into heads, and the
+    rows of head h enter only head h's attention scores (c2p: q_h . pos_k_h, p2c:
+    k_h . pos_q_h): one block per head, as for query and key."""
+    config, projections = RELATIVE[arch]
     torch.manual_seed(0)
-    model = transformers.DebertaV2ForMaskedLM(config)
-    part = adam_mini_checked(model, "deberta_v2")
+    model = getattr(transformers, ARCHS[arch][0])(config)
+    part = adam_mini_checked(model, arch)
     for name, roles in head_supports(model).items():
         assert block_sets(part, name) == {e for sets in roles.values() for e in sets}, name
     names = {id(p): n for n, p in model.named_parameters()}
     probs = model(**inputs(model, labels=False), output_attentions=True).attentions
     g = torch.Generator().manual_seed(2)
     for layer, p in zip(model.deberta.encoder.layer, probs, strict=True):
-        for proj in ("pos_key_proj", "pos_query_proj"):
+        for proj in projections:
             weight = getattr(layer.attention.self, proj).weight
             found = set()
             for h in range(NH):
