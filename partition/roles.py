@@ -46,6 +46,8 @@ _NEURON = {
     "vocab_transform", "pooler",
 }  # fmt: skip
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"}
+# bare weights stored (in, out), used as x @ w: Gemma 3's multimodal projector (also T5Gemma 2)
+_IN_OUT = {"mm_input_projection_weight"}
 # proj/projection: the output of an attention module under these names (Qwen2-VL's attn.proj,
 # BLIP-2's self_attn.projection, timm's attn.proj); too generic a name elsewhere (ESMFold's
 # seq_attention.proj is its fused input)
@@ -106,13 +108,23 @@ def role_of(name: str, ndim: int = 2) -> str:
         return "neuron"
     if leaf in _NEURON or (leaf in {"v", "o"} and _is_attention(parents)):
         return "neuron"
+    if ndim == 2 and not named_leaf and leaf in _IN_OUT:  # one block per column (transposed)
+        return "neuron"
     if any(p in _MLP_PARENTS for p in parents):
         return "neuron"
     return ""
 
 
 def transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]]) -> set[str]:
-    """Names of 2-D weights stored ``(in, out)`` (GPT-2 ``Conv1D``).
+    """Names of 2-D weights stored ``(in, out)``: GPT-2 ``Conv1D`` weights (see
+    :func:`_conv1d_names`) and bare parameters such as Gemma 3's ``mm_input_projection_weight``
+    (``x @ w``), found by name with or without a module."""
+    bare = {n for n, s in shapes if len(s) == 2 and n.lower().split(".")[-1] in _IN_OUT}
+    return bare | _conv1d_names(model, shapes)
+
+
+def _conv1d_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]]) -> set[str]:
+    """Names of GPT-2 ``Conv1D`` weights, stored ``(in, out)``.
 
     With a module: the weights of modules whose class is ``transformers``' ``Conv1D``. With only
     names: the ``c_attn``/``c_proj``/``c_fc``/``q_attn`` weights of a GPT-2-style model, unless its
@@ -145,7 +157,7 @@ def transposed_names(model: ModelLike, shapes: list[tuple[str, tuple[int, ...]]]
             "this is a guess (nanoGPT and GPTBigCode store (out, in)); pass the model itself, or "
             "AdamMini(..., model=model), so its module types decide",
             PartitionWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return guessed
 

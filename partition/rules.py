@@ -53,8 +53,8 @@ def by_rows(model: ModelLike) -> Partition:
     """One block per output neuron of every matrix; 1-D tensors get one block.
 
     Output neurons are rows of ``(out, in)`` weights (``nn.Linear``, ``nn.Embedding``, conv
-    kernels) and columns of GPT-2 ``Conv1D`` weights stored ``(in, out)`` (detected as in
-    :func:`adam_mini`). This is the fine candidate partition for :func:`partition.derive`.
+    kernels) and columns of weights stored ``(in, out)``, GPT-2 ``Conv1D`` and Gemma 3's
+    ``mm_input_projection_weight`` (detected as in :func:`adam_mini`). This is the fine candidate partition for :func:`partition.derive`.
     """
     shapes = named_shapes(model)
     transposed = transposed_names(model, shapes)
@@ -87,7 +87,8 @@ def adam_mini(
     query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron
-    GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``)     ``columns`` (stored ``(in, out)``)
+    GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``),    ``columns`` (stored ``(in, out)``)
+    Gemma 3's ``mm_input_projection_weight``
     GPT-2 fused ``c_attn``, ``qkv_proj``        ``fused_heads``: q, k by head, v by neuron
     GPT-2 cross-attention ``q_attn``, k|v       ``fused_heads`` (columns) with an empty k|v,
     ``c_attn``                                  resp. q section
@@ -120,7 +121,8 @@ def adam_mini(
     ``vision_config``; Llava, PaliGemma, Gemma 3, CLIP, Idefics3, BLIP-2): each tower, the
     submodule whose ``.config`` is a sub-config, gets these rules with that sub-config's head
     counts (recorded as ``provenance["n_heads_by_tower"]``, by module name), and tensors outside
-    every tower (projectors) get the rules without heads, ``rows`` for an ``nn.Linear`` weight.
+    every tower (projectors) get the rules without heads, ``rows`` for an ``nn.Linear`` weight
+    (Gemma 3's bare ``mm_input_projection_weight``, used as ``x @ w``: ``columns``).
     Passing head counts for a composite model is refused: one count cannot fit towers that differ.
     An ``nn.MultiheadAttention`` module's q|k|v, q and k weights are always split by its own
     ``num_heads`` and ``head_dim`` (what its forward uses; recorded as
@@ -130,7 +132,7 @@ def adam_mini(
     (its forward views the rows ``(num_heads, 3 * head_dim)`` and chunks each head's into q, k,
     v), ``pos_q_proj`` and ``pos_proj`` (head ``h``'s rows enter only head ``h``'s scores); with
     names alone these DeBERTa weights get one block and the warning (``in_proj`` is no q|k|v
-    elsewhere: Mamba's is x | z). Its ``q_bias``/``v_bias`` are biases: one block each.
+    elsewhere: Mamba's holds x and z). Its ``q_bias``/``v_bias`` are biases: one block each.
 
     Unlike the reference implementation, biases get one block (not one per entry), 1-D weights
     never get a per-row rule, ``head_dim`` may differ from ``hidden / n_heads`` (Qwen3), and

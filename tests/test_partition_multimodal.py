@@ -46,6 +46,18 @@ def _paligemma():
     return transformers.PaliGemmaForConditionalGeneration(config)
 
 
+def _gemma3():  # 2 x 2 patches, pooled to mm_tokens_per_image = 4 image tokens
+    config = transformers.Gemma3Config(
+        text_config=GQA,
+        vision_config=dict(VISION, vision_use_head=False),
+        mm_tokens_per_image=PATCHES,
+        image_token_index=IMAGE_TOKEN,
+        boi_token_index=61,
+        eoi_token_index=62,
+    )
+    return transformers.Gemma3ForConditionalGeneration(config)
+
+
 def _clip():
     config = transformers.CLIPConfig(
         text_config=dict(TEXT, num_attention_heads=4, max_position_embeddings=16),
@@ -66,6 +78,11 @@ MODELS = {
         _paligemma,
         {"model.vision_tower": (3, 3), "model.language_model": (4, 2)},
         ["model.multi_modal_projector.linear.weight"],
+    ),
+    "gemma3": (  # its projector is a bare (in, out) parameter, not an nn.Linear
+        _gemma3,
+        {"model.vision_tower": (3, 3), "model.language_model": (4, 2)},
+        [],
     ),
     "clip": (
         _clip,
@@ -236,3 +253,44 @@ def test_a_vision_towers_fused_qkv_is_split_by_its_attentions_heads(arch):
     assert (len(roles["q"]), len(roles["k"])) == (heads, heads)  # as the model splits its heads
     assert block_sets(part, qkv) == {entries for sets in roles.values() for entries in sets}
     assert part[proj].rule == "rows" and part[proj].num_blocks == part[proj].shape[0]
+
+
+def changed_outputs(forward, weight: nn.Parameter, entries: torch.Tensor) -> set[int]:
+    """The output features (last axis) of ``forward()`` that change when the ``entries`` (a mask)
+    of ``weight`` are perturbed."""
+    before = forward()
+    saved = weight.detach().clone()
+    noise = torch.randn(
+        weight.shape, generator=torch.Generator().manual_seed(3), dtype=weight.dtype
+    )
+    with torch.no_grad():
+        weight.add_(noise * entries)
+    after = forward()
+    with torch.no_grad():
+        weight.copy_(saved)
+    diff = (after - before).abs().flatten(0, -2).amax(0)
+    return set((diff > 1e-12).nonzero().flatten().tolist())
+
+
+def check_neurons(part: partition.Partition, name: str, weight: nn.Parameter, forward) -> None:
+    """Every block of ``name`` moves exactly one output feature of ``forward()``, each feature
+    one block: one block per output neuron, as the model uses the weight."""
+    ids = part[name].local_index().expand(weight.shape)
+    moved = [changed_outputs(forward, weight, ids == b) for b in range(part[name].num_blocks)]
+    assert all(len(m) == 1 for m in moved), f"{name}: {part[name].rule} blocks moved {moved}"
+    assert sorted(f for m in moved for f in m) == list(range(forward().shape[-1])), name
+
+
+def test_gemma3_projector_weight_is_split_by_output_neuron():
+    """Gemma 3's projector multiplies the pooled vision features by its bare
+    ``mm_input_projection_weight`` stored (in, out): one block per column, its output neuron."""
+    model = build("gemma3").double()
+    part = adam_mini_quiet(model)
+    name = "model.multi_modal_projector.mm_input_projection_weight"
+    assert part[name].rule == "columns" and part[name].shape == (48, 32)
+    assert partition.by_rows(model)[name] == part[name]  # the fine candidate agrees
+    projector = model.model.multi_modal_projector
+    named = adam_mini_quiet({name: projector.mm_input_projection_weight})
+    assert named[name] == part[name]  # the name alone says (in, out)
+    features = torch.randn(2, PATCHES, 48, generator=torch.Generator().manual_seed(1)).double()
+    check_neurons(part, name, projector.mm_input_projection_weight, lambda: projector(features))
