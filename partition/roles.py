@@ -50,8 +50,13 @@ _MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"
 _IN_OUT = {"mm_input_projection_weight"}
 # proj/projection: the output of an attention module under these names (Qwen2-VL's attn.proj,
 # BLIP-2's self_attn.projection, timm's attn.proj); too generic a name elsewhere (ESMFold's
-# seq_attention.proj is its fused input)
+# seq_attention.proj is its fused input), except under a patch embedding (below)
 _ATTENTION_PARENTS = {"attn", "self_attn", "attention"}
+# a patch embedding's proj/projection (Qwen2-VL's Conv3d patch_embed.proj, ViT's Conv2d
+# patch_embeddings.projection, timm's patch_embed.proj) has kernel = stride = patch: a linear map
+# of each flattened patch, whose output channels (rows) are its output neurons, like CLIP's
+# patch_embedding (a token-like name); Whisper's conv1/conv2 slide over overlapping frames
+_PATCH_EMBEDDING = "patch_emb"
 # in_proj_weight: nn.MultiheadAttention's q | k | v sections (F.multi_head_attention_forward)
 _FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "query_key_value", "in_proj_weight"}
 
@@ -104,7 +109,11 @@ def role_of(name: str, ndim: int = 2) -> str:
         return "token"
     if leaf in _OUTPUT:
         return "token"
-    if leaf in {"proj", "projection"} and parents and parents[-1] in _ATTENTION_PARENTS:
+    if (
+        leaf in {"proj", "projection"}
+        and parents
+        and (parents[-1] in _ATTENTION_PARENTS or parents[-1].startswith(_PATCH_EMBEDDING))
+    ):
         return "neuron"
     if leaf in _NEURON or (leaf in {"v", "o"} and _is_attention(parents)):
         return "neuron"

@@ -87,6 +87,8 @@ def adam_mini(
     query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron
+    patch embedding conv (``patch_embed.proj``, ``rows``: one block per output channel (a
+    ``patch_embeddings.projection``)            linear map of each flattened patch)
     GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``),    ``columns`` (stored ``(in, out)``)
     Gemma 3's ``mm_input_projection_weight``
     GPT-2 fused ``c_attn``, ``qkv_proj``        ``fused_heads``: q, k by head, v by neuron

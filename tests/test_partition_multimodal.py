@@ -294,3 +294,36 @@ def test_gemma3_projector_weight_is_split_by_output_neuron():
     assert named[name] == part[name]  # the name alone says (in, out)
     features = torch.randn(2, PATCHES, 48, generator=torch.Generator().manual_seed(1)).double()
     check_neurons(part, name, projector.mm_input_projection_weight, lambda: projector(features))
+
+
+def _vit():
+    config = transformers.ViTConfig(**dict(VISION, num_attention_heads=3))
+    return transformers.ViTModel(config)
+
+
+# name: (builder, its patch embedding module, the conv's name in it, the shape of an input)
+PATCH_EMBEDDINGS = {
+    "qwen2_vl": (_qwen2_vl, "model.visual.patch_embed", "proj", (4, 24)),  # 3 x 2 x 2 x 2 each
+    "vit": (_vit, "embeddings.patch_embeddings", "projection", (2, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("arch", list(PATCH_EMBEDDINGS))
+def test_a_patch_embedding_conv_is_split_by_output_channel(arch):
+    """A patch embedding's conv (Qwen2-VL's Conv3d patch_embed.proj, ViT's Conv2d
+    patch_embeddings.projection) has kernel = stride = patch, a linear map of each flattened
+    patch: each block must move exactly one output channel of the embedding."""
+    builder, prefix, leaf, shape = PATCH_EMBEDDINGS[arch]
+    torch.manual_seed(0)
+    model = builder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PartitionWarning)
+        part = partition.adam_mini(model)
+    embedding, conv = model.get_submodule(prefix).double(), model.get_submodule(f"{prefix}.{leaf}")
+    assert isinstance(conv, nn.Conv3d if arch == "qwen2_vl" else nn.Conv2d)
+    name = f"{prefix}.{leaf}.weight"
+    assert name not in " ".join(str(w.message) for w in caught)
+    assert part[name].rule == "rows" and part[name].num_blocks == conv.out_channels
+    assert adam_mini_quiet({name: conv.weight})[name] == part[name]  # the names alone agree
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    check_neurons(part, name, conv.weight, lambda: embedding(x))
