@@ -45,6 +45,10 @@ _NEURON = {
     # heads' dense layers: DistilBERT's MLM transform, BigBird's pooler
     "vocab_transform", "pooler",
 }  # fmt: skip
+# learned tokens that every example feeds at fixed positions, as position embeddings (one block):
+# BLIP-2's query_tokens (the Q-Former's queries), SigLIP's probe (its attention-pooling query),
+# ViT's cls_token; unlike a token table, none is seen more rarely than the others
+_LEARNED_TOKENS = {"query_tokens", "probe", "cls_token"}
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"}
 # bare weights stored (in, out), used as x @ w: Gemma 3's multimodal projector (also T5Gemma 2)
 _IN_OUT = {"mm_input_projection_weight"}
@@ -76,7 +80,8 @@ def _is_position_embedding(leaf: str) -> bool:
 
 
 def role_of(name: str, ndim: int = 2) -> str:
-    """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, norm, experts, or ''.
+    """Role of a >= 2-D parameter: q, k, fused, neuron, token, positional, learned (tokens),
+    norm, experts, or ''.
 
     The module name is the component before ``.weight``/``.bias``; a parameter registered
     directly under another name (``mlp.experts.gate_up_proj``) is its own leaf.
@@ -97,6 +102,8 @@ def role_of(name: str, ndim: int = 2) -> str:
         return "norm"
     if "indexer" in parents:  # DeepSeek-V3.2's sparse-attention indexer: its wk is no model key
         return ""
+    if not named_leaf and leaf in _LEARNED_TOKENS:
+        return "learned"
     if leaf in _POSITIONAL or "position" in leaf or _is_position_embedding(leaf):
         return "positional"
     if leaf in _FUSED_QKV:

@@ -104,6 +104,8 @@ def adam_mini(
     ``nn.Transformer{Encoder,Decoder}Layer``
     norms (also 2-D ones), biases, positional   ``tensor``: one block
     embeddings, T5's relative attention bias,
+    learned tokens (BLIP-2's ``query_tokens``,
+    SigLIP's ``probe``, ViT's ``cls_token``),
     every other 1-D tensor
     anything else                               ``tensor``, with one :class:`PartitionWarning`
                                                 naming all such tensors
@@ -135,6 +137,11 @@ def adam_mini(
     v), ``pos_q_proj`` and ``pos_proj`` (head ``h``'s rows enter only head ``h``'s scores); with
     names alone these DeBERTa weights get one block and the warning (``in_proj`` is no q|k|v
     elsewhere: Mamba's holds x and z). Its ``q_bias``/``v_bias`` are biases: one block each.
+
+    Learned tokens (bare parameters ``query_tokens``, ``probe``, ``cls_token``) get one block,
+    deliberately and without a warning: every example feeds all of them at fixed positions, as
+    it does position embeddings, so none is rarer than another (the reason a token table gets
+    one block per token), and BLIP-2's queries mix through the Q-Former's self-attention.
 
     Unlike the reference implementation, biases get one block (not one per entry), 1-D weights
     never get a per-row rule, ``head_dim`` may differ from ``hidden / n_heads`` (Qwen3), and
@@ -325,7 +332,7 @@ def _single(
         if kind == "experts":  # (experts, out, in): one block per expert's matrix
             experts.append(name)
             tensors.append(TensorBlocks(name, shape, "rows", {}))
-        elif kind in ("1d", "positional", "norm"):
+        elif kind in ("1d", "positional", "learned", "norm"):
             tensors.append(TensorBlocks(name, shape, "tensor", {}))
         elif name in own:  # an attention module's q|k|v, q or k, by its own num_heads
             _, heads, dim = own[name]

@@ -327,3 +327,45 @@ def test_a_patch_embedding_conv_is_split_by_output_channel(arch):
     assert adam_mini_quiet({name: conv.weight})[name] == part[name]  # the names alone agree
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     check_neurons(part, name, conv.weight, lambda: embedding(x))
+
+
+def _siglip():
+    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION))
+
+
+def _pixels(g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
+
+
+def _blip_2_pair(g: torch.Generator) -> dict[str, torch.Tensor]:
+    one, two = _blip_2_batch(g), _blip_2_batch(g)
+    return {k: torch.cat([one[k], two[k]]) for k in one}
+
+
+# name: (builder, a batch of two examples, the learned tokens (1, tokens, hidden))
+LEARNED_TOKENS = {
+    "blip_2": (_blip_2, _blip_2_pair, "query_tokens"),  # num_query_tokens = 2
+    "siglip": (_siglip, _pixels, "head.probe"),
+    "vit": (_vit, _pixels, "embeddings.cls_token"),
+}
+
+
+@pytest.mark.parametrize("arch", list(LEARNED_TOKENS))
+def test_learned_tokens_get_one_block_without_a_warning(arch):
+    """Learned tokens (BLIP-2's Q-Former queries, SigLIP's pooling probe, ViT's cls_token) get
+    one block, as position embeddings: each example's output depends on every one of them, so,
+    unlike the rows of a token table, none is seen more rarely than the others."""
+    builder, make_batch, name = LEARNED_TOKENS[arch]
+    torch.manual_seed(0)
+    model = builder().double().eval()
+    part = adam_mini_quiet(model)
+    tokens = model.get_parameter(name)
+    assert part[name].rule == "tensor" and part[name].num_blocks == 1
+    assert adam_mini_quiet({name: tokens})[name] == part[name]  # the names alone agree
+    batch = make_batch(torch.Generator().manual_seed(1))
+    out = model(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+    out = out.logits if arch == "blip_2" else out.pooler_output
+    for example in out:  # every example reaches every learned token
+        (grad,) = torch.autograd.grad(example.pow(2).sum(), tokens, retain_graph=True)
+        per_token = grad.abs().amax(dim=(0, 2))
+        assert bool((per_token > 0).all()), f"{name}: {per_token}"

@@ -211,10 +211,9 @@ def test_siglip_pooling_head_by_its_own_num_heads(pool_heads):
     if pool_heads is not None:  # a one-head attention-pooling head under a 4-head config
         model.head.attention = nn.MultiheadAttention(E, pool_heads, batch_first=True)
     mha = model.head.attention
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PartitionWarning)  # head.probe, the learned query token
-        part = partition.adam_mini(model)
+    part = quiet_adam_mini(model)  # head.probe, the learned query token: one block, deliberately
     part.check(model)
+    assert part["head.probe"].rule == "tensor"
     heads = pool_heads or NH
     assert part.provenance["n_heads"] == NH
     assert part.provenance["n_heads_by_module"] == {"head.attention": heads}
