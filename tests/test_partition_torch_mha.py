@@ -1,7 +1,8 @@
 """partition.adam_mini on PyTorch's own attention (``nn.MultiheadAttention``, and through it
-``nn.TransformerEncoderLayer``/``DecoderLayer``/``nn.Transformer``): every q and k block must be
-exactly the rows of one head as torch splits them, checked by perturbing one block and seeing
-which heads' attention weights change."""
+``nn.TransformerEncoderLayer``/``DecoderLayer``/``nn.Transformer``) and on a hand-written timm-style
+ViT attention (a fused ``qkv`` ``nn.Linear``): every q and k block must be exactly the rows of one
+head as the module splits them, checked by perturbing one block and seeing which heads' attention
+weights change."""
 
 import warnings
 
@@ -223,6 +224,89 @@ def test_siglip_pooling_head_by_its_own_num_heads(pool_heads):
     probe, states = model.head.probe.detach(), torch.randn(1, 4, E, generator=g)
     inputs = (probe, states, states)
     check_heads(part, model, "head.attention", mha, ["in_proj_weight"], inputs)
+
+
+class Attention(nn.Module):
+    """timm's ViT attention, written out: ``qkv`` is reshaped ``(B, N, 3, num_heads, head_dim)``."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention weights ``(B, heads, N, N)`` and each head's output ``(B, heads, N, head_dim)``."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        probs = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
+        return probs, probs @ v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.heads(x)[1].transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    """timm's ViT block: pre-norm attention and MLP, each added to the residual stream."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, FF), nn.Linear(FF, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+def moved_by_block(attn: Attention, rows: torch.Tensor, x: torch.Tensor) -> tuple[set, set]:
+    """The heads whose attention weights change, and the ``(head, dim)`` entries of the heads'
+    outputs that change, when ``rows`` of ``attn.qkv.weight`` are perturbed."""
+    weight = attn.qkv.weight
+    with torch.no_grad():
+        before = attn.heads(x)
+        saved = weight.clone()
+        g = torch.Generator().manual_seed(3)
+        weight[rows] += torch.randn(weight[rows].shape, generator=g, dtype=weight.dtype)
+        after = attn.heads(x)
+        weight.copy_(saved)
+    probs = (after[0] - before[0]).abs().amax(dim=(0, 2, 3))
+    outs = (after[1] - before[1]).abs().amax(dim=(0, 2))  # (heads, head_dim)
+    return set((probs > 1e-12).nonzero().flatten().tolist()), {
+        tuple(e) for e in (outs > 1e-12).nonzero().tolist()
+    }
+
+
+def test_timm_style_vit_attention_fused_qkv_follows_its_own_head_split():
+    """Each q or k block of a timm-style ``qkv`` moves the attention weights and the output of
+    exactly one head, every head once per q and once per k; each v block (none moves the
+    weights) one entry of one head's output: split by each module's own num_heads, 4 and 2."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([Block(E, NH), Block(E, 2)])
+    model.double()
+    part = quiet_adam_mini(model)
+    part.check(model)
+    assert part.provenance["n_heads_by_module"] == {"blocks.0.attn": NH, "blocks.1.attn": 2}
+    assert part["blocks.1.attn.proj.weight"].rule == part["blocks.1.mlp.fc1.weight"].rule == "rows"
+    x = torch.randn(2, 5, E, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for i, block in enumerate(model.blocks):
+        name, heads = f"blocks.{i}.attn.qkv.weight", block.attn.num_heads
+        ids = part[name].local_index()[:, 0]
+        qk, v = [], []
+        for b in range(part[name].num_blocks):
+            moved_heads, moved_outputs = moved_by_block(block.attn, ids == b, x)
+            if moved_heads:
+                assert len(moved_heads) == 1, f"{name} block {b} moved heads {moved_heads}"
+                assert {h for h, _ in moved_outputs} == moved_heads, f"{name} block {b}"
+                qk += sorted(moved_heads)
+            else:
+                assert len(moved_outputs) == 1, f"{name} block {b} (v) moved {moved_outputs}"
+                v += sorted(moved_outputs)
+        assert sorted(qk) == sorted(2 * list(range(heads))), name
+        assert sorted(v) == [(h, d) for h in range(heads) for d in range(E // heads)], name
 
 
 def test_names_only():
