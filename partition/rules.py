@@ -54,7 +54,8 @@ def by_rows(model: ModelLike) -> Partition:
 
     Output neurons are rows of ``(out, in)`` weights (``nn.Linear``, ``nn.Embedding``, conv
     kernels) and columns of weights stored ``(in, out)``, GPT-2 ``Conv1D`` and Gemma 3's
-    ``mm_input_projection_weight`` (detected as in :func:`adam_mini`). This is the fine candidate partition for :func:`partition.derive`.
+    ``mm_input_projection_weight`` (detected as in :func:`adam_mini`). This is the fine candidate
+    partition for :func:`partition.derive`.
     """
     shapes = named_shapes(model)
     transposed = transposed_names(model, shapes)

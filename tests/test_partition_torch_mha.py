@@ -236,7 +236,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention weights ``(B, heads, N, N)`` and each head's output ``(B, heads, N, head_dim)``."""
+        """Attention weights ``(B, heads, N, N)``, head outputs ``(B, heads, N, head_dim)``."""
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
