@@ -606,3 +606,15 @@ def test_deberta_relative_position_projections_are_split_by_head(arch):
                 found.add(tuple(grad.flatten().nonzero().flatten().tolist()))
             assert len(found) == NH
             assert block_sets(part, names[id(weight)]) == found, names[id(weight)]
+
+
+def test_deberta_in_proj_is_split_only_with_its_module():
+    """Names alone do not tell DeBERTa's fused in_proj (q, k, v per head) from another model's
+    (Mamba's holds x and z): one block each and the warning, as documented."""
+    model = build("deberta")
+    with pytest.warns(PartitionWarning, match="attention.self.in_proj.weight"):
+        named = partition.adam_mini(model.named_parameters(), n_heads=NH)
+    assert named["deberta.encoder.layer.0.attention.self.in_proj.weight"].rule == "tensor"
+    assert adam_mini_checked(model, "deberta").provenance["n_heads_by_module"] == {
+        f"deberta.encoder.layer.{i}.attention.self": NH for i in range(2)
+    }
