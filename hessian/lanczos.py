@@ -305,6 +305,10 @@ def _orthonormalize(
             c = Q[:, kept].T @ w
             w = w - Q[:, kept] @ c
             coef = coef + c
+            # the earlier columns' rounding along the basis, times a coefficient as large as
+            # the spectrum is wide, came back into w with them: project it out again
+            if kept and basis.shape[1]:
+                w = w - basis @ (basis.T @ w)
         nrm = float(torch.linalg.vector_norm(w))
         B[kept, i] = coef.double().cpu().numpy()
         if nrm > 100 * n**0.5 * eps * max(scale, 1e-300) and nrm > 0:

@@ -237,6 +237,21 @@ def test_blocks_that_do_not_fit_the_space_narrow(n, k, block_size, max_basis):
     assert res.converged.all()
 
 
+def test_blocks_stay_orthonormal_over_a_spectrum_ten_decades_wide():
+    """A block's later columns lose their parts along its earlier ones with coefficients as large
+    as the top eigenvalue, which brought the earlier columns' rounding along the basis back into
+    them: orthogonality went to 1e-7 in one step and to O(1) in six, with Ritz values of 2e8 for
+    eigenvalues of 1. Each column is now projected against the basis again."""
+    top = 1e10
+    A = planted(np.r_[top, top / 2, np.linspace(0.0, 1.0, 58)], seed=1)
+    ref = np.linalg.eigvalsh(A)[::-1][:4]
+    res = lanczos(A, k=4, block_size=4, progress=False)
+    V = res.vectors.numpy()
+    assert np.abs(V.T @ V - np.eye(4)).max() < 1e-12
+    assert res.converged.all() and (res.residuals <= 1e-8 * top).all()
+    assert np.abs(res.values - ref).max() <= 1e-8 * top  # the residual bounds the error
+
+
 def test_invariant_subspaces_do_not_stop_the_search():
     """A null space of dimension 20: the first Krylov space holds one copy of 0 and is invariant
     (every Ritz pair exact at once); the search must go on to the other copies. With restarts
