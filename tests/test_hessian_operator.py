@@ -285,13 +285,20 @@ def test_cache_on_and_off_match_dense_on_ragged_batches(cache):
     assert (H.to_dense(chunk=5) - D).abs().max() < 1e-10
 
 
-def test_cached_graphs_get_their_own_weights_around_an_empty_batch():
-    """Kept graphs exist for non-empty batches only; each keeps its own n_b / N."""
+@pytest.mark.parametrize(
+    ("mode", "cache"), [("reverse", True), ("reverse", False), ("forward", False)]
+)
+def test_an_empty_batch_is_never_evaluated(mode, cache):
+    """Kept graphs exist for non-empty batches only; each keeps its own n_b / N. Nor does an
+    uncached product run the model on a batch without samples (a model may not take one)."""
     model, X, y = mlp_problem(n=8)
     batches = [(X[:3], y[:3]), (X[3:3], y[3:3]), (X[3:], y[3:])]
-    H = HessianOperator(model, ce_loss, batches, mode="reverse", cache=True)
     D = dense_reference(model, ce_loss, (X, y))
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    H = HessianOperator(model, ce_loss, batches, mode=mode, cache=cache)
     assert (H.to_dense(chunk=9) - D).abs().max() < 1e-10
+    assert 0 not in sizes and sizes
 
 
 def test_cached_products_skip_the_forward_and_follow_parameter_updates():
@@ -562,6 +569,15 @@ def test_wrong_shapes_name_the_expected_shape():
         H @ bad
     with pytest.raises(ValueError, match="missing"):
         H @ {"fc1.weight": torch.zeros(6, 5)}
+    # a dict of vectors needs one count k for every tensor: 3 for fc1.weight, 2 for fc1.bias
+    ragged = {k: torch.zeros(3 if k == "fc1.weight" else 2, *s) for k, s in H.param_shapes.items()}
+    with pytest.raises(
+        ValueError, match=r"v\['fc1.bias'\] must have shape \(k, \*\(6,\)\), got \(2, 6\)"
+    ):
+        H.matmat(ragged)
+    for idx in ([n], [-1], [0, n + 3]):  # flat indices past either end, not an IndexError later
+        with pytest.raises(ValueError, match=rf"flat indices must lie in \[0, {n}\)"):
+            H.select(torch.tensor(idx))
     with pytest.raises(KeyError, match="unknown parameter"):
         HessianOperator(model, ce_loss, (X, y), params=["nope"])
     with pytest.raises(KeyError, match="did you mean 'fc1.weight'"):
@@ -823,6 +839,10 @@ def test_bad_constructor_arguments_and_losses_are_named():
         HessianOperator(lambda x: x, ce_loss, (X, y))
     with pytest.raises(ValueError, match="check_determinism must be True or False"):
         HessianOperator(model, ce_loss, (X, y), check_determinism="no")
+    mixed = LNMLP().double()
+    mixed.fc2.float()
+    with pytest.raises(ValueError, match="one dtype and device"):
+        HessianOperator(mixed, ce_loss, (X, y))
     bn = nn.BatchNorm1d(5).double().eval()
     with pytest.raises(KeyError, match="'running_mean' is a buffer"):
         HessianOperator(bn, lambda m, b: m(b).pow(2).mean(), X, params=["running_mean"])
@@ -908,3 +928,25 @@ def test_auto_mode_loads_only_the_first_batch_to_time():
         H @ torch.zeros(H.shape[0], dtype=F64)
         loads[mode] = data.loads
     assert loads["auto"] == loads["forward"] + 1
+
+
+def test_data_that_gives_fewer_batches_on_a_later_pass_is_refused():
+    """The batches of every pass are checked against the first one's fingerprints; a pass that
+    ends early (a loader that drops a batch) is caught by the count, with or without the check."""
+    model, X, y = mlp_problem(n=9)
+
+    class Loader:
+        def __init__(self):
+            self.batches = [(X[i : i + 3], y[i : i + 3]) for i in range(0, 9, 3)]
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    for check in (True, False):
+        data = Loader()
+        H = HessianOperator(model.eval(), ce_loss, data, mode="forward", check_determinism=check)
+        v = torch.ones(H.shape[0], dtype=F64)
+        H @ v
+        data.batches.pop()
+        with pytest.raises(NonDeterministicError, match="gave 2 batches on this pass but 3 before"):
+            H @ v
