@@ -141,6 +141,8 @@ def test_bad_arguments():
         lanczos(A, k=2, which="XX", progress=False)
     with pytest.raises(ValueError, match="k must be"):
         lanczos(A, k=0, progress=False)
+    with pytest.raises(ValueError, match=rf"k must be in \[1, n={N}\], got {N + 1}"):
+        lanczos(A, k=N + 1, progress=False)
     with pytest.raises(ValueError, match="square"):
         lanczos(np.zeros((3, 4)), k=1, progress=False)
     with pytest.raises(TypeError, match="linear operator"):
@@ -250,6 +252,35 @@ def test_blocks_stay_orthonormal_over_a_spectrum_ten_decades_wide():
     assert np.abs(V.T @ V - np.eye(4)).max() < 1e-12
     assert res.converged.all() and (res.residuals <= 1e-8 * top).all()
     assert np.abs(res.values - ref).max() <= 1e-8 * top  # the residual bounds the error
+
+
+def test_largest_magnitude_takes_the_negative_end():
+    """``LM`` orders by |theta|: here two of the three largest magnitudes are negative."""
+    A = planted(np.r_[-10.0, -9.0, np.linspace(-1.0, 3.0, 58)])
+    for max_basis in (None, 20):
+        res = lanczos(A, k=3, which="LM", max_basis=max_basis, progress=False)
+        assert np.abs(res.values - [-10.0, -9.0, 3.0]).max() < 1e-8
+
+
+def test_callback_sees_the_wanted_pairs_of_every_step():
+    A = planted(SPECTRA["known"])
+    seen = []
+    res = lanczos(A, k=3, which="SA", progress=False, callback=lambda *args: seen.append(args))
+    assert len(seen) == res.num_steps - 2  # from the step with k = 3 Ritz values on
+    assert all(len(values) == len(residuals) == 3 for _, values, residuals in seen)
+    matvecs = [n for n, _, _ in seen]
+    assert matvecs == list(range(3, res.num_steps + 1))  # one product per step
+    assert np.array_equal(seen[-1][1], res.values)  # the last step's wanted values are the result
+
+
+def test_a_run_that_ends_right_after_an_invariant_subspace_is_not_converged():
+    """Three distinct eigenvalues: the Krylov space is invariant after three steps, with every
+    Ritz pair exact, but the second copy of 3 is not seen yet; a run cut off then says so."""
+    A = planted(np.repeat([1.0, 2.0, 3.0], 10))
+    short = lanczos(A, k=2, max_iter=4, progress=False)
+    assert (short.residuals < 1e-12).all() and not short.converged.any()
+    full = lanczos(A, k=2, progress=False)
+    assert np.abs(full.values - [3.0, 3.0]).max() < 1e-8 and full.converged.all()
 
 
 def test_invariant_subspaces_do_not_stop_the_search():
