@@ -41,6 +41,9 @@ def test_smooth_is_the_gaussian_mixture_with_sigma_a_standard_deviation():
 def test_weights_sum_to_one_and_smooth_integrates_to_one():
     sd = spectral_density(A, num_probes=4, num_steps=10, seed=0, progress=False)
     assert sd.nodes.shape == sd.weights.shape == (4, 10)
+    # a Krylov space holds at most n = 32 vectors: the rows are that wide, however many steps
+    wide = spectral_density(A, num_probes=2, num_steps=50, seed=0, progress=False)
+    assert wide.nodes.shape == wide.weights.shape == (2, 32)
     assert np.abs(sd.weights.sum(axis=1) - 1.0).max() < 1e-12
     assert sd.dimension == 32
     grid = np.linspace(-5, 12, 4001)
@@ -76,6 +79,22 @@ def test_probes_batched_equal_one_at_a_time():
         assert np.abs(both.weights[p] - weights).max() < 1e-12
 
 
+@pytest.mark.parametrize("reorth", [True, False])
+def test_quadrature_reproduces_each_probes_moments(reorth):
+    """Gauss quadrature of m Lanczos steps: sum_j w_j theta_j^k = q^T A^k q for k < 2m, q the
+    probe z / ||z||. Without reorthogonalization this rests on the three-term recurrence alone."""
+    m = 5
+    sd = spectral_density(A, num_probes=3, num_steps=m, seed=2, reorth=reorth, progress=False)
+    gen = torch.Generator().manual_seed(2)
+    for p in range(3):  # probe p is the p-th draw of the seed
+        z = rademacher((32,), gen, torch.float64, torch.device("cpu")).numpy()
+        q = z / np.linalg.norm(z)
+        for k in range(2 * m):
+            want = q @ np.linalg.matrix_power(A, k) @ q
+            got = (sd.weights[p] * sd.nodes[p] ** k).sum()
+            assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (p, k)
+
+
 def test_slq_trace_is_unbiased():
     ests = [
         spectral_density(A, num_probes=2, num_steps=6, seed=s, progress=False).trace_estimate()
@@ -92,6 +111,8 @@ def test_invariant_krylov_space_pads_with_zero_weight():
     assert np.isclose(sd.weights.sum(), 1.0)
     live = sd.weights[0] > 1e-14
     assert np.allclose(np.sort(sd.nodes[0][live]), [1.0, 2.0])
+    # two steps, then six copies of the last node with weight 0
+    assert (sd.weights[0][2:] == 0).all() and (sd.nodes[0][2:] == sd.nodes[0][1]).all()
 
 
 def three_eigenvalue_matrix() -> np.ndarray:
@@ -131,6 +152,20 @@ def test_trace_estimators_are_unbiased(method):
     assert runs[0].num_matvecs == 9
 
 
+def test_standard_errors_are_the_sample_ones():
+    """On A = [[0, 1], [1, 0]] every Hutchinson sample z^T A z = 2 z_1 z_2 is +-2 and every
+    diagonal sample z_i (A z)_i is +-1, so the standard error follows from the mean alone:
+    sqrt((c^2 - mean^2) / (m - 1)) with c = 2 and c = 1 (the sample variance with ddof=1)."""
+    swap = np.array([[0.0, 1.0], [1.0, 0.0]])
+    for m in (2, 5, 12):
+        for seed in range(3):
+            tr = trace(swap, num_matvecs=m, seed=seed, progress=False)
+            assert np.isclose(tr.stderr, np.sqrt((4 - tr.estimate**2) / (m - 1)), atol=1e-12)
+            dg = diagonal(swap, num_matvecs=m, seed=seed, progress=False)
+            want = np.sqrt((1 - dg.estimate**2) / (m - 1))
+            np.testing.assert_allclose(dg.stderr, want, atol=1e-12)
+
+
 def test_hutchpp_beats_hutchinson_on_a_low_rank_dominated_matrix():
     B = planted(np.r_[np.full(4, 100.0), np.linspace(0, 1, 60)], seed=3)
     errs = {
@@ -157,6 +192,10 @@ def test_estimator_arguments():
         trace(A, method="nope")
     with pytest.raises(ValueError, match="hutchpp needs"):
         trace(A, method="hutchpp", num_matvecs=3)
+    with pytest.raises(ValueError, match="hutchinson needs num_matvecs >= 2"):
+        trace(A, num_matvecs=1)
+    with pytest.raises(ValueError, match="diagonal needs num_matvecs >= 2"):
+        diagonal(A, num_matvecs=1)
     for chunk in (0, -1):
         with pytest.raises(ValueError, match=f"chunk must be an int >= 1, got {chunk}"):
             trace(A, chunk=chunk)
