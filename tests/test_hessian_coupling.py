@@ -125,6 +125,61 @@ def test_r_diag_standard_error_matches_the_spread_over_seeds():
     assert all(0.0 <= cp.r_diag_null <= 1.0 for cp in runs)
 
 
+def test_standard_errors_of_a_two_valued_estimate():
+    """Block a = entry 0 (H_aa = c), block b = entries 1, 2 (H_bb = 0), H_ab = [1, 1]: a probe on b
+    gives est[a, b] = (z_1 + z_2)^2, 0 or 4, and every other est is fixed (est[b, a] = 2,
+    est[a, a] = c^2). With x the mean of est[a, b] over S rounds (mass[a, b] = (x + 2) / 2), its
+    standard error is sqrt(x (4 - x) / (S - 1)) (sample variance, ddof=1, over S), halved in
+    mass; r_diag = c^2 / F with F = c^2 + 2 + x, so its error is r_diag * se(x) / F."""
+    c = 1.5
+    H = np.array([[c, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    part = flat_partition([1, 2])
+    for S in (2, 3, 8):
+        for seed in range(4):
+            cp = block_coupling(H, part, num_samples=S, seed=seed, progress=False)
+            x = 2 * cp.mass[0, 1] - 2
+            se_x = np.sqrt(x * (4 - x) / (S - 1))
+            np.testing.assert_allclose(cp.stderr, [[0, se_x / 2], [se_x / 2, 0]], atol=1e-12)
+            F = c**2 + 2 + x
+            assert cp.r_diag == pytest.approx(c**2 / F, abs=1e-12)
+            assert cp.r_diag_stderr == pytest.approx(cp.r_diag * se_x / F, abs=1e-12)
+
+
+def test_estimated_null_stays_between_the_block_share_and_one():
+    """With a zero diagonal the estimate of D = sum_i H_ii^2 is a product of noise of either
+    sign; it is kept in [0, F], so the null is at least q = sum s(s-1) / (n(n-1)), never less."""
+    sizes = [2, 3, 4]
+    rng = np.random.default_rng(4)
+    B = rng.standard_normal((9, 9))
+    H = B + B.T
+    np.fill_diagonal(H, 0.0)
+    q = sum(s * (s - 1) for s in sizes) / (9 * 8)
+    for seed in range(20):
+        cp = block_coupling(H, flat_partition(sizes), num_samples=2, seed=seed, progress=False)
+        assert q - 1e-12 <= cp.r_diag_null <= 1.0
+
+
+def test_exact_coupling_of_a_slightly_asymmetric_matrix_is_symmetric():
+    """A float32 Hessian's rounding (accepted up to 1e-2 relative) leaves H_ab and H_ba^T a
+    little apart: the exact masses are symmetrized, as BlockCoupling requires."""
+    sizes = [2, 3, 4]
+    H = block_diag(sizes, seed=5) + np.random.default_rng(5).standard_normal((9, 9))
+    H = H + H.T
+    noisy = H * (1 + 1e-4 * np.random.default_rng(6).standard_normal((9, 9)))
+    part = flat_partition(sizes)
+    cp = block_coupling(noisy, part, exact=True, progress=False)
+    assert np.array_equal(cp.mass, cp.mass.T)
+    np.testing.assert_allclose(cp.mass, partition.BlockCoupling.from_dense(part, noisy).mass)
+
+
+def test_a_zero_hessian_has_r_diag_and_null_one():
+    """No mass anywhere: every share is 1 (nothing off the diagonal), not 0 / 0."""
+    part = flat_partition([2, 3])
+    for exact in (True, False):
+        cp = block_coupling(np.zeros((5, 5)), part, exact=exact, seed=0, progress=False)
+        assert cp.r_diag == 1.0 and cp.r_diag_null == 1.0
+
+
 @pytest.fixture(scope="module")
 def gpt_hessian():
     model, (x, y) = tiny_gpt_problem(seed=1)
@@ -193,6 +248,8 @@ def test_blockwise_spectra_count_each_blocks_own_products():
     out = blockwise_spectra(H, blocks, num_probes=2, num_steps=10, seed=0, progress=False)
     # a block of size s stops after min(s, num_steps) steps, one product column each
     assert [out[k].num_matvecs for k in "abc"] == [2 * 1, 2 * 10, 2 * 2]
+    # and its quadrature has min(s, num_steps) nodes per probe
+    assert [out[k].nodes.shape for k in "abc"] == [(2, 1), (2, 10), (2, 2)]
 
 
 def test_blockwise_spectra_of_a_float32_operator_stop_at_an_invariant_krylov_space():
@@ -231,6 +288,15 @@ def test_partition_must_cover_the_operator(gpt_hessian):
     part = partition.Partition([partition.by_tensor(model)["ln_f.weight"]])
     with pytest.raises(ValueError, match="cover exactly H.params"):
         block_coupling(H, part, progress=False)
+    # the same names with other shapes: its block ids would index other entries
+    wide = partition.by_tensor(
+        [(n, torch.zeros(p.shape[0] + 1, *p.shape[1:])) for n, p in model.named_parameters()]
+    )
+    with pytest.raises(ValueError, match=r"partition tensor '.*' has shape \(\d+"):
+        block_coupling(H, wide, progress=False)
+    # a plain operator's flat order is the partition's: its sizes must agree
+    with pytest.raises(ValueError, match="covers 6 entries but the operator has 5"):
+        block_coupling(np.eye(5), flat_partition([2, 4]), progress=False)
 
 
 def test_exact_coupling_refuses_a_hessian_too_large_to_form():
@@ -256,6 +322,8 @@ def test_odd_block_selectors_and_counts_are_named():
         blockwise_spectra(H, {1: torch.tensor([0]), "1": torch.tensor([1])}, progress=False)
     with pytest.raises(ValueError, match="num_samples must be an int >= 1, got 2.5"):
         block_coupling(H, flat_partition([3, 4]), num_samples=2.5, progress=False)
+    with pytest.raises(ValueError, match="needs num_samples >= 2 for standard errors"):
+        block_coupling(H, flat_partition([3, 4]), num_samples=1, progress=False)
 
 
 def test_exact_coupling_of_a_sparse_matrix_equals_the_dense_one():

@@ -283,6 +283,19 @@ def test_a_run_that_ends_right_after_an_invariant_subspace_is_not_converged():
     assert np.abs(full.values - [3.0, 3.0]).max() < 1e-8 and full.converged.all()
 
 
+def test_residuals_from_the_lanczos_relation_save_the_last_products():
+    """true_residuals=False: each wanted pair's residual is |B_{m+1} s_i^last|, which equals the
+    recomputed ||A y - theta y|| to rounding, without the k products that recompute it."""
+    A = planted(SPECTRA["known"])
+    true = lanczos(A, k=3, which="SA", progress=False)
+    cheap = lanczos(A, k=3, which="SA", true_residuals=False, progress=False)
+    assert cheap.num_matvecs == true.num_matvecs - 3
+    np.testing.assert_array_equal(cheap.values, true.values)
+    V = cheap.vectors.numpy()
+    recomputed = np.linalg.norm(A @ V - V * cheap.values, axis=0)
+    np.testing.assert_allclose(cheap.residuals, recomputed, rtol=0, atol=1e-12)
+
+
 def test_invariant_subspaces_do_not_stop_the_search():
     """A null space of dimension 20: the first Krylov space holds one copy of 0 and is invariant
     (every Ritz pair exact at once); the search must go on to the other copies. With restarts
