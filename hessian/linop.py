@@ -81,8 +81,7 @@ class Operator:
             def apply(X: np.ndarray) -> np.ndarray:
                 X = np.asarray(X)
                 V = torch.as_tensor(X.reshape(n_in, -1), dtype=self.dtype, device=self.device)
-                out = product(V).detach().cpu().numpy()
-                return out[:, 0] if X.ndim == 1 else out
+                return product(V).detach().cpu().numpy()  # scipy reshapes a vector's (m, 1)
 
             return apply
 

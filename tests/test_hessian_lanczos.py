@@ -115,6 +115,40 @@ def test_accepts_every_operator_kind():
         assert np.abs(res.values - top).max() < 1e-8
 
 
+def test_a_dense_operators_scipy_view_has_the_transpose():
+    """``to_scipy()`` of a rectangular matrix: products with A, and with A^T through rmatvec and
+    ``.H`` (what svds needs), each 1-D for a vector and 2-D for a matrix."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((3, 5))
+    op = as_operator(A).to_scipy()
+    x, y = rng.standard_normal(5), rng.standard_normal(3)
+    np.testing.assert_allclose(op.matvec(x), A @ x, rtol=1e-14)
+    np.testing.assert_allclose(op.rmatvec(y), A.T @ y, rtol=1e-14)
+    np.testing.assert_allclose(op.H @ y, A.T @ y, rtol=1e-14)
+    np.testing.assert_allclose(op.matmat(np.c_[x, 2 * x]), np.c_[A @ x, 2 * A @ x], rtol=1e-14)
+    np.testing.assert_allclose(op.H.matmat(np.c_[y, y]), np.c_[A.T @ y, A.T @ y], rtol=1e-14)
+
+
+def test_integer_matrices_are_taken_as_float64():
+    for A in (np.array([[2, 1], [1, 2]]), torch.tensor([[2, 1], [1, 2]])):
+        assert as_operator(A).dtype == torch.float64
+        res = lanczos(A, k=2, progress=False)
+        np.testing.assert_allclose(res.values, [3.0, 1.0], atol=1e-12)
+
+
+def test_asymmetry_is_refused_above_one_percent_of_the_largest_entry():
+    A = planted(SPECTRA["known"])
+    scale = np.abs(A).max()
+    for gap, refused in ((0.005, False), (0.03, True)):
+        B = A.copy()
+        B[0, 1] += gap * scale
+        if refused:
+            with pytest.raises(ValueError, match="needs a symmetric operator"):
+                lanczos(B, k=1, progress=False)
+        else:
+            lanczos(B, k=1, progress=False)
+
+
 def test_tinygpt_dense_hessian():
     model, (x, y) = tiny_gpt_problem(seed=0)
     H = HessianOperator(model, lm_loss, (x, y), mode="forward")
