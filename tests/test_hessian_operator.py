@@ -471,6 +471,26 @@ def test_batches_with_scalar_tensors_from_an_iterable():
     H = HessianOperator(model, loss_fn, Loader())
     D = dense_reference(model, ce_loss, (X, y))
     assert (H.to_dense() - D).abs().max() < 1e-10
+    # a scalar first: its leading size is no sample count, so batch_size_fn must give it
+    first = (torch.tensor(1.0, dtype=F64), X, y)
+    H = HessianOperator(model, lambda m, b: b[0] * ce_loss(m, b[1:]), first)
+    with pytest.raises(ValueError, match="how many samples a batch of type tuple.*batch_size_fn"):
+        H @ torch.zeros(H.shape[0], dtype=F64)
+
+
+def test_a_fingerprint_covers_shapes_dtypes_keys_and_other_items():
+    """Batches with the same bytes differ when a tensor's shape or dtype, a key or a non-tensor
+    item does: a changed batch is seen whatever changed. The same batch rebuilt matches."""
+    x = torch.arange(12, dtype=F64)
+    same = fingerprint({"x": x, "y": x + 1, "n": 3})
+    assert fingerprint({"x": x.clone(), "y": x + 1, "n": 3}) == same
+    for other in (
+        {"x": x.reshape(3, 4), "y": x + 1, "n": 3},
+        {"x": x.view(torch.int64), "y": x + 1, "n": 3},
+        {"y": x, "x": x + 1, "n": 3},
+        {"x": x, "y": x + 1, "n": 4},
+    ):
+        assert fingerprint(other) != same
 
 
 def test_mapping_batches_that_are_not_dicts():
@@ -658,6 +678,12 @@ def test_dropout_in_train_mode_is_refused():
     model.train()
     H = HessianOperator(model, ce_loss, (X, y), check_determinism=False)
     H @ torch.zeros(H.shape[0])
+    # BatchNorm in train mode: each sample's output depends on the batch (and the running
+    # statistics move), so its loss is no mean of per-sample losses
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    H = HessianOperator(bn, ce_loss, (X, y), mode="reverse")
+    with pytest.raises(NonDeterministicError, match=r"1 \(BatchNorm1d\).*eval"):
+        H @ torch.zeros(H.shape[0])
 
 
 def test_functional_dropout_is_caught_by_the_repeat_check():
@@ -668,6 +694,16 @@ def test_functional_dropout_is_caught_by_the_repeat_check():
 
     with pytest.raises(NonDeterministicError, match="changed between two evaluations"):
         H = HessianOperator(model, noisy, (X, y))
+        H @ torch.zeros(H.shape[0])
+
+    calls = []
+
+    def jitter(m, b):  # every other call 1e-4 larger: no rounding in float64, also refused
+        calls.append(1)
+        return ce_loss(m, b) * (1 + 1e-4 * (len(calls) % 2))
+
+    with pytest.raises(NonDeterministicError, match="changed between two evaluations"):
+        H = HessianOperator(model, jitter, (X, y))
         H @ torch.zeros(H.shape[0])
 
 
