@@ -231,6 +231,37 @@ def test_padding_held_constant_where_a_subclass_computes_the_ids(mode):
     assert (H.matmat(V) - D @ V).abs().max() < 1e-12
 
 
+class NegativePadding(nn.Embedding):
+    """Passes ``F.embedding`` its padding row counted from the end (``-1``), as it allows."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight, self.padding_idx - self.num_embeddings)
+
+
+def test_padding_counted_from_the_end_is_held_constant():
+    """``F.embedding(ids, w, padding_idx=-1)`` pads row ``n - 1``: forward products hold the
+    lookups of that row constant, as double backward does."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": NegativePadding(5, 4, padding_idx=4), "head": nn.Linear(4, 7)})
+    model.double()
+
+    def loss_fn(m, batch):
+        ids, y = batch
+        return nn.functional.cross_entropy(m["head"](torch.tanh(m["emb"](ids))).flatten(0, 1), y)
+
+    batch = (torch.tensor([[4, 1, 2], [3, 4, 4]]), torch.tensor([1, 0, 5, 2, 6, 0]))
+    params = list(model.parameters())
+
+    def flat(ts):
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    g = flat(torch.autograd.grad(loss_fn(model, batch), params, create_graph=True))
+    D = torch.stack([flat(torch.autograd.grad(gi, params, retain_graph=True)) for gi in g], 1)
+    H = HessianOperator(model, loss_fn, batch, mode="forward")
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert (H.matmat(V) - D @ V).abs().max() < 1e-12
+
+
 def test_linear_regression_closed_form():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(11, 4, generator=g, dtype=F64)
