@@ -120,3 +120,18 @@ def test_empty_shards_errors_on_one_rank_and_local_operators(tmp_path):
             "the loss is nan" in got["error"] if rank == 1 else "failed on 1 other" in got["error"]
         )
     assert (torch.load(tmp_path / "edge_0.pt")["local"] - local).abs().max() < 1e-12
+
+
+def test_a_one_rank_process_group_is_not_distributed(tmp_path):
+    """``torchrun --nproc_per_node=1``: the operator is this process's own Hessian, with no
+    collective, and ``distributed=True`` asks for a group of more than one rank."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
+    )
+    try:
+        model, X, y, _, _ = make_problem()
+        assert HessianOperator(model, loss_fn, (X, y)).distributed is False
+        with pytest.raises(ValueError, match="process group with more than one rank"):
+            HessianOperator(model, loss_fn, (X, y), distributed=True)
+    finally:
+        dist.destroy_process_group()
