@@ -374,6 +374,53 @@ def test_cache_sees_changes_that_skip_the_version_counter():
         H @ v
 
 
+class ScaledMLP(LNMLP):
+    """Its output reads a buffer, and doubles in train mode (deterministically)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x) * self.scale
+        return 2 * out if self.training else out
+
+
+def test_cache_follows_buffers_and_the_train_flag():
+    torch.manual_seed(0)
+    model = ScaledMLP().double().eval()
+    X, y = torch.randn(8, 5, dtype=F64), torch.randint(0, 3, (8,))
+    H = HessianOperator(model, ce_loss, (X, y), mode="reverse")  # one batch: cached
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(6), dtype=F64)
+    before = H @ v
+    for change in (lambda: model.scale.fill_(1.7), lambda: model.train()):
+        change()
+        now = H @ v
+        assert (now - dense_reference(model, ce_loss, (X, y)) @ v).abs().max() < 1e-10
+        assert (now - before).abs().max() > 1e-3
+        before = now
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_a_parameter_the_loss_is_linear_in_has_zero_hessian_rows(mode):
+    """The mean output is linear in the last bias: its gradient is a constant, which double
+    backward cannot differentiate again (it does not require grad); its rows are zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X = torch.randn(6, 5, dtype=F64)
+
+    def mean_output(m, batch):
+        return m(batch).mean()
+
+    H = HessianOperator(model, mean_output, X, mode=mode)
+    dense = H.to_dense()
+    D = dense_reference(model, lambda f, b: f(b).mean(), X)
+    assert (dense - D).abs().max() < 1e-12
+    bias = H.select("2.bias")
+    assert (dense[bias] == 0).all() and (dense[:, bias] == 0).all()
+    assert dense.abs().max() > 1e-2  # the other parameters are coupled
+
+
 def test_cache_follows_a_fused_adam_mini_step():
     import optimizer
 
@@ -863,6 +910,18 @@ def test_compile_limit_warns_and_runs_eagerly(monkeypatch):
     assert caught[0].filename == __file__, "the warning points at the user's line"
     assert (HV - D @ V).abs().max() < 1e-10
     torch._dynamo.reset()
+
+
+def test_compiled_products_fail_at_dynamos_limit_rather_than_fall_back_silently():
+    """The dynamo settings the compiled products run under name switches this torch has, and
+    turn hitting the recompile limit into an error (which the operator turns into a warning)."""
+    from hessian.loss import compile_limits
+
+    limits = compile_limits()
+    assert limits and all(hasattr(torch._dynamo.config, k) for k in limits)
+    if len(limits) == 2:  # torch>=2.6: the limit and its failing switch
+        fail = next(k for k in limits if k.startswith("fail_on"))
+        assert limits[fail] is True
 
 
 def test_non_finite_vectors_and_empty_dict_batches():
