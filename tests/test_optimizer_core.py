@@ -246,11 +246,17 @@ def test_state_memory_is_half_of_adamw():
 @pytest.mark.parametrize("momentum_dtype", [None, "fp32", "bf16", torch.bfloat16])
 def test_state_bytes_counts_the_state_adam_mini_holds(dtype, momentum_dtype):
     model = tiny_llama(dtype)
+    model.model.embed_tokens.weight.requires_grad_(False)  # frozen: no gradient, no state
     part = partition.adam_mini(model)
     sb = optimizer.state_bytes(model, part, momentum_dtype=momentum_dtype)
     opt = optimizer.AdamMini(model.named_parameters(), part, momentum_dtype=momentum_dtype)
     lm_step(model, opt, tokens())
-    assert sb.total == sum(t.nbytes for st in opt.state.values() for t in st.values())
+    ours = sum(t.nbytes for st in opt.state.values() for t in st.values())
+    assert sb.total == ours
+    adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    lm_step(model, adamw, tokens())
+    theirs = sum(t.nbytes for st in adamw.state.values() for t in st.values())
+    assert sb.adamw_total == theirs and sb.ratio == ours / theirs
 
 
 def test_state_bytes_takes_a_json_path_and_refuses_a_partition_of_other_shapes(tmp_path):
@@ -455,10 +461,14 @@ def test_bad_input_fails_early_with_names():
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"weight_decay": float("inf")}, "weight_decay=inf"),
         ({"nonfinite": "maybe"}, "nonfinite"),
+        ({"lr": torch.tensor([1e-3, 1e-3])}, "lr as a tensor must have one element"),
+        ({"betas": (0.9,)}, r"betas=\(0.9,\) must be a pair"),
         ({"momentum_dtype": "fp8"}, "momentum_dtype"),
     ):
         with pytest.raises(ValueError, match=what):
             optimizer.AdamMini(model.named_parameters(), part, **kwargs)
+    with pytest.raises(ValueError, match="AdamMini got an empty parameter list"):
+        optimizer.AdamMini(iter([]), part)
     emb = nn.Embedding(5, 3, sparse=True)
     opt = optimizer.AdamMini(emb.named_parameters(), n_heads=1)
     emb(torch.tensor([1, 2])).sum().backward()
@@ -749,6 +759,22 @@ def test_skip_blocks_steps_finite_blocks_and_keeps_the_rest(fused):
         assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["exp_avg"]).all(), n
 
 
+def test_the_fused_kernel_can_be_switched_off(monkeypatch):
+    """``ADAM_MINI_LAB_NO_FUSED=1``: no kernel is loaded, so fused=None steps eagerly and
+    fused=True is refused."""
+    before = cpu_fused.load()
+    try:
+        monkeypatch.setenv("ADAM_MINI_LAB_NO_FUSED", "1")
+        cpu_fused.load.cache_clear()
+        assert cpu_fused.load() is None
+        with pytest.raises(RuntimeError, match="fused=True"):
+            optimizer.AdamMini(quad_model().named_parameters(), fused=True, n_heads=1)
+    finally:
+        monkeypatch.delenv("ADAM_MINI_LAB_NO_FUSED")
+        cpu_fused.load.cache_clear()
+    assert (cpu_fused.load() is None) == (before is None)
+
+
 def test_param_appended_to_a_group_by_hand_names_the_fix():
     model = quad_model()
     named = list(model.named_parameters())
@@ -765,6 +791,8 @@ def test_param_names_groups_and_fused_true_without_kernel(monkeypatch):
     part = partition.by_rows(model)
     opt = optimizer.AdamMini([{"params": list(tensors), "param_names": list(names)}], part, lr=0.1)
     assert opt.param_groups[0]["param_names"] == list(names)
+    with pytest.raises(ValueError, match="param_names and params of a group differ in length"):
+        optimizer.AdamMini([{"params": list(tensors), "param_names": list(names)[:-1]}], part)
     opt.init_state()
     assert all(opt.state[p]["step"].item() == 0 for p in tensors)
     monkeypatch.setattr(optimizer.adam_mini.cpu_fused, "load", lambda: None)

@@ -103,6 +103,13 @@ def ddp_batch(model: nn.Module, k: int, rank: int | None = None, world: int = 2)
     return model(x).square().mean()
 
 
+def zoo_grad(name: str, k: int) -> torch.Tensor:
+    """A fixed gradient of the zoo tensor ``name`` at step ``k``."""
+    seed = 100 * k + list(SHAPES).index(name)
+    shape = SHAPES[name][0]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -175,6 +182,41 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         n: opt_low.state[p]["exp_avg"].full_tensor() for n, p in low.named_parameters()
     }
 
+    # replicated DTensors (every rank holds the whole tensor and gradient): no block sum may be
+    # added up over the ranks
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    rep = {
+        n: nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()]))
+        for n, p in Zoo().named_parameters()
+    }
+    opt_rep = optimizer.AdamMini(list(rep.items()), part, **HYPER)
+    for k in range(2):
+        for n, p in rep.items():
+            p.grad = distribute_tensor(zoo_grad(n, k), mesh, [Replicate()])
+        opt_rep.step()
+    result["replicated"] = {n: p.full_tensor() for n, p in rep.items()}
+
+    # a 2-D mesh (its second dim of size 1): named, not stepped as if 1-D
+    from torch.distributed.tensor import Shard
+
+    mesh2 = init_device_mesh("cpu", (world, 1))
+    w = nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh2, [Shard(0), Replicate()]))
+    try:
+        optimizer.AdamMini([("w", w)], Partition([TensorBlocks("w", (4, 2), "rows", {})]))
+    except NotImplementedError as e:
+        result["mesh_2d"] = str(e)
+
+    # a NaN in rank 0's shard only: both ranks skip the step
+    skip = Zoo()
+    fully_shard(skip, mesh=mesh)
+    opt_skip = optimizer.AdamMini(skip.named_parameters(), part, nonfinite="skip", **HYPER)
+    skip(step_input(0)).backward()
+    if rank == 0:
+        skip.emb.grad.to_local()[0, 0] = float("nan")
+    opt_skip.step()
+    torch.save(opt_skip.skipped_steps, os.path.join(out, f"skipped_rank{rank}.pt"))
+
     ddp = DDP(Tiny())
     opt3 = optimizer.AdamMini(ddp.named_parameters(), **HYPER, n_heads=1)
     train(ddp, opt3, range(STEPS), batch=lambda m, k: ddp_batch(m, k, rank, world))
@@ -242,6 +284,18 @@ def test_fsdp2_dcp_and_ddp_match_single_process(tmp_path):
     train(low, opt, range(1))
     for name, p in low.named_parameters():
         assert torch.equal(result["bf16_m"][name], opt.state[p]["exp_avg"]), name
+
+    plain = dict(Zoo().named_parameters())
+    opt = optimizer.AdamMini(list(plain.items()), zoo_partition(), **HYPER)
+    for k in range(2):
+        for n, p in plain.items():
+            p.grad = zoo_grad(n, k)
+        opt.step()
+    for name, p in plain.items():
+        torch.testing.assert_close(result["replicated"][name], p.detach(), rtol=1e-12, atol=0)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"skipped_rank{rank}.pt") == 1, rank
+    assert "'w'" in result["mesh_2d"] and "1-D mesh" in result["mesh_2d"]
 
     tiny = Tiny()
     opt = optimizer.AdamMini(tiny.named_parameters(), **HYPER, n_heads=1)
