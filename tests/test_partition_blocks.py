@@ -274,3 +274,121 @@ def test_unhashable_tensor_name_is_a_partition_error():
     part = make_partition()
     with pytest.raises(PartitionError, match=r"tensor \['a'\] is not in the partition"):
         part.block_index(["a"])
+
+
+@pytest.mark.parametrize(
+    ("shape", "params", "match"),
+    [
+        ((8, 2), {"head_dim": 4, "sections": [-4, 8, 4]}, "three non-negative sizes"),
+        ((8, 2), {"head_dim": 4, "sections": [4, 2, 2]}, "the k section has 2 outputs"),
+        ((9, 2), {"head_dim": 3, "sections": [3, 3, 2]}, "sum to 8, but the output axis"),
+    ],
+)
+def test_fused_heads_sections_must_be_sizes_that_tile_the_output_axis(shape, params, match):
+    """A negative section, a k section that is not whole heads, or sections that leave outputs
+    over would give blocks that are not heads (or a negative block count)."""
+    with pytest.raises(PartitionError, match=match):
+        TensorBlocks("qkv.weight", shape, "fused_heads", {**params, "orientation": "rows"})
+
+
+def test_row_groups_need_exactly_one_group_id_per_row():
+    with pytest.raises(PartitionError, match="has 2 rows but 3 group ids"):
+        TensorBlocks("w", (2, 4), "row_groups", {"groups": [0, 1, 0]})
+
+
+def test_a_size_beyond_int64_is_refused_even_when_another_size_is_zero():
+    """(0, 2**63) has no entries, but torch cannot make a tensor with a size of 2**63."""
+    with pytest.raises(PartitionError, match=r"beyond torch's limit of 2\*\*63 - 1"):
+        TensorBlocks("w", (0, 2**63), "tensor", {})
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        ("", {}, "tensor name must be a non-empty string, got ''"),
+        ("w", None, "tensor 'w': params must be a mapping, got None"),
+        ("w", ["head_dim"], r"tensor 'w': params must be a mapping, got \['head_dim'\]"),
+    ],
+)
+def test_empty_name_and_params_that_are_not_a_mapping_are_named(name, params, match):
+    with pytest.raises(PartitionError, match=match):
+        TensorBlocks(name, (4, 2), "heads" if params == ["head_dim"] else "tensor", params)
+
+
+def test_block_labels_of_elements_and_out_of_range_local_ids():
+    assert TensorBlocks("b", (3,), "elements", {}).block_label(2) == "b[entry 2]"
+    assert TensorBlocks("w", (2, 3), "elements", {}).block_label(4) == "w[entry (1, 1)]"
+    tb = TensorBlocks("w", (4, 3), "rows", {})
+    for bad in (-1, 4):
+        with pytest.raises(PartitionError, match=f"tensor 'w' has 4 blocks; no block {bad}"):
+            tb.block_label(bad)
+
+
+def test_locate_inverts_block_index_and_refuses_ids_out_of_range():
+    part = make_partition()
+    for name in part.names:
+        pairs = zip(
+            part.block_index(name).reshape(-1).tolist(),
+            part[name].local_index().reshape(-1).tolist(),
+            strict=True,
+        )
+        for global_id, local_id in pairs:
+            assert part.locate(global_id) == (name, local_id)
+    for bad in (-1, part.num_blocks):
+        with pytest.raises(PartitionError, match=rf"block id {bad} out of range \[0, 11\)"):
+            part.locate(bad)
+
+
+def test_equality_counts_the_provenance_and_with_provenance_overrides_it():
+    part = make_partition()
+    assert part == Partition(part.tensors(), {"method": "test"})
+    assert part != Partition(part.tensors(), {"method": "other"})
+    merged = part.with_provenance({"method": "new", "model": "m"})
+    assert merged.provenance == {"method": "new", "model": "m"}
+    assert merged.tensors() == part.tensors() and part.provenance == {"method": "test"}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_provenance_with_a_non_finite_float_is_refused(value):
+    """NaN and infinities are not JSON: to_json would write a file no JSON reader takes."""
+    with pytest.raises(PartitionError, match="provenance must be JSON-able"):
+        Partition([], {"r_diag": value})
+
+
+def test_summary_rows_give_each_tensors_share_of_v_kept():
+    part = Partition(
+        [
+            TensorBlocks("a", (4, 3), "rows", {}),  # 4 of 12 entries
+            TensorBlocks("big", (1000, 1000), "tensor", {}),  # 1 of 10**6: not "0.00%"
+            TensorBlocks("empty", (0, 3), "rows", {}),  # no entries: no share
+        ]
+    )
+    lines = part.summary().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:-2]}
+    assert rows["a"] == ["a", "4x3", "rows", "4", "33.33%"]
+    assert rows["big"] == ["big", "1000x1000", "tensor", "1", "0.0001%"]
+    assert rows["empty"] == ["empty", "0x3", "rows", "0", "-"]
+
+
+def test_empty_partition_sizes():
+    part = Partition([])
+    assert part.num_blocks == part.num_params == 0
+    assert torch.equal(part.block_sizes(), torch.zeros(0, dtype=torch.long))
+    assert part.block_labels() == []
+
+
+def test_a_module_prefix_on_some_names_only_is_not_called_a_wrapper():
+    """Only a 'module.' before every name means DDP/DataParallel; a submodule that happens to
+    be called 'module' is a plain mismatch."""
+    part = Partition(
+        [TensorBlocks("weight", (2, 2), "rows", {}), TensorBlocks("bias", (2,), "tensor", {})]
+    )
+    with pytest.raises(PartitionError, match="'module.weight' of the model is missing") as err:
+        part.check({"module.weight": torch.empty(2, 2), "bias": torch.empty(2)})
+    assert "DataParallel" not in str(err.value)
+
+
+def test_named_pairs_of_the_wrong_length_are_a_partition_error():
+    part = make_partition()
+    with pytest.raises(PartitionError, match="expected an nn.Module, an iterable of"):
+        part.check([("a", torch.empty(4, 3), "extra")])

@@ -330,3 +330,52 @@ def test_a_file_saved_with_a_utf8_byte_order_mark_loads(tmp_path):
     part.to_json(path)
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert Partition.from_json(path) == part
+
+
+@pytest.mark.parametrize("path", [("version",), ("tensors", 4, "num_blocks"), ("num_blocks",)])
+def test_a_boolean_where_the_format_wants_an_integer_is_refused(path):
+    """JSON's true equals 1 in Python: version true, or a count of true for a one-block tensor,
+    would load as if the file said 1."""
+    d = example_dict()
+    if path == ("num_blocks",):  # a file whose total is one block
+        d["tensors"] = d["tensors"][4:]
+        d["num_blocks"] = 1
+    _set(d, path, True)
+    with pytest.raises(PartitionError, match=f"{path[-1]!r} must be int, got bool"):
+        Partition.from_dict(d)
+
+
+@pytest.mark.parametrize("version", [0, -1])
+def test_versions_before_1_are_unsupported(version):
+    d = example_dict()
+    d["version"] = version
+    with pytest.raises(PartitionError, match=f"unsupported partition format version {version}"):
+        Partition.from_dict(d)
+
+
+def test_a_tensor_entry_that_is_not_an_object_is_named():
+    d = example_dict()
+    d["tensors"][0] = "emb.weight"
+    with pytest.raises(PartitionError, match=r"tensors\[0\] must be an object, got str"):
+        Partition.from_dict(d)
+
+
+def test_to_json_creates_missing_folders(tmp_path):
+    part = Partition.from_dict(example_dict())
+    path = tmp_path / "runs" / "a" / "p.json"
+    part.to_json(path)
+    assert Partition.from_json(path) == part
+    assert [p.name for p in path.parent.iterdir()] == ["p.json"]
+
+
+@pytest.mark.parametrize("tensors", [True, False])
+def test_write_json_refuses_non_finite_numbers_and_writes_nothing(tmp_path, tensors):
+    """NaN/Infinity are not JSON: a file holding them is refused by strict readers."""
+    from partition.io import write_json
+
+    data = {"x": float("nan")}
+    if tensors:  # the one-line-per-tensor layout of partition files
+        data = {**example_dict(), "provenance": {"r_diag": float("inf")}}
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        write_json(data, tmp_path / "p.json")
+    assert list(tmp_path.iterdir()) == []
