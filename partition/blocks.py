@@ -155,8 +155,7 @@ class TensorBlocks:
                 )
             if groups:
                 used = set(groups)
-                # ids beyond the row count cannot all be used: refuse before range(max + 1)
-                if min(used) < 0 or max(used) >= len(groups) or len(used) != max(used) + 1:
+                if min(used) < 0 or len(used) != max(used) + 1:
                     raise PartitionError(
                         f"tensor {name!r}: group ids must use every id 0..G-1 exactly "
                         f"(got {len(used)} distinct ids, min {min(used)}, max {max(used)})"

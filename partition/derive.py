@@ -66,8 +66,7 @@ class _TensorGroups:
             self.best = (0.0, -1, -1)
             return
         d = np.sqrt(np.maximum(np.outer(np.diag(g), np.diag(g)), 1e-300))
-        score = np.triu(g / d, k=1)
-        score[g <= 0] = 0.0
+        score = np.triu(g / d, k=1)  # masses are >= 0: a pair with no mass scores 0
         flat = int(np.argmax(score))
         a, b = divmod(flat, len(g))
         self.best = (float(score[a, b]), a, b)
@@ -90,8 +89,6 @@ def _row_blocks(tb: TensorBlocks) -> np.ndarray:
     """Candidate block id of every dim-0 row."""
     if tb.rule == "elements" and len(tb.shape) == 1:
         return np.arange(tb.shape[0])
-    if tb.rule == "tensor":
-        return np.zeros(tb.shape[0] if tb.shape else 1, dtype=np.int64)
     return tb.axis_ids().numpy()
 
 
@@ -118,8 +115,6 @@ def _canonical(groups: np.ndarray) -> np.ndarray:
 
 def _rule_for(tb: TensorBlocks, row_groups: np.ndarray) -> TensorBlocks:
     """The simplest rule whose blocks are exactly ``row_groups`` (one group id per dim-0 row)."""
-    if tb.rule == "tensor":
-        return tb
     groups = _canonical(row_groups)
     n = len(groups)
     count = int(groups.max()) + 1 if n else 0
@@ -224,7 +219,8 @@ def derive(coupling: BlockCoupling, threshold: float = 0.05, method: str = "gree
         if block.sum() > 0:
             worst = max(worst, 1.0 - diag / float(block.sum()))
         tb = s.candidate
-        merged = bool(tb.shape) and _along_rows(tb)  # else at most one block: nothing to merge
+        # a 'tensor' candidate, a scalar, or one block off dim 0 (_check_candidate): nothing to merge
+        merged = bool(tb.shape) and _along_rows(tb) and tb.rule != "tensor"
         tensors.append(_rule_for(tb, s.labels[_row_blocks(tb)]) if merged else tb)
     provenance = {
         "method": method,

@@ -196,3 +196,95 @@ def test_single_block_candidates_off_dim_0_are_kept_not_split():
         assert out.num_blocks == cand.num_blocks == 3
     out = derive(BlockCoupling(cand, np.eye(3)), threshold=np.float32(0.5))
     assert out.provenance["threshold"] == 0.5
+
+
+def test_a_coupling_exactly_at_the_threshold_is_within_it():
+    """greedy stops once off_t <= threshold; spectral drops couplings <= threshold. Masses in
+    binary fractions make the share (1/4) and the coupling (1/2) exact."""
+    cand = partition.elements([("v", torch.empty(2))])
+    greedy = BlockCoupling(cand, np.array([[1.5, 0.5], [0.5, 1.5]]))  # off share 1 / 4
+    assert derive(greedy, threshold=0.25)["v"].rule == "elements"
+    assert derive(greedy, threshold=0.2499)["v"].rule == "tensor"
+    spectral = BlockCoupling(cand, np.array([[1.0, 0.5], [0.5, 1.0]]))  # c = 0.5 / sqrt(1 * 1)
+    assert derive(spectral, threshold=0.5, method="spectral")["v"].rule == "elements"
+    assert derive(spectral, threshold=0.4999, method="spectral")["v"].rule == "tensor"
+
+
+def test_spectral_keeps_an_uncoupled_block_apart_from_the_clusters():
+    """Block 0 has no edge; blocks 1 and 2 form one cluster, which must not take block 0's id."""
+    cand = partition.elements([("v", torch.empty(3))])
+    mass = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.9], [0.0, 0.9, 1.0]])
+    out = derive(BlockCoupling(cand, mass), threshold=0.1, method="spectral")["v"]
+    assert (out.rule, list(out.params["groups"])) == ("row_groups", [0, 1, 1])
+
+
+def test_a_zero_hessian_is_block_diagonal_and_nothing_merges():
+    cand = candidate(3)
+    cp = BlockCoupling(cand, np.zeros((cand.num_blocks,) * 2))
+    assert cp.r_diag == 1.0
+    for method in ("greedy", "spectral"):
+        part = derive(cp, threshold=0.0, method=method)
+        assert part.tensors() == cand.tensors()
+        prov = part.provenance
+        assert prov["r_diag_before"] == prov["r_diag_after"] == 1.0
+        assert prov["offdiag_within_before"] == prov["offdiag_within_after"] == 0.0
+        assert prov["offdiag_max_tensor_after"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["greedy", "spectral"])
+def test_provenance_numbers_match_sums_over_the_dense_hessian(method):
+    """Every share in the provenance, recomputed entry by entry from H (not from block masses)."""
+    groups = np.repeat(np.arange(3), [2, 3, 2])
+    H = planted_hessian(groups, seed=4, noise=3e-3)
+    cand = candidate(len(groups))
+    part = derive(BlockCoupling.from_dense(cand, H), threshold=0.02, method=method)
+    assert part["w"].rule == "row_groups"  # some merging happened
+
+    def ids(p):
+        return np.concatenate([p.block_index(n).reshape(-1).numpy() for n in p.names])
+
+    owner = np.concatenate([np.full(cand[n].numel, i) for i, n in enumerate(cand.names)])
+    sq = H**2
+    same_tensor = owner[:, None] == owner[None, :]
+
+    def r_diag(p):
+        b = ids(p)
+        return sq[b[:, None] == b[None, :]].sum() / sq.sum()
+
+    def within_off(p, mask=same_tensor):
+        b = ids(p)
+        return sq[mask & (b[:, None] != b[None, :])].sum() / sq[mask].sum()
+
+    prov = part.provenance
+    assert prov["r_diag_before"] == pytest.approx(r_diag(cand), rel=1e-12)
+    assert prov["r_diag_after"] == pytest.approx(r_diag(part), rel=1e-12)
+    assert prov["offdiag_within_before"] == pytest.approx(within_off(cand), rel=1e-12)
+    assert prov["offdiag_within_after"] == pytest.approx(within_off(part), rel=1e-12)
+    assert 0 < prov["offdiag_within_after"] < prov["offdiag_within_before"]
+    worst = max(within_off(part, same_tensor & (owner[:, None] == t)) for t in (0, 1))
+    assert prov["offdiag_max_tensor_after"] == pytest.approx(worst, rel=1e-12)
+    assert prov["num_blocks_before"] == cand.num_blocks == len(groups) + 1
+    assert prov["candidate_rules"] == ["rows", "tensor"]
+    assert prov["exact"] is True and prov["num_samples"] == 0 and "r_diag_null" not in prov
+
+
+def test_an_estimated_couplings_sampling_reaches_the_provenance():
+    cp = BlockCoupling.from_dense(candidate(3), np.eye(13))
+    est = BlockCoupling(cp.partition, cp.mass, exact=False, num_samples=7, r_diag_null=0.25)
+    prov = derive(est).provenance
+    assert (prov["exact"], prov["num_samples"], prov["r_diag_null"]) == (False, 7, 0.25)
+
+
+def test_block_coupling_refuses_malformed_input_naming_it():
+    part = candidate(3)
+    with pytest.raises(PartitionError, match="partition must be a Partition, got dict"):
+        BlockCoupling({"w": 1}, np.eye(4))
+    for bad in (np.nan, np.inf):
+        mass = np.eye(4)
+        mass[0, 0] = bad
+        with pytest.raises(PartitionError, match="non-finite entries"):
+            BlockCoupling(part, mass)
+    with pytest.raises(PartitionError, match=r"stderr has shape \(3, 3\); expected \(4, 4\)"):
+        BlockCoupling(part, np.eye(4), stderr=np.ones((3, 3)))
+    with pytest.raises(PartitionError, match=r"dense Hessian has shape \(12, 12\); .* 13 param"):
+        BlockCoupling.from_dense(part, np.eye(12))
