@@ -42,6 +42,24 @@ def test_round_trip_is_bitwise_and_keeps_unstepped_tensors_stateless(tmp_path):
             assert torch.equal(loaded[i][k], t), (i, k)
 
 
+def test_a_checkpoint_in_torch_optims_older_format_loads_by_position(tmp_path):
+    """Saved without the groups' param_names (torch < 2.6) nor AdamMini's block records: the
+    tensors are matched by position, as torch.optim matches them."""
+    model, opt = stepped_optimizer()
+    state_dict = opt.state_dict()
+    del state_dict["blocks"]
+    for group in state_dict["param_groups"]:
+        del group["param_names"]
+    dcp.save({"optim": state_dict}, checkpoint_id=tmp_path)
+    fresh = optimizer.AdamMini(model.named_parameters(), partition.by_rows(model), lr=0.1)
+    optimizer.load_checkpoint(fresh, tmp_path)
+    saved, loaded = opt.state_dict()["state"], fresh.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and len(saved) == 3
+    for i, s in saved.items():
+        for k, t in s.items():
+            assert torch.equal(loaded[i][k], t), (i, k)
+
+
 def test_another_partition_names_the_tensor(tmp_path):
     model, opt = stepped_optimizer()
     dcp.save({"optim": opt.state_dict()}, checkpoint_id=tmp_path)
