@@ -127,6 +127,10 @@ def test_a_dense_operators_scipy_view_has_the_transpose():
     np.testing.assert_allclose(op.H @ y, A.T @ y, rtol=1e-14)
     np.testing.assert_allclose(op.matmat(np.c_[x, 2 * x]), np.c_[A @ x, 2 * A @ x], rtol=1e-14)
     np.testing.assert_allclose(op.H.matmat(np.c_[y, y]), np.c_[A.T @ y, A.T @ y], rtol=1e-14)
+    dense, want = as_operator(A), A @ x
+    copy = dense.to_dense()  # a copy: writing to it leaves the operator (and A) alone
+    copy[0] = 0.0
+    np.testing.assert_allclose(dense.matvec(torch.as_tensor(x)).numpy(), want, rtol=1e-14)
 
 
 def test_integer_matrices_are_taken_as_float64():

@@ -1003,6 +1003,9 @@ def test_numpy_block_ids_and_flat_indices_select_like_ints_and_tensors():
     assert torch.equal(Hab.rows, H.select(3, partition=part))
     assert torch.equal(Hab.cols, H.select(5, partition=part))
     assert torch.equal(H.select(np.array([7, 2, 7])), torch.tensor([2, 7]))
+    # a list of selectors is their union, sorted, each entry once
+    union = H.select(["ln.bias", "fc1.bias", {"fc1.bias": 0}])
+    assert torch.equal(union, torch.cat([H.select("fc1.bias"), H.select("ln.bias")]))
 
 
 def test_block_ids_of_a_partition_with_other_shapes_are_refused():

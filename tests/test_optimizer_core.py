@@ -423,6 +423,37 @@ def test_maximize_equals_minimizing_the_negative():
         assert torch.equal(p, q)
 
 
+def test_maximize_and_decay_1d_hold_per_group():
+    """A group's own maximize and decay_1d, not the defaults: group 0 ascends and decays its
+    bias, group 1 takes the defaults (descend, no decay of 1-D tensors). The reference is one
+    optimizer per part with those settings as its defaults, on negated gradients to ascend."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [
+        torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in quad_model().parameters()
+    ]
+    hyper = dict(lr=0.1, weight_decay=0.5, n_heads=1)
+    model = quad_model()
+    named = list(model.named_parameters())
+    groups = [{"params": named[:2], "maximize": True, "decay_1d": True}, {"params": named[2:]}]
+    opt = optimizer.AdamMini(groups, **hyper)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
+    opt.step()
+    ref = quad_model()
+    named = list(ref.named_parameters())
+    opts = [
+        optimizer.AdamMini(named[:1], **hyper),
+        optimizer.AdamMini(named[1:2], decay_1d=True, **hyper),
+        optimizer.AdamMini(named[2:], **hyper),
+    ]
+    for p, g, sign in zip(ref.parameters(), grads, (-1, -1, 1, 1), strict=True):
+        p.grad = sign * g
+    for o in opts:
+        o.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_weight_decay_skips_1d_tensors_unless_asked():
     for decay_1d, moved in ((False, False), (True, True)):
         model = quad_model()
@@ -807,6 +838,8 @@ def test_group_forms_and_names_shared_by_two_groups():
     names, tensors = zip(*enc.named_parameters(), strict=True)
     by_names = optimizer.AdamMini([{"params": tensors, "param_names": names}], n_heads=1)
     assert by_names.partition.names == names
+    one_pair = optimizer.AdamMini([{"params": ("w", tensors[0])}], n_heads=1)  # a bare pair
+    assert one_pair.param_groups[0]["param_names"] == ["w"]
     groups = [{"params": enc.named_parameters()}, {"params": dec.named_parameters(), "lr": 1e-4}]
     with pytest.raises(ValueError, match=r"both named '0.weight'.*prefix"):
         optimizer.AdamMini(groups, n_heads=1)
