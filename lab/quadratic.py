@@ -67,10 +67,13 @@ class BlockDiagonalQuadratic:
                 and the largest to ``hi``, so its condition number is exactly ``hi / lo``.
         """
         sizes = tuple(block_sizes)
-        if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes):
+        if not sizes or any(
+            not isinstance(s, numbers.Integral) or isinstance(s, bool) or s <= 0 for s in sizes
+        ):  # True is an int to Python, but not a size
             raise ValueError(
                 f"block_sizes must be a non-empty list of positive ints, got {sizes!r}"
             )
+        sizes = tuple(int(s) for s in sizes)  # NumPy's ints too
         ranges = _normalize_ranges(eig_ranges, len(sizes))
         if spacing not in ("uniform", "log"):
             raise ValueError(f"spacing must be 'uniform' or 'log', got {spacing!r}")

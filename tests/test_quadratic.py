@@ -136,3 +136,33 @@ def test_one_range_pair_may_be_numpy_numbers():
 def test_wrong_x_shape_raises(problem):
     with pytest.raises(ValueError, match=r"x must have shape \(13,\)"):
         problem.loss(torch.zeros(12, dtype=torch.float64))
+
+
+def test_random_point_scale_and_size_one_blocks_not_pinned():
+    p = BlockDiagonalQuadratic.random([1, 3], [(1.0, 100.0), (1.0, 100.0)], seed=0)
+    torch.testing.assert_close(
+        p.random_point(7, scale=3.0), 3.0 * p.random_point(7), rtol=0, atol=0
+    )
+    # endpoints are pinned for blocks of size >= 2 only: a 1x1 block draws its eigenvalue
+    (lam,) = p.block_eigenvalues[0].tolist()
+    assert 1.0 < lam < 100.0
+    assert p.block_eigenvalues[1].tolist()[::2] == [1.0, 100.0]
+
+
+def test_loss_and_grad_keep_the_dtype_of_x(problem):
+    x = problem.random_point(seed=5).float()
+    assert problem.loss(x).dtype == problem.grad(x).dtype == torch.float32
+    torch.testing.assert_close(problem.grad(x), (problem.hessian @ x.double()).float())
+
+
+@pytest.mark.parametrize("sizes", [[2.0, 3], [2, True], ["2"]])
+def test_block_sizes_must_be_ints(sizes):
+    """True was taken for a size of 1 and failed in torch.rand with a bare TypeError."""
+    with pytest.raises(ValueError, match="block_sizes must be a non-empty list of positive ints"):
+        BlockDiagonalQuadratic.random(sizes, (1.0, 2.0), seed=0)
+
+
+def test_numpy_int_block_sizes_are_sizes():
+    a = BlockDiagonalQuadratic.random(np.array([2, 3]), (1.0, 2.0), seed=0)
+    assert a.block_sizes == (2, 3) and all(type(s) is int for s in a.block_sizes)
+    assert torch.equal(a.hessian, BlockDiagonalQuadratic.random([2, 3], (1.0, 2.0), seed=0).hessian)
