@@ -1,5 +1,7 @@
 """TinyGPT and the paper's MLPs: shapes, GQA, causality, forward-mode AD, losses."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -279,3 +281,105 @@ def test_deep_mlp():
     assert [tuple(p.shape) for p in small.parameters()] == [(5, 3), (5, 5), (2, 5)]
     assert small(torch.zeros(4, 3)).shape == (4, 2)
     assert torch.equal(DeepMLP(seed=1).layers[0].weight, DeepMLP(seed=1).layers[0].weight)
+
+
+def _reference_tiny_gpt(model, idx):
+    """TinyGPT's forward from its weights with torch's own causal SDPA (GQA) and layer norm."""
+    c = model.config
+    p = dict(model.named_parameters())
+    B, T = idx.shape
+
+    def linear(x, name):
+        return F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+
+    def norm(x, name):
+        return F.layer_norm(x, (c.d_model,), p[f"{name}.weight"], p[f"{name}.bias"])
+
+    x = p["tok_emb.weight"][idx] + p["pos_emb.weight"][:T]
+    for i in range(c.n_layer):
+        b = f"blocks.{i}."
+        h = norm(x, b + "ln_1")
+        q, k, v = (
+            linear(h, b + f"attn.{n}_proj").view(B, T, -1, c.hd).transpose(1, 2) for n in "qkv"
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + linear(y.transpose(1, 2).reshape(B, T, -1), b + "attn.o_proj")
+        h = F.gelu(linear(norm(x, b + "ln_2"), b + "mlp.fc_in"), approximate="tanh")
+        x = x + linear(h, b + "mlp.fc_out")
+    head = p["tok_emb.weight"] if c.tie_weights else p["lm_head.weight"]
+    return norm(x, "ln_f") @ head.T
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2, "bias": True, "tie_weights": True}])
+def test_forward_matches_a_reference_built_on_torch_sdpa(float64, extra):
+    """Pre-LN blocks, scaled causal attention (grouped query heads), tanh GELU, final norm."""
+    model = TinyGPT(TinyGPTConfig(**SMALL, head_dim=6, **extra), seed=0).double()
+    with torch.no_grad():  # non-trivial norms and biases: the defaults hide a skipped one
+        for name, q in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                q.add_(0.1 * torch.randn(q.shape, generator=torch.Generator().manual_seed(1)))
+    x = tokens(3, 7, 17)
+    torch.testing.assert_close(model(x), _reference_tiny_gpt(model, x), rtol=1e-12, atol=1e-12)
+
+
+def test_deep_mlp_forward_has_relu_between_layers_only(float64):
+    model = DeepMLP(d=3, width=5, num_classes=2, depth=3, seed=0).double()
+    X = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    w = [layer.weight for layer in model.layers]
+    ref = torch.relu(torch.relu(X @ w[0].T) @ w[1].T) @ w[2].T
+    torch.testing.assert_close(model(X), ref, rtol=1e-12, atol=0)
+    assert (model(X) < 0).any()  # no ReLU after the last layer
+
+
+def test_tiny_gpt_init_scales_and_zero_biases():
+    """Normal(0, init_std) weights, init_std / sqrt(2 n_layer) on the residual projections
+    (o_proj, fc_out), zero biases, LayerNorm (1, 0). 16k draws per weight: the sample std is
+    within 2% of the target at ~3 standard errors."""
+    cfg = TinyGPTConfig(vocab_size=256, context=128, n_layer=2, d_model=128, n_heads=4,
+                        bias=True, init_std=0.05)  # fmt: skip
+    model = TinyGPT(cfg, seed=0)
+    for name, p in model.named_parameters():
+        p = p.detach()
+        if ".ln_" in name or name.startswith("ln_f"):
+            target = 1.0 if name.endswith("weight") else 0.0
+            assert torch.equal(p, torch.full_like(p, target)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            residual = name.endswith(("o_proj.weight", "fc_out.weight"))
+            std = 0.05 / math.sqrt(2 * 2) if residual else 0.05
+            assert float(p.std()) == pytest.approx(std, rel=0.02), name
+            assert abs(float(p.mean())) < 3 * std / math.sqrt(p.numel()), name
+
+
+@pytest.mark.parametrize("model", [OneHiddenMLP(d=300, m=40, num_classes=7, seed=0),
+                                   DeepMLP(d=300, width=40, num_classes=7, depth=3, seed=0)])  # fmt: skip
+def test_mlp_init_is_uniform_with_bound_one_over_sqrt_fan_in(model):
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            bound = 1 / math.sqrt(layer.in_features)
+            w = layer.weight.detach().abs()
+            assert float(w.max()) <= bound and float(w.max()) > 0.95 * bound, layer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(init_std=0.0), "init_std must be finite and > 0, got 0.0"),
+        (dict(tie_weights=1), "tie_weights must be true or false, got 1"),
+        (dict(bias="yes"), "bias must be true or false"),
+    ],
+)
+def test_more_bad_configs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TinyGPTConfig(**kwargs)
+
+
+def test_token_ids_must_be_a_batch_of_sequences():
+    model = TinyGPT(TinyGPTConfig(**SMALL), seed=0)
+    with pytest.raises(
+        ValueError, match=r"integer token ids of shape \(B, T\), got torch.int64 of shape \(4,\)"
+    ):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 3\) need targets of shape \(2,\)"):
+        cross_entropy(torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.long))
