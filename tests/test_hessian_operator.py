@@ -1079,3 +1079,10 @@ def test_data_that_gives_fewer_batches_on_a_later_pass_is_refused():
         data.batches.pop()
         with pytest.raises(NonDeterministicError, match="gave 2 batches on this pass but 3 before"):
             H @ v
+    # batches that come in another order on a later pass: each is checked against its print
+    data = Loader()
+    H = HessianOperator(model.eval(), ce_loss, data, mode="forward")
+    H @ v
+    data.batches.reverse()
+    with pytest.raises(NonDeterministicError, match="batch 0 differs from the previous pass"):
+        H @ v

@@ -273,6 +273,11 @@ def test_state_bytes_takes_a_json_path_and_refuses_a_partition_of_other_shapes(t
             build(model.named_parameters(), str(tmp_path / "wrong.json"))
     with pytest.raises(TypeError, match="partition must be"):
         optimizer.state_bytes(model, {"weight": 1})
+    # named tensors alone: the head counts go to partition.adam_mini, as from a model's config
+    llama = tiny_llama(torch.float32)
+    named = list(llama.named_parameters())
+    heads = dict(n_heads=4, n_kv_heads=2, head_dim=8)
+    assert optimizer.state_bytes(named, **heads) == optimizer.state_bytes(llama)
 
 
 def test_wrapped_models_read_the_inner_config_and_prefixed_names_name_the_fix():
@@ -567,6 +572,26 @@ def test_nonfinite_gradients_leave_state_untouched(fused):
     opt.nonfinite = "ignore"
     opt.step()
     assert torch.isnan(model[2].weight).any()
+
+
+@pytest.mark.parametrize("fused", FUSED_MODES)
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_a_nan_in_an_elements_tensor_alone_is_caught(fused, nonfinite):
+    """``elements`` tensors have no block sums: their gradient entries are checked themselves."""
+    init, part = rule_zoo()
+    params = {n: nn.Parameter(p.clone()) for n, p in init.items()}
+    opt = optimizer.AdamMini(list(params.items()), part, lr=0.05, fused=fused, nonfinite=nonfinite)
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    params["bias"].grad[2] = float("nan")
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match=r"in \['bias'\];"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.skipped_steps == 1
+    for n, p in params.items():
+        assert torch.equal(p, init[n]) and not opt.state[p].get("step", 0), n
 
 
 def test_bf16_momentum_stochastic_rounding_is_unbiased_and_trains():
