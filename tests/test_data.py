@@ -270,3 +270,96 @@ def test_stdlib_files_changing_while_read_is_its_own_error(monkeypatch, tmp_path
         Corpus.stdlib(cache_dir=tmp_path, max_bytes=20_000)
     assert issubclass(CorpusChangedError, RuntimeError)  # callers catching RuntimeError still do
     assert not list(tmp_path.iterdir())  # nothing cached
+
+
+def test_uniform_labels_use_every_class_evenly():
+    _, y = gaussian_classification(5000, 2, 5, seed=0)
+    counts = torch.bincount(y, minlength=5)
+    assert len(counts) == 5 and int(counts.min()) > 1000 - 5 * 29  # 5 sd of Binomial(5000, 1/5)
+
+
+def _fake_stdlib(tmp_path, monkeypatch, files):
+    """A stdlib folder of ``files`` (relative path -> bytes) in place of the real one."""
+    root = tmp_path / "stdlib"
+    for rel, content in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(content)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(root)})
+    return root
+
+
+def test_stdlib_reads_python_source_only(tmp_path, monkeypatch):
+    """Hidden folders, site-packages, test folders, _sysconfigdata and non-.py files stay out."""
+    files = {
+        name: name.encode() * 3
+        for name in ["a.py", "pkg/c.py", "b.py", ".git/h.py", "_sysconfigdata_x.py",
+                     "site-packages/s.py", "test/t.py", "pkg/notes.txt"]
+    }  # fmt: skip
+    _fake_stdlib(tmp_path, monkeypatch, files)
+    corpus = Corpus.stdlib(cache_dir=tmp_path / "cache", max_bytes=None, val_fraction=0.4)
+    assert corpus.files == ("a.py", "b.py", "pkg/c.py")
+    assert bytes(corpus.tokens.numpy()) == b"".join(files[f] for f in corpus.files)
+
+
+def test_stdlib_stops_at_the_file_that_reaches_max_bytes(tmp_path, monkeypatch):
+    _fake_stdlib(tmp_path, monkeypatch, {f"{c}.py": c.encode() * 10 for c in "abc"})
+    corpus = Corpus.stdlib(cache_dir=tmp_path / "cache", max_bytes=20, val_fraction=0.5)
+    assert corpus.files == ("a.py", "b.py") and corpus.file_starts == (0, 10)
+    assert corpus.split_index == 10 and corpus.val_files == ("b.py",)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "val_fraction", "split"),
+    [
+        ([30, 18, 10, 42], 0.5, 48),  # starts 30, 48 and 58 lie near 50: the nearest
+        ([30, 70], 0.9, 30),  # 0 is nearer to 10 than 30 but would leave no training bytes
+    ],
+)
+def test_stdlib_splits_at_the_file_start_nearest_the_fraction(
+    tmp_path, monkeypatch, sizes, val_fraction, split
+):
+    _fake_stdlib(tmp_path, monkeypatch, {f"f{i}.py": b"x" * n for i, n in enumerate(sizes)})
+    corpus = Corpus.stdlib(cache_dir=tmp_path / "cache", max_bytes=None, val_fraction=val_fraction)
+    assert corpus.split_index == split
+
+
+def test_a_changed_stdlib_file_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    """Same total size after the cut, new content: the cache key holds the file sizes."""
+    root = _fake_stdlib(tmp_path, monkeypatch, {"a.py": b"a" * 10, "b.py": b"b" * 10})
+    cache = tmp_path / "cache"
+    first = Corpus.stdlib(cache_dir=cache, max_bytes=15, val_fraction=0.5)
+    (root / "a.py").write_bytes(b"c" * 12)
+    again = Corpus.stdlib(cache_dir=cache, max_bytes=15, val_fraction=0.5)
+    assert not again.from_cache and again.cache_path != first.cache_path
+    assert bytes(again.tokens.numpy()) == b"c" * 12 + b"bbb"
+
+
+def test_a_cache_file_of_another_dtype_is_rebuilt(tmp_path, monkeypatch):
+    _fake_stdlib(tmp_path, monkeypatch, {"a.py": b"a" * 10, "b.py": b"b" * 10})
+    first = Corpus.stdlib(cache_dir=tmp_path, max_bytes=None, val_fraction=0.5)
+    np.save(first.cache_path, np.arange(20, dtype=np.int64))  # right length, not bytes
+    rebuilt = Corpus.stdlib(cache_dir=tmp_path, max_bytes=None, val_fraction=0.5)
+    assert not rebuilt.from_cache and torch.equal(rebuilt.tokens, first.tokens)
+
+
+def test_corpus_and_batch_arguments_are_checked():
+    tokens = torch.arange(50, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"1-D uint8 tensor, got torch.int64 \(50,\)"):
+        Corpus(tokens.long(), 40, source="toy")
+    with pytest.raises(ValueError, match=r"1-D uint8 tensor, got torch.uint8 \(5, 10\)"):
+        Corpus(tokens.reshape(5, 10), 4, source="toy")
+    with pytest.raises(ValueError, match="got 2 files but 1 file_starts"):
+        Corpus(tokens, 40, source="toy", files=("a", "b"), file_starts=(0,))
+    corpus = Corpus(tokens, 40, source="toy")
+    for b, t in ((0, 4), (2, 0)):
+        with pytest.raises(ValueError, match=f"must be positive, got {b}, {t}"):
+            corpus.batch("train", b, t)
+    with pytest.raises(ValueError, match="val_fraction must lie in"):
+        Corpus.stdlib(val_fraction=0.0)
+    with pytest.raises(ValueError, match="max_bytes must be an int > 1 or None"):
+        Corpus.stdlib(max_bytes=1e5)
+
+
+def test_decode_reads_utf8():
+    assert Corpus.decode(torch.tensor(list("café ∑".encode()))) == "café ∑"
+    assert Corpus.decode(torch.tensor([0x66, 0xFF])) == "f\ufffd"
