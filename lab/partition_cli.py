@@ -297,7 +297,9 @@ def _hf_model(config: Any, meta: bool) -> nn.Module:
     LM for encoders, a causal LM for the rest, and the bare model as a last resort."""
     import transformers
 
-    config.attn_implementation = "eager"
+    # the setter transformers reads (and passes on to sub-configs); a plain
+    # `config.attn_implementation = ...` is only stored and the model gets SDPA
+    config._attn_implementation = "eager"
     classes = [
         getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)
     ]

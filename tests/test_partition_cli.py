@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from lab import partition_cli
 from partition import Partition
@@ -247,3 +248,136 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_build(
     assert f"--out {str(out)!r}" in err and len(err.strip().splitlines()) == 1
     assert ("give a file path" if where == "folder" else "is a file, not a folder") in err
     assert blocker.read_text() == "a file"
+
+
+@pytest.mark.parametrize(
+    ("rule", "builder"), [("tensor", "by_tensor"), ("rows", "by_rows"), ("elements", "elements")]
+)
+def test_each_rule_builds_its_partition(rule, builder, tmp_path, capsys):
+    import partition
+
+    out = tmp_path / "p.json"
+    code, _, err = run(["--model", "mlp", "--rule", rule, "--out", str(out)], capsys)
+    assert code == 0, err
+    expected = getattr(partition, builder)(partition_cli.load_model("mlp"))
+    assert Partition.from_json(out) == expected.with_provenance({"model": "mlp"})
+
+
+def test_head_flags_reach_the_adam_mini_rules(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    argv = ["--model", "tinygpt", "--n-heads", "8", "--head-dim", "8", "--out", str(out)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    q = Partition.from_json(out)["blocks.0.attn.q_proj.weight"]
+    assert (q.rule, q.params["head_dim"], q.num_blocks) == ("heads", 8, 8)
+    # alone, --head-dim 8 contradicts the model's 4 heads of 64 rows
+    code, _, err = run(["--model", "tinygpt", "--head-dim", "8"], capsys)
+    assert code == 1 and "n_heads=4 x head_dim=8 = 32" in err
+    code, _, err = run(["--model", "tinygpt", "--rule", "rows", "--head-dim", "8"], capsys)
+    assert code == 1 and "--head-dim only shape --rule adam-mini" in err
+
+
+def _tiny_mlp(monkeypatch):
+    from lab.models import OneHiddenMLP
+
+    monkeypatch.setitem(
+        partition_cli.LAB_MODELS, "mlp", lambda: OneHiddenMLP(d=6, m=3, num_classes=4, seed=0)
+    )
+
+
+def test_derived_flags_reach_the_data_the_measurement_and_derive(tmp_path, capsys, monkeypatch):
+    import hessian
+    import lab.data
+
+    _tiny_mlp(monkeypatch)
+    seen = {}
+    real_coupling, real_data = hessian.block_coupling, lab.data.gaussian_classification
+
+    def coupling(*args, **kw):
+        seen["coupling"] = kw
+        return real_coupling(*args, **kw)
+
+    def data(n, d, c, seed, **kw):
+        seen["data"] = (n, d, c, seed)
+        return real_data(n, d, c, seed, **kw)
+
+    monkeypatch.setattr(hessian, "block_coupling", coupling)
+    monkeypatch.setattr(lab.data, "gaussian_classification", data)
+    out = tmp_path / "d.json"
+    argv = ["--model", "mlp", "--rule", "derived", "--method", "spectral", "--threshold", "0.2",
+            "--num-samples", "3", "--seed", "7", "--batch-size", "20", "--no-progress",
+            "--out", str(out)]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert seen["data"] == (20, 6, 4, 7)  # at least 4 samples per class: max(20, 16)
+    kw = seen["coupling"]
+    assert (kw["num_samples"], kw["seed"], kw["exact"], kw["progress"]) == (3, 7, False, False)
+    prov = Partition.from_json(out).provenance
+    assert (prov["method"], prov["threshold"], prov["num_samples"]) == ("spectral", 0.2, 3)
+
+
+def test_exact_derivation_ignores_num_samples_and_batch_size_must_be_positive(capsys, monkeypatch):
+    _tiny_mlp(monkeypatch)
+    argv = ["--model", "mlp", "--rule", "derived", "--exact", "--num-samples", "1", "--no-progress"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    code, _, err = run(["--model", "mlp", "--rule", "derived", "--batch-size", "0"], capsys)
+    assert code == 1 and "--batch-size must be >= 1, got 0" in err
+
+
+def test_derived_on_a_tinygpt_with_a_small_vocabulary_folds_the_bytes(
+    tmp_path, capsys, monkeypatch
+):
+    """The byte corpus has ids up to 255; a TinyGPT with vocab 16 gets them modulo 16."""
+    from lab.data import Corpus
+
+    text = torch.tensor(list(range(32, 127)) * 4, dtype=torch.uint8)
+    monkeypatch.setattr(Corpus, "stdlib", lambda *a, **k: Corpus(text, 300, source="toy"))
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"vocab_size": 16, "context": 4, "n_layer": 1, "d_model": 4,
+                               "n_heads": 2, "d_ff": 4}))  # fmt: skip
+    out = tmp_path / "d.json"
+    argv = ["--model", str(cfg), "--rule", "derived", "--exact", "--batch-size", "2",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    part = Partition.from_json(out)
+    assert part.provenance["exact"] is True and "blocks.0.attn.q_proj.weight" in part
+
+
+def test_transformers_models_are_built_with_eager_attention(tmp_path):
+    """SDPA kernels have no double backward on the CPU (DESIGN.md): eager, also for configs
+    whose own attn_implementation is unset; encoders become masked LMs."""
+    pytest.importorskip("transformers")
+    cfg = tmp_path / "bert.json"
+    cfg.write_text(json.dumps({"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "intermediate_size": 8,
+                               "vocab_size": 20}))  # fmt: skip
+    for spec in (str(cfg), "gpt2"):
+        model = partition_cli.load_model(spec)
+        assert model.config._attn_implementation == "eager", spec
+    assert type(partition_cli.load_model(str(cfg))).__name__ == "BertForMaskedLM"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"model_type": "llama", "num_attention_heads": True},
+            "must be a positive integer, got True",
+        ),
+        ([1, 2], "must hold a JSON object"),
+    ],
+)
+def test_more_config_files_that_are_refused(config, message, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(config))
+    code, _, err = run(["--model", str(cfg)], capsys)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_brief_joins_lines_and_cuts_long_messages():
+    assert partition_cli._brief(ValueError("first\n\n  second  ")) == "first second"
+    long = partition_cli._brief(ValueError("x" * 500))
+    assert len(long) == 300 and long.endswith("…")
+    assert partition_cli._brief(KeyError()) == "KeyError"
