@@ -282,3 +282,70 @@ def test_stdlib_changing_under_the_corpus_is_a_one_line_error(monkeypatch, tmp_p
 def test_other_runtime_errors_keep_their_traceback(monkeypatch, tmp_path, capsys):
     with pytest.raises(RuntimeError, match="a bug"):
         reproduce_raising(RuntimeError("a bug"), monkeypatch, tmp_path, capsys)
+
+
+@pytest.mark.slow
+def test_report_columns_and_shares_are_each_their_own_number(out: Path) -> None:
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    hess, variants = results["hessian"], results["variants"]
+    adamw = variants[0]
+    final = {v["name"]: v["run"]["final_val_loss"] for v in variants}
+    for v in variants:
+        assert v["adamw_state_bytes"] == adamw["state_bytes"]
+        assert v["v_removed"] == pytest.approx(1 - v["v_entries"] / hess["num_params"], rel=1e-12)
+        line = next(x for x in report.splitlines() if x.startswith(f"| {v['name']} |"))
+        row = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert row[2] == md.percent(v["v_removed"])
+        assert row[3] == md.human_bytes(v["state_bytes"])
+        assert row[4] == md.human_bytes(v["run"]["optimizer_state_bytes"])
+        assert row[5] == md.percent(v["state_bytes"] / adamw["state_bytes"])
+        assert row[7] == f"{final[v['name']] - final['AdamW']:+.4f}"
+    best = min(final, key=final.get)
+    assert f"Lowest final validation loss: **{best}** ({final[best]:.4f})" in report
+    model = TinyGPT(QUICK.model)
+    blocks = {k: s["num_blocks"] for k, s in hess["shares"].items()}
+    assert blocks == {
+        "one block per row (candidate)": hess["candidate_blocks"],
+        "Adam-mini paper rules": partition.adam_mini(model).num_blocks,
+        "derived from the Hessian": hess["derived_blocks"],
+        "one block per tensor": len(list(model.parameters())),
+    }
+    prov = hess["derived_provenance"]
+    assert (hess["r_diag"], hess["r_diag_null"]) == (prov["r_diag_before"], prov["r_diag_null"])
+    assert hess["r_diag_null"] < hess["r_diag"]
+    assert f"**{hess['r_diag_null']:.4f}** for a random partition" in report
+    assert f"(val loss {results['warmup_val_loss']:.3f})" in report
+
+
+def test_warm_up_and_measure_seeds_the_model_and_the_hessian_batches(monkeypatch) -> None:
+    from dataclasses import replace
+
+    from lab import reproduce
+    from lab.data import Corpus
+
+    seen = {"seeds": [], "batches": [], "kw": []}
+    real_model = reproduce.TinyGPT
+
+    def model(config, seed=None):
+        seen["seeds"].append(seed)
+        return real_model(config, seed=seed)
+
+    def measure(model, batches, **kw):
+        seen["batches"].append(batches)
+        seen["kw"].append(kw)
+        return "structure"
+
+    monkeypatch.setattr(reproduce, "TinyGPT", model)
+    monkeypatch.setattr(reproduce, "measure_structure", measure)
+    config = replace(QUICK, hessian_warmup_steps=2, hessian_batches=2, eval_batches=1)
+    corpus = Corpus(torch.arange(256, dtype=torch.uint8).repeat(4), 900, source="toy")
+    for seed in (3, 4):
+        reproduce.warm_up_and_measure(config, corpus, seed=seed, progress=False)
+    assert seen["seeds"] == [3, 4]
+    a, b = seen["batches"]
+    assert len(a) == len(b) == 2
+    assert all(x.shape == (QUICK.hessian_batch_size, QUICK.model.context) for x, _ in a + b)
+    assert not torch.equal(a[0][0], a[1][0]) and not torch.equal(a[0][0], b[0][0])
+    kw = seen["kw"][1]
+    assert (kw["seed"], kw["num_samples"]) == (4, QUICK.coupling_samples)
