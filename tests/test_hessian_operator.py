@@ -58,6 +58,18 @@ def dense_reference(model, loss_fn, batch, names=None) -> torch.Tensor:
     return jacfwd(grad(f))(flat0)
 
 
+def double_backward_dense(model, loss_fn, batch) -> torch.Tensor:
+    """The dense Hessian column by column: one double-backward product per gradient entry (the
+    reference where jacfwd(grad) is wrong: padding rows)."""
+    params = list(model.parameters())
+
+    def flat(ts):
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    g = flat(torch.autograd.grad(loss_fn(model, batch), params, create_graph=True))
+    return torch.stack([flat(torch.autograd.grad(gi, params, retain_graph=True)) for gi in g], 1)
+
+
 def mlp_problem(seed: int = 0, n: int = 8):
     torch.manual_seed(seed)
     model = LNMLP().double()
@@ -159,13 +171,7 @@ def test_padding_embedding_matches_double_backward(tie, mode):
     torch.manual_seed(0)
     model = PaddedLM(tie).double()
     x, y = torch.tensor([[0, 1, 2], [3, 0, 0]]), torch.tensor([1, 0, 5, 2, 6, 0])
-    params = list(model.parameters())
-
-    def flat(ts):
-        return torch.cat([t.reshape(-1) for t in ts])
-
-    g = flat(torch.autograd.grad(ce_loss(model, (x, y)), params, create_graph=True))
-    D = torch.stack([flat(torch.autograd.grad(gi, params, retain_graph=True)) for gi in g], 1)
+    D = double_backward_dense(model, ce_loss, (x, y))
     assert (D - D.T).abs().max() < 1e-12
     H = HessianOperator(model, ce_loss, (x, y), mode=mode)
     V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=F64)
@@ -219,13 +225,7 @@ def test_padding_held_constant_where_a_subclass_computes_the_ids(mode):
         return nn.functional.cross_entropy(m["head"](torch.tanh(m["emb"](mask))).flatten(0, 1), y)
 
     batch = (torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([1, 0, 5, 2, 6, 0]))
-    params = list(model.parameters())
-
-    def flat(ts):
-        return torch.cat([t.reshape(-1) for t in ts])
-
-    g = flat(torch.autograd.grad(loss_fn(model, batch), params, create_graph=True))
-    D = torch.stack([flat(torch.autograd.grad(gi, params, retain_graph=True)) for gi in g], 1)
+    D = double_backward_dense(model, loss_fn, batch)
     H = HessianOperator(model, loss_fn, batch, mode=mode)
     V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     assert (H.matmat(V) - D @ V).abs().max() < 1e-12
@@ -250,13 +250,7 @@ def test_padding_counted_from_the_end_is_held_constant():
         return nn.functional.cross_entropy(m["head"](torch.tanh(m["emb"](ids))).flatten(0, 1), y)
 
     batch = (torch.tensor([[4, 1, 2], [3, 4, 4]]), torch.tensor([1, 0, 5, 2, 6, 0]))
-    params = list(model.parameters())
-
-    def flat(ts):
-        return torch.cat([t.reshape(-1) for t in ts])
-
-    g = flat(torch.autograd.grad(loss_fn(model, batch), params, create_graph=True))
-    D = torch.stack([flat(torch.autograd.grad(gi, params, retain_graph=True)) for gi in g], 1)
+    D = double_backward_dense(model, loss_fn, batch)
     H = HessianOperator(model, loss_fn, batch, mode="forward")
     V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     assert (H.matmat(V) - D @ V).abs().max() < 1e-12
