@@ -47,8 +47,12 @@ _NEURON = {
 }  # fmt: skip
 # learned tokens that every example feeds at fixed positions, as position embeddings (one block):
 # BLIP-2's query_tokens (the Q-Former's queries), SigLIP's probe (its attention-pooling query),
-# ViT's cls_token; unlike a token table, none is seen more rarely than the others
-_LEARNED_TOKENS = {"query_tokens", "probe", "cls_token"}
+# ViT's cls_token, DeiT's distillation_token, the latents of Perceiver and of Idefics2's perceiver
+# resampler; unlike a token table, none is seen more rarely than the others. ViT's mask_token is
+# fed only at masked positions, but it is one vector shared by all of them: one block as well
+_LEARNED_TOKENS = {
+    "query_tokens", "probe", "cls_token", "distillation_token", "latents", "mask_token",
+}  # fmt: skip
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn", "intermediate", "block_sparse_moe"}
 # bare weights stored (in, out), used as x @ w: Gemma 3's multimodal projector (also T5Gemma 2)
 _IN_OUT = {"mm_input_projection_weight"}

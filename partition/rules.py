@@ -106,7 +106,10 @@ def adam_mini(
     norms (also 2-D ones), biases, positional   ``tensor``: one block
     embeddings, T5's relative attention bias,
     learned tokens (BLIP-2's ``query_tokens``,
-    SigLIP's ``probe``, ViT's ``cls_token``),
+    SigLIP's ``probe``, ViT's ``cls_token``
+    and ``mask_token``, DeiT's
+    ``distillation_token``, Perceiver's and
+    Idefics2's ``latents``),
     every other 1-D tensor
     anything else                               ``tensor``, with one :class:`PartitionWarning`
                                                 naming all such tensors

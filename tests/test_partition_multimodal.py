@@ -342,30 +342,89 @@ def _blip_2_pair(g: torch.Generator) -> dict[str, torch.Tensor]:
     return {k: torch.cat([one[k], two[k]]) for k in one}
 
 
-# name: (builder, a batch of two examples, the learned tokens (1, tokens, hidden))
+def _vit_masked():
+    config = transformers.ViTConfig(**dict(VISION, num_attention_heads=3))
+    return transformers.ViTModel(config, use_mask_token=True)
+
+
+def _masked_pixels(g: torch.Generator) -> dict[str, torch.Tensor]:
+    masked = torch.tensor([[True, False, True, False], [False, False, False, True]])  # per patch
+    return dict(_pixels(g), bool_masked_pos=masked)
+
+
+def _deit():
+    return transformers.DeiTModel(transformers.DeiTConfig(**VISION))
+
+
+def _perceiver():
+    config = transformers.PerceiverConfig(
+        num_latents=4, d_latents=16, d_model=8, num_blocks=1, num_self_attends_per_block=1,
+        num_self_attention_heads=2, num_cross_attention_heads=2, qk_channels=8, v_channels=16,
+    )  # fmt: skip
+    return transformers.PerceiverModel(config)
+
+
+def _idefics2_resampler():  # the perceiver resampler of Idefics2's connector
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
+
+    config = transformers.Idefics2PerceiverConfig(
+        hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+        resampler_head_dim=8, num_key_value_heads=1,
+    )  # fmt: skip
+    return Idefics2PerceiverResampler(config)
+
+
+def _context(g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"context": torch.randn(2, 5, 32, generator=g), "attention_mask": torch.ones(2, 5)}
+
+
+# name: (builder, a batch of two examples, the learned tokens (..., tokens, hidden), head counts)
 LEARNED_TOKENS = {
-    "blip_2": (_blip_2, _blip_2_pair, "query_tokens"),  # num_query_tokens = 2
-    "siglip": (_siglip, _pixels, "head.probe"),
-    "vit": (_vit, _pixels, "embeddings.cls_token"),
-}
+    "blip_2": (_blip_2, _blip_2_pair, "query_tokens", {}),  # num_query_tokens = 2
+    "siglip": (_siglip, _pixels, "head.probe", {}),
+    "vit": (_vit, _pixels, "embeddings.cls_token", {}),
+    "vit_mask": (_vit_masked, _masked_pixels, "embeddings.mask_token", {}),
+    "deit": (_deit, _pixels, "embeddings.distillation_token", {}),
+    "perceiver": (  # no one head count in its config: both attentions have 2 heads of 4
+        _perceiver,
+        lambda g: {"inputs": torch.randn(2, 3, 8, generator=g)},
+        "embeddings.latents",
+        dict(n_heads=2, head_dim=4),
+    ),
+    "idefics2": (_idefics2_resampler, _context, "latents", dict(n_heads=2, n_kv_heads=1, head_dim=8)),
+}  # fmt: skip
+
+
+def _output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "pooler_output", "last_hidden_state"):
+        if getattr(out, key, None) is not None:
+            return getattr(out, key)
+    raise AssertionError(f"no output in {type(out).__name__}")
 
 
 @pytest.mark.parametrize("arch", list(LEARNED_TOKENS))
 def test_learned_tokens_get_one_block_without_a_warning(arch):
-    """Learned tokens (BLIP-2's Q-Former queries, SigLIP's pooling probe, ViT's cls_token) get
-    one block, as position embeddings: each example's output depends on every one of them, so,
-    unlike the rows of a token table, none is seen more rarely than the others."""
-    builder, make_batch, name = LEARNED_TOKENS[arch]
+    """Learned tokens (BLIP-2's Q-Former queries, SigLIP's pooling probe, ViT's cls_token and
+    mask_token, DeiT's distillation_token, Perceiver's and Idefics2's latents) get one block, as
+    position embeddings: each example's output depends on every one of them (the mask token where
+    an example is masked), so, unlike the rows of a token table, none is seen more rarely than the
+    others."""
+    builder, make_batch, name, counts = LEARNED_TOKENS[arch]
     torch.manual_seed(0)
     model = builder().double().eval()
-    part = adam_mini_quiet(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)  # every tensor has a rule
+        part = partition.adam_mini(model, **counts)
     tokens = model.get_parameter(name)
     assert part[name].rule == "tensor" and part[name].num_blocks == 1
     assert adam_mini_quiet({name: tokens})[name] == part[name]  # the names alone agree
     batch = make_batch(torch.Generator().manual_seed(1))
-    out = model(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
-    out = out.logits if arch == "blip_2" else out.pooler_output
+    out = _output(
+        model(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+    )
     for example in out:  # every example reaches every learned token
         (grad,) = torch.autograd.grad(example.pow(2).sum(), tokens, retain_graph=True)
-        per_token = grad.abs().amax(dim=(0, 2))
+        per_token = grad.abs().flatten(0, -2).amax(-1)
         assert bool((per_token > 0).all()), f"{name}: {per_token}"
