@@ -44,6 +44,9 @@ _NEURON = {
     "ffn", "ffn_output", "project_in", "project_out",
     # heads' dense layers: DistilBERT's MLM transform, BigBird's pooler
     "vocab_transform", "pooler",
+    # DeBERTa's talking heads (num_heads, num_heads): row h mixes all heads' scores (logits) or
+    # probabilities (weights) into head h's alone, so a row is one output head, as a neuron
+    "head_logits_proj", "head_weights_proj",
 }  # fmt: skip
 # learned tokens that every example feeds at fixed positions, as position embeddings (one block):
 # BLIP-2's query_tokens (the Q-Former's queries), SigLIP's probe (its attention-pooling query),

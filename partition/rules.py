@@ -88,6 +88,9 @@ def adam_mini(
     query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron
+    DeBERTa's talking heads                     ``rows``: one block per output head
+    (``head_logits_proj``,
+    ``head_weights_proj``)
     patch embedding conv (``patch_embed.proj``, ``rows``: one block per output channel (a
     ``patch_embeddings.projection``)            linear map of each flattened patch)
     GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``),    ``columns`` (stored ``(in, out)``)

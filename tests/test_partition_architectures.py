@@ -608,6 +608,32 @@ def test_deberta_relative_position_projections_are_split_by_head(arch):
             assert block_sets(part, names[id(weight)]) == found, names[id(weight)]
 
 
+def test_deberta_talking_heads_are_split_by_output_head():
+    """DeBERTa's talking heads (``talking_head=True``): head_logits_proj mixes the heads' scores
+    before the softmax, head_weights_proj their probabilities after it, each an (NH, NH) linear
+    map whose row h feeds only head h: one block per row, each moving one head's attention."""
+    torch.manual_seed(0)
+    model = transformers.DebertaForMaskedLM(transformers.DebertaConfig(**MHA, talking_head=True))
+    part = adam_mini_checked(model, "deberta")
+    for layer in model.deberta.encoder.layer:
+        with torch.no_grad():  # head h's probabilities are then head h's logits' softmax alone
+            layer.attention.self.head_weights_proj.weight.copy_(torch.eye(NH))
+    names = {id(p): n for n, p in model.named_parameters()}
+    probs = model(**inputs(model, labels=False), output_attentions=True).attentions
+    g = torch.Generator().manual_seed(2)
+    for layer, p in zip(model.deberta.encoder.layer, probs, strict=True):
+        for proj in ("head_logits_proj", "head_weights_proj"):
+            weight = getattr(layer.attention.self, proj).weight
+            name = names[id(weight)]
+            assert part[name].rule == "rows" and part[name].num_blocks == NH, name
+            found = set()
+            for h in range(NH):
+                r = torch.randn(p[:, h].shape, generator=g)
+                (grad,) = torch.autograd.grad((p[:, h] * r).sum(), weight, retain_graph=True)
+                found.add(tuple(grad.flatten().nonzero().flatten().tolist()))
+            assert block_sets(part, name) == found, name
+
+
 def test_deberta_in_proj_is_split_only_with_its_module():
     """Names alone do not tell DeBERTa's fused in_proj (q, k, v per head) from another model's
     (Mamba's holds x and z): one block each and the warning, as documented."""
