@@ -177,3 +177,117 @@ def test_training_curves_replot_from_the_json_draws_the_same_figure(tmp_path: Pa
     module.main(["--quick", "--out", str(tmp_path), "--no-progress", "--replot"])
     assert (tmp_path / "fig_training_curves.png").read_bytes() == png
     assert (tmp_path / "fig_training_curves.json").read_text() == records
+
+
+def _curve_records(finals: dict[tuple[str, float], list[float]]) -> list[dict]:
+    return [
+        {
+            "optimizer": name,
+            "lr": lr,
+            "seed": seed,
+            "eval_steps": [0, 2, 4],
+            "val_loss": [20.0, end + 1.0, end],
+            "v_entries": None if name == "AdamW" else 7,
+        }
+        for (name, lr), ends in finals.items()
+        for seed, end in enumerate(ends)
+    ]
+
+
+def test_training_curves_draw_the_seed_mean_with_a_min_max_band_at_the_best_lr(
+    monkeypatch,
+) -> None:
+    """Left: every optimizer at equal_lr; right: each at the lr of its lowest mean final loss.
+    A line is the mean over seeds, its band spans the seeds' min..max."""
+    import matplotlib.collections
+
+    module = _load("fig_training_curves")
+    names = ["AdamW", "Adam-mini (paper rules)", "Adam-mini (derived)", "Adam-mini (by tensor)"]
+    s = dict(steps=4, seeds=(0, 1, 2), grid=(1e-2, 3e-2), equal_lr=1e-2)
+    finals = {}
+    for i, name in enumerate(names):
+        finals[(name, 1e-2)] = [2.0 + i, 2.9 + i, 2.1 + i]  # mean 2.333 + i, median 2.1 + i
+        # AdamW is better at 3e-2; the others at 1e-2
+        finals[(name, 3e-2)] = [1.5, 1.6, 1.7] if name == "AdamW" else [9.0, 9.0, 9.0]
+    drawn = {}
+
+    def keep(fig, name, out):
+        drawn["axes"] = fig.axes
+        return []
+
+    monkeypatch.setattr(module, "save_figure", keep)
+    module.draw(_curve_records(finals), s, module.QUICK, Path("unused"))
+    best = {name: (3e-2 if name == "AdamW" else 1e-2) for name in names}
+    for ax, lrs in zip(drawn["axes"], [dict.fromkeys(names, 1e-2), best], strict=True):
+        lines = {line.get_label().split(",")[0]: line for line in ax.get_lines()}
+        bands = [c for c in ax.collections if isinstance(c, matplotlib.collections.PolyCollection)]
+        for name, band in zip(names, bands, strict=True):
+            ends = finals[(name, lrs[name])]
+            assert f"lr {lrs[name]:g}:" in lines[name].get_label()
+            assert list(lines[name].get_xdata()) == [0, 2, 4]
+            assert lines[name].get_ydata()[-1] == pytest.approx(sum(ends) / 3)
+            ys = band.get_paths()[0].vertices[:, 1]
+            assert ys.min() == pytest.approx(min(ends)) and ys.max() == pytest.approx(20.0)
+            assert any(abs(y - max(ends)) < 1e-9 for y in ys)  # the top edge, at the last step
+
+
+def test_training_curves_train_every_lr_and_seed_of_the_grid(tmp_path: Path, monkeypatch) -> None:
+    """Each (lr, seed) job trains with its own seed and lr, and the json records them."""
+    import json
+    from types import SimpleNamespace
+
+    module = _load("fig_training_curves")
+    calls = []
+
+    def fake_train_variants(variants, config, corpus, *, lr, seed, steps, **kw):
+        calls.append((lr, seed))
+        run = SimpleNamespace(
+            eval_steps=[0, steps], val_loss=[5.0, 2.0 + seed + lr], step_time_s=0.1
+        )
+        return [SimpleNamespace(name=name, run=run) for name in variants]
+
+    monkeypatch.setattr(module, "train_variants", fake_train_variants)
+    monkeypatch.setattr(
+        module, "derived_partition", lambda c, corpus, seed, progress: partition_by_tensor(c)
+    )
+    monkeypatch.setattr(module, "save_figure", lambda fig, name, out: [])
+    module.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    want = [(lr, seed) for lr in module.SMALL["grid"] for seed in module.SMALL["seeds"]]
+    assert calls == want
+    records = json.loads((tmp_path / "fig_training_curves.json").read_text())
+    assert {(r["lr"], r["seed"]) for r in records} == set(want)
+    assert all(r["val_loss"][-1] == 2.0 + r["seed"] + r["lr"] for r in records)
+
+
+def partition_by_tensor(c):
+    import partition
+    from lab.models import TinyGPT
+
+    with torch.device("meta"):
+        return partition.by_tensor(TinyGPT(c.model))
+
+
+def test_memory_table_bars_are_in_gb_and_the_markdown_is_written(tmp_path, monkeypatch) -> None:
+    """Full mode draws every model of lab.memory.MODELS, bars in 1e9 bytes, the markdown table
+    beside the figure."""
+    from lab import memory
+
+    module = _load("fig_memory_table")
+    drawn = {}
+
+    def keep(fig, name, out):
+        drawn["ax"] = fig.axes[0]
+        return []
+
+    monkeypatch.setattr(module, "save_figure", keep)
+    paths = module.main(["--out", str(tmp_path)])
+    rows = memory.memory_rows(list(memory.MODELS))
+    assert paths == [tmp_path / "fig_memory_table.md"]
+    assert paths[0].read_text().strip() == memory.markdown(rows).strip()
+    ax = drawn["ax"]
+    assert ax.get_yscale() == "log"
+    heights = [bar.get_height() for bar in ax.patches]
+    want = [getattr(r, k) / 1e9 for k in ("adamw", "adam_mini", "adam_mini_bf16") for r in rows]
+    assert heights == pytest.approx(want)
+    ticks = [t.get_text().split("\n")[0] for t in ax.get_xticklabels()]
+    assert ticks == [r.model for r in rows]
