@@ -15,7 +15,13 @@ import torch
 import partition
 from lab import experiments
 from lab import report as md
-from lab.experiments_plots import plot_curves, plot_spectra, save_figure, short_name
+from lab.experiments_plots import (
+    log_heatmap,
+    plot_curves,
+    plot_spectra,
+    save_figure,
+    short_name,
+)
 from lab.models import TinyGPT, TinyGPTConfig
 
 
@@ -145,7 +151,8 @@ def test_plot_curves_draws_loss_against_the_evaluated_steps() -> None:
     plot_curves(ax, [Run()])
     line = ax.get_lines()[0]
     assert list(line.get_xdata()) == [0, 50, 100] and list(line.get_ydata()) == [5.0, 3.0, 2.5]
-    assert ax.get_xlabel() == "training step" and "validation loss" in ax.get_ylabel()
+    assert ax.get_xlabel() == "training step"
+    assert ax.get_ylabel() == "validation loss (nats / byte)"  # the unit of the y axis
     assert ax.get_ylim() == pytest.approx((2.45, 3.5))
     plt.close(fig)
 
@@ -211,3 +218,17 @@ def test_cli_usage_names_the_console_script(capsys) -> None:
         cli.main(["no-such-command"])
     err = capsys.readouterr().err
     assert err.startswith("usage: adam-mini-lab ") and "invalid choice: 'no-such-command'" in err
+
+
+def test_log_heatmap_puts_block_edges_between_the_pooled_pixels() -> None:
+    """An 8x8 matrix pooled 2x2 into 4x4 pixels: the edge after row 4 lies between pixels 1
+    and 2 (at 1.5), in both directions; four decades below the largest |H|."""
+    fig, ax = plt.subplots()
+    H = np.diag(np.arange(1.0, 9.0))
+    im = log_heatmap(ax, H, boundaries=[4], decades=4.0, max_pixels=4)
+    assert im.get_array().shape == (4, 4)
+    hline, vline = ax.get_lines()
+    assert list(hline.get_ydata()) == [1.5, 1.5] and list(vline.get_xdata()) == [1.5, 1.5]
+    # the largest tile is the last one: (7 + 8) / 4
+    assert im.get_clim() == pytest.approx((np.log10(15 / 4) - 4, np.log10(15 / 4)))
+    plt.close(fig)
