@@ -232,3 +232,13 @@ def test_log_heatmap_puts_block_edges_between_the_pooled_pixels() -> None:
     # the largest tile is the last one: (7 + 8) / 4
     assert im.get_clim() == pytest.approx((np.log10(15 / 4) - 4, np.log10(15 / 4)))
     plt.close(fig)
+
+
+def test_the_optimizers_compared_in_one_figure_have_distinct_colours() -> None:
+    from lab.experiments_plots import COLORS
+
+    for together in (
+        ["AdamW", "Adam-mini (paper rules)", "Adam-mini (derived)", "Adam-mini (by tensor)"],
+        ["GD (one lr)", "Adam", "blockwise GD", "Adam-mini"],
+    ):
+        assert len({COLORS[name] for name in together}) == len(together)
