@@ -203,7 +203,7 @@ def test_training_curves_draw_the_seed_mean_with_a_min_max_band_at_the_best_lr(
 
     module = _load("fig_training_curves")
     names = ["AdamW", "Adam-mini (paper rules)", "Adam-mini (derived)", "Adam-mini (by tensor)"]
-    s = dict(steps=4, seeds=(0, 1, 2), grid=(1e-2, 3e-2), equal_lr=1e-2)
+    s = dict(steps=4, seeds=(0, 1, 2), grid=(1e-2, 3e-2), equal_lr=3e-2)
     finals = {}
     for i, name in enumerate(names):
         finals[(name, 1e-2)] = [2.0 + i, 2.9 + i, 2.1 + i]  # mean 2.333 + i, median 2.1 + i
@@ -216,9 +216,10 @@ def test_training_curves_draw_the_seed_mean_with_a_min_max_band_at_the_best_lr(
         return []
 
     monkeypatch.setattr(module, "save_figure", keep)
-    module.draw(_curve_records(finals), s, module.QUICK, Path("unused"))
+    records = _curve_records(finals)
+    module.draw(records, s, module.QUICK, Path("unused"))
     best = {name: (3e-2 if name == "AdamW" else 1e-2) for name in names}
-    for ax, lrs in zip(drawn["axes"], [dict.fromkeys(names, 1e-2), best], strict=True):
+    for ax, lrs in zip(drawn["axes"], [dict.fromkeys(names, 3e-2), best], strict=True):
         lines = {line.get_label().split(",")[0]: line for line in ax.get_lines()}
         bands = [c for c in ax.collections if isinstance(c, matplotlib.collections.PolyCollection)]
         for name, band in zip(names, bands, strict=True):
@@ -229,6 +230,8 @@ def test_training_curves_draw_the_seed_mean_with_a_min_max_band_at_the_best_lr(
             ys = band.get_paths()[0].vertices[:, 1]
             assert ys.min() == pytest.approx(min(ends)) and ys.max() == pytest.approx(20.0)
             assert any(abs(y - max(ends)) < 1e-9 for y in ys)  # the top edge, at the last step
+    with pytest.raises(ValueError, match="lacks the runs"):  # one seed of one lr missing
+        module.draw(records[1:], s, module.QUICK, Path("unused"))
 
 
 def test_training_curves_train_every_lr_and_seed_of_the_grid(tmp_path: Path, monkeypatch) -> None:
@@ -291,3 +294,13 @@ def test_memory_table_bars_are_in_gb_and_the_markdown_is_written(tmp_path, monke
     assert heights == pytest.approx(want)
     ticks = [t.get_text().split("\n")[0] for t in ax.get_xticklabels()]
     assert ticks == [r.model for r in rows]
+    # the paper's diamonds sit on the AdamW and Adam-mini bars of their model
+    diamonds = [c.get_offsets().ravel().tolist() for c in ax.collections]
+    want = [
+        [j - 0.27, memory.PAPER[r.model][0], j, memory.PAPER[r.model][1]]
+        for j, r in enumerate(rows)
+        if r.model in memory.PAPER
+    ]
+    assert want and len(diamonds) == len(want)
+    for got, expected in zip(diamonds, want, strict=True):
+        assert got == pytest.approx(expected)
