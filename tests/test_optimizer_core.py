@@ -161,6 +161,21 @@ def strided_copy(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
+def step_through(params, part, grads, grad_layout=torch.clone, **kwargs) -> optimizer.AdamMini:
+    """``AdamMini`` over ``params`` (lr 0.05, betas (0.9, 0.95), decay 0.1 unless ``kwargs``
+    say otherwise), stepped once per entry of ``grads``."""
+    opt = optimizer.AdamMini(
+        list(params.items()),
+        part,
+        **{"lr": 0.05, "betas": (0.9, 0.95), "weight_decay": 0.1, **kwargs},
+    )
+    for g in grads:
+        for n, p in params.items():
+            p.grad = grad_layout(g[n])
+        opt.step()
+    return opt
+
+
 @pytest.mark.parametrize("fused", FUSED_MODES)
 @pytest.mark.parametrize("nonfinite", ["raise", "skip_blocks", "ignore"])
 @pytest.mark.parametrize("strided", ["contiguous", "strided", "strided_params"])
@@ -177,19 +192,7 @@ def test_fast_paths_match_reference_loop(fused, nonfinite, strided):
     layout = torch.clone if strided == "contiguous" else strided_copy
     grad_layout = strided_copy if strided == "strided" else torch.clone
     params = {n: nn.Parameter(layout(p)) for n, p in init.items()}
-    opt = optimizer.AdamMini(
-        list(params.items()),
-        part,
-        lr=0.05,
-        betas=(0.9, 0.95),
-        weight_decay=0.1,
-        fused=fused,
-        nonfinite=nonfinite,
-    )
-    for g in grads:
-        for n, p in params.items():
-            p.grad = grad_layout(g[n])
-        opt.step()
+    opt = step_through(params, part, grads, grad_layout, fused=fused, nonfinite=nonfinite)
     for n, p in params.items():
         torch.testing.assert_close(p.detach(), expect[n], rtol=1e-12, atol=1e-14, msg=n)
         torch.testing.assert_close(
@@ -634,18 +637,21 @@ def test_no_warning_on_plain_use():
         lm_step(model, opt, tokens())
 
 
+def bf16_rows_at_beta1_zero(shape, **kwargs) -> tuple[nn.Parameter, optimizer.AdamMini]:
+    """A zero matrix ``w`` and an ``AdamMini`` with bf16 momentum and beta1 = 0 (so m = g), one
+    block per row."""
+    w = nn.Parameter(torch.zeros(shape))
+    part = Partition([TensorBlocks("w", shape, "rows", {})])
+    return w, optimizer.AdamMini(
+        [("w", w)], part, betas=(0.0, 0.999), momentum_dtype="bf16", **kwargs
+    )
+
+
 @pytest.mark.parametrize("fused", FUSED_MODES)
 def test_bf16_momentum_rounding_is_unbiased_in_every_path(fused):
     """beta1 = 0 makes m = g exactly; g sits 1/8 of the way between two bf16 values."""
     shape = (64, 2048)
-    w = nn.Parameter(torch.zeros(shape))
-    opt = optimizer.AdamMini(
-        [("w", w)],
-        Partition([TensorBlocks("w", shape, "rows", {})]),
-        betas=(0.0, 0.999),
-        momentum_dtype="bf16",
-        fused=fused,
-    )
+    w, opt = bf16_rows_at_beta1_zero(shape, fused=fused)
     w.grad = torch.full(shape, 1.0 + 2**-10)
     opt.step()
     m = opt.state[w]["exp_avg"].float()
@@ -668,20 +674,15 @@ def test_bf16_momentum_with_beta1_zero_steps_as_float32_momentum(fused):
     runs = {}
     for momentum_dtype in (None, "bf16"):
         params = {n: nn.Parameter(p.float()) for n, p in init.items()}
-        opt = optimizer.AdamMini(
-            list(params.items()),
+        step_through(
+            params,
             part,
-            lr=0.05,
+            grads,
             betas=(0.0, 0.95),
-            weight_decay=0.1,
             decay_1d=True,
             momentum_dtype=momentum_dtype,
             fused=fused,
         )
-        for g in grads:
-            for n, p in params.items():
-                p.grad = g[n].clone()
-            opt.step()
         runs[momentum_dtype] = params
     for n, p in runs[None].items():
         assert torch.equal(runs["bf16"][n], p), n
@@ -696,15 +697,7 @@ def test_bf16_rounding_bits_change_with_the_step_and_the_seed(fused):
     shape = (16, 64)
     momenta = {}
     for seed in (0, 1):
-        w = nn.Parameter(torch.zeros(shape))
-        opt = optimizer.AdamMini(
-            [("w", w)],
-            Partition([TensorBlocks("w", shape, "rows", {})]),
-            betas=(0.0, 0.999),
-            momentum_dtype="bf16",
-            fused=fused,
-            seed=seed,
-        )
+        w, opt = bf16_rows_at_beta1_zero(shape, fused=fused, seed=seed)
         steps = []
         for _ in range(24):
             w.grad = torch.full(shape, 1.0 + 2**-8)
