@@ -86,7 +86,7 @@ def load_checkpoint(opt: AdamMini, checkpoint_id: str | os.PathLike, *, key: str
     state_dict["blocks"] = {n: b for n, b in state_dict["blocks"].items() if n in recorded}
     for i, group in enumerate(state_dict["param_groups"]):  # nor the names, where not saved
         if f"{key}.param_groups.{i}.param_names" not in metadata.state_dict_metadata:
-            del group["param_names"]
+            group.pop("param_names", None)
     _load({key: state_dict}, path)
     opt.load_state_dict(state_dict)
 
