@@ -13,7 +13,11 @@ from partition.blocks import _is_int
 from partition.core import ModelLike
 from partition.errors import PartitionError
 
-_N_HEADS = ("n_heads", "num_attention_heads", "n_head")
+# resampler_n_heads / resampler_head_dim: Idefics2's perceiver_config, whose resampler splits its
+# q_proj into resampler_n_heads heads and its k_proj into num_key_value_heads heads, each of
+# resampler_head_dim rows (Idefics2PerceiverAttention), whatever its hidden_size
+_N_HEADS = ("n_heads", "num_attention_heads", "n_head", "resampler_n_heads")
+_HEAD_DIM = ("head_dim", "d_kv", "resampler_head_dim")  # d_kv: T5 family
 
 
 def config_int(config: Any, *keys: str) -> int | None:
@@ -90,7 +94,7 @@ def head_counts(
         if n_kv_heads is None:
             n_kv_heads = config_int(config, "n_kv_heads", "num_key_value_heads")
         if head_dim is None:
-            head_dim = config_int(config, "head_dim", "d_kv")  # d_kv: T5 family
+            head_dim = config_int(config, *_HEAD_DIM)
         if head_dim is None and n_heads:
             hidden = config_int(config, "d_model", "hidden_size", "n_embd", "dim")
             if hidden and hidden % n_heads == 0:

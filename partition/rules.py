@@ -129,9 +129,10 @@ def adam_mini(
     family): there each query and key weight under ``encoder``/``decoder`` is split by its own
     stack's heads (recorded as ``provenance["n_heads_by_stack"]``), unless head counts are passed;
     and in a model whose config is composite (sub-configs with their own heads: ``text_config``,
-    ``vision_config``; Llava, PaliGemma, Gemma 3, CLIP, Idefics3, BLIP-2): each tower, the
-    submodule whose ``.config`` is a sub-config, gets these rules with that sub-config's head
-    counts (recorded as ``provenance["n_heads_by_tower"]``, by module name), and tensors outside
+    ``vision_config``; Llava, PaliGemma, Gemma 3, CLIP, Idefics3, BLIP-2; Idefics2, whose
+    ``perceiver_config`` is the connector's perceiver resampler's): each tower, the submodule
+    whose ``.config`` is a sub-config, gets these rules with that sub-config's head counts
+    (recorded as ``provenance["n_heads_by_tower"]``, by module name), and tensors outside
     every tower (projectors) get the rules without heads, ``rows`` for an ``nn.Linear`` weight
     (Gemma 3's bare ``mm_input_projection_weight``, used as ``x @ w``: ``columns``).
     Passing head counts for a composite model is refused: one count cannot fit towers that differ.
@@ -157,10 +158,11 @@ def adam_mini(
     Args:
         model_or_named_parameters: module, ``named_parameters()`` or mapping name -> tensor.
         n_heads: query heads; default ``model.config`` (``n_heads``/``num_attention_heads``/
-            ``n_head``), else the ``num_heads`` shared by its ``nn.MultiheadAttention`` modules
+            ``n_head``/``resampler_n_heads``), else the ``num_heads`` shared by its ``nn.MultiheadAttention`` modules
             (which each have their own anyway).
         n_kv_heads: key/value heads (GQA); default ``model.config``, else ``n_heads``.
-        head_dim: default ``model.config.head_dim`` (T5: ``d_kv``), else ``hidden / n_heads``,
+        head_dim: default ``model.config.head_dim`` (T5: ``d_kv``, Idefics2's resampler:
+            ``resampler_head_dim``), else ``hidden / n_heads``,
             else ``q rows / n_heads``.
 
     Raises:

@@ -67,6 +67,17 @@ def _clip():
     return transformers.CLIPModel(config)
 
 
+def _idefics2():  # a perceiver resampler (2 q heads, 1 kv head of 8) in its connector, no tower
+    config = transformers.Idefics2Config(
+        text_config=dict(GQA, model_type="mistral"),
+        vision_config=VISION,
+        perceiver_config=dict(hidden_size=32, resampler_n_latents=PATCHES, resampler_depth=1,
+                              resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1),
+        image_token_id=IMAGE_TOKEN,
+    )  # fmt: skip
+    return transformers.Idefics2ForConditionalGeneration(config)
+
+
 # name: (builder, {tower module name: (q heads, kv heads)}, projector weights (nn.Linear))
 MODELS = {
     "llava": (
@@ -89,6 +100,12 @@ MODELS = {
         {"text_model": (4, 4), "vision_model": (3, 3)},
         ["text_projection.weight", "visual_projection.weight"],
     ),
+    "idefics2": (  # the resampler's heads come from perceiver_config (resampler_n_heads)
+        _idefics2,
+        {"model.vision_model": (3, 3), "model.connector.perceiver_resampler": (2, 1),
+         "model.text_model": (4, 2)},
+        [f"model.connector.modality_projection.{x}_proj.weight" for x in ("gate", "up", "down")],
+    ),
 }  # fmt: skip
 
 
@@ -99,13 +116,15 @@ def build(arch: str) -> nn.Module:
     return model
 
 
-def batch(arch: str) -> dict[str, torch.Tensor]:
+def batch(arch: str, size: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    pixels = torch.randn(1, 3, 8, 8, generator=g)
-    ids = torch.randint(3, IMAGE_TOKEN, (1, 6), generator=g)
+    pixels = torch.randn(size, 3, 8, 8, generator=g)
+    if arch == "idefics2":  # (batch, images, channels, height, width)
+        pixels = pixels.unsqueeze(1)
+    ids = torch.randint(3, IMAGE_TOKEN, (size, 6), generator=g)
     if arch == "clip":
         return {"input_ids": ids, "pixel_values": pixels}
-    ids = torch.cat([torch.full((1, PATCHES), IMAGE_TOKEN), ids], dim=1)
+    ids = torch.cat([torch.full((size, PATCHES), IMAGE_TOKEN), ids], dim=1)
     return {"input_ids": ids, "pixel_values": pixels}
 
 
@@ -364,20 +383,6 @@ def _perceiver():
     return transformers.PerceiverModel(config)
 
 
-def _idefics2_resampler():  # the perceiver resampler of Idefics2's connector
-    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
-
-    config = transformers.Idefics2PerceiverConfig(
-        hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
-        resampler_head_dim=8, num_key_value_heads=1,
-    )  # fmt: skip
-    return Idefics2PerceiverResampler(config)
-
-
-def _context(g: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"context": torch.randn(2, 5, 32, generator=g), "attention_mask": torch.ones(2, 5)}
-
-
 # name: (builder, a batch of two examples, the learned tokens (..., tokens, hidden), head counts)
 LEARNED_TOKENS = {
     "blip_2": (_blip_2, _blip_2_pair, "query_tokens", {}),  # num_query_tokens = 2
@@ -391,7 +396,12 @@ LEARNED_TOKENS = {
         "embeddings.latents",
         dict(n_heads=2, head_dim=4),
     ),
-    "idefics2": (_idefics2_resampler, _context, "latents", dict(n_heads=2, n_kv_heads=1, head_dim=8)),
+    "idefics2": (  # the whole model: the resampler's heads come from its perceiver_config
+        _idefics2,
+        lambda g: batch("idefics2", size=2),
+        "model.connector.perceiver_resampler.latents",
+        {},
+    ),
 }  # fmt: skip
 
 
