@@ -143,27 +143,44 @@ def qkv_linear_heads(model: ModelLike) -> dict[str, tuple[str, int, int]]:
     return {name: owned[id(p)] for name, p in model.named_parameters() if id(p) in owned}
 
 
-# DeBERTa (v1) attention's weights: (role, sections of num_heads * head_dim rows)
-_DEBERTA = {"in_proj": ("interleaved", 3), "pos_q_proj": ("q", 1), "pos_proj": ("k", 1)}
+# transformers attention modules whose forward splits these weights by the module's own head
+# count and width: class name -> (heads attribute, head_dim attribute, {weight: (role, sections
+# of heads * head_dim rows)}). DeBERTa (v1)'s DisentangledSelfAttention views its fused in_proj
+# as (num_heads, 3 * head_dim) and chunks each head's rows into q, k, v ("interleaved"); its
+# relative-position pos_q_proj (p2c scores k_h . pos_q_h) and pos_proj (c2p scores q_h . pos_k_h)
+# enter only head h's scores. Perceiver's cross- and self-attentions (PerceiverSelfAttention) have
+# num_heads from num_cross_attention_heads, num_self_attention_heads or a decoder's own argument,
+# and qk_channels / num_heads per q and k head (qk_channels need not be d_model, d_latents or
+# v_channels). DeBERTa-v2's query_proj / key_proj go by their names.
+_OWN_SPLIT = {
+    "DisentangledSelfAttention": (
+        "num_attention_heads",
+        "attention_head_size",
+        {"in_proj": ("interleaved", 3), "pos_q_proj": ("q", 1), "pos_proj": ("k", 1)},
+    ),
+    "PerceiverSelfAttention": (
+        "num_heads",
+        "qk_channels_per_head",
+        {"query": ("q", 1), "key": ("k", 1)},
+    ),
+}
 
 
-def deberta_attention_heads(model: ModelLike) -> dict[str, tuple[str, str, int, int]]:
-    """``{tensor name: (role, module name, num_heads, head_dim)}`` for the weights of each DeBERTa
-    (v1) ``DisentangledSelfAttention`` of transformers, split as its forward splits them: the
-    fused ``in_proj`` (role ``"interleaved"``: it views the rows as ``(num_heads, 3 * head_dim)``
-    and chunks each head's into q, k, v), and the relative-position projections ``pos_q_proj``
-    (``"q"``, p2c scores ``k_h . pos_q_h``) and ``pos_proj`` (``"k"``, c2p scores
-    ``q_h . pos_k_h``), whose head ``h`` rows enter only head ``h``'s scores. Empty without a
-    module; DeBERTa-v2 (``query_proj``, ``key_proj``) goes by its names."""
+def own_split_heads(model: ModelLike) -> dict[str, tuple[str, str, int, int]]:
+    """``{tensor name: (role, module name, num_heads, head_dim)}`` for the weights that a
+    transformers attention module of :data:`_OWN_SPLIT` (DeBERTa v1, Perceiver) splits by its own
+    heads: ``sections * num_heads * head_dim`` rows, head ``h`` of a q or k weight its rows
+    ``h * head_dim .. (h + 1) * head_dim``. Empty without a module."""
     if not isinstance(model, nn.Module):
         return {}
     owned = {}
     for mod_name, module in model.named_modules():
         cls = type(module)
-        if cls.__name__ != "DisentangledSelfAttention" or "transformers" not in cls.__module__:
+        if cls.__name__ not in _OWN_SPLIT or "transformers" not in cls.__module__:
             continue
-        heads, head_dim = module.num_attention_heads, module.attention_head_size
-        for leaf, (role, sections) in _DEBERTA.items():
+        heads_attr, dim_attr, weights = _OWN_SPLIT[cls.__name__]
+        heads, head_dim = getattr(module, heads_attr), getattr(module, dim_attr)
+        for leaf, (role, sections) in weights.items():
             linear = getattr(module, leaf, None)
             if isinstance(linear, nn.Linear) and linear.out_features == sections * heads * head_dim:
                 owned[id(linear.weight)] = (role, mod_name, heads, head_dim)

@@ -20,10 +20,10 @@ from partition.errors import PartitionError, PartitionWarning
 from partition.fused import cross_kv_names, fused_heads, fused_layout, fused_row_groups
 from partition.heads import (
     config_of,
-    deberta_attention_heads,
     head_counts,
     head_dim_from_query,
     multihead_attention_heads,
+    own_split_heads,
     qkv_linear_heads,
     side_of,
     sided_heads,
@@ -144,7 +144,11 @@ def adam_mini(
     (its forward views the rows ``(num_heads, 3 * head_dim)`` and chunks each head's into q, k,
     v), ``pos_q_proj`` and ``pos_proj`` (head ``h``'s rows enter only head ``h``'s scores); with
     names alone these DeBERTa weights get one block and the warning (``in_proj`` is no q|k|v
-    elsewhere: Mamba's holds x and z). Its ``q_bias``/``v_bias`` are biases: one block each.
+    elsewhere: Mamba's holds x and z). Its ``q_bias``/``v_bias`` are biases: one block each. So
+    are a Perceiver attention's ``query`` and ``key`` (``PerceiverSelfAttention``: ``num_heads``
+    heads of ``qk_channels / num_heads`` rows; the encoder's cross-attention has
+    ``num_cross_attention_heads``, its self-attentions ``num_self_attention_heads`` and a
+    decoder's cross-attention a count of its own, so no one count fits the model).
 
     Learned tokens (bare parameters ``query_tokens``, ``probe``, ``cls_token``) get one block,
     deliberately and without a warning: every example feeds all of them at fixed positions, as
@@ -325,7 +329,7 @@ def _single(
     for name, heads in qkv_linear_heads(model).items():  # an attention's fused qkv nn.Linear
         if name in kinds:
             kinds[name], own[name] = "fused", heads
-    for name, (role, *heads) in deberta_attention_heads(model).items():
+    for name, (role, *heads) in own_split_heads(model).items():
         if name in kinds:
             kinds[name], own[name] = role, tuple(heads)
     needs_heads = [

@@ -213,7 +213,8 @@ class _Passthrough(nn.Module):
 
 
 class _MatmulCapture(torch.overrides.TorchFunctionMode):
-    """MPT multiplies q @ k^T, then probs @ v, inline: record both while an attention runs.
+    """MPT and Perceiver multiply q @ k^T, then probs @ v, inline: record both while an attention
+    runs.
     DeBERTa (v1) chunks each head's fused rows into q, k, v inline: record the first chunk
     while its attention (``chunking``) runs."""
 
@@ -286,7 +287,7 @@ def _install_probes(model: nn.Module, capture: _MatmulCapture) -> None:
                 return out
 
             module.transpose_for_scores = transpose_for_scores
-        elif cls == "MptAttention":
+        elif cls in ("MptAttention", "PerceiverSelfAttention"):
             module.register_forward_pre_hook(lambda m, a: setattr(capture, "module", m))
             module.register_forward_hook(lambda m, a, o: setattr(capture, "module", None))
 
@@ -644,3 +645,45 @@ def test_deberta_in_proj_is_split_only_with_its_module():
     assert adam_mini_checked(model, "deberta").provenance["n_heads_by_module"] == {
         f"deberta.encoder.layer.{i}.attention.self": NH for i in range(2)
     }
+
+
+PERCEIVER = dict(  # qk_channels = 12: neither d_model, d_latents nor v_channels
+    num_latents=4, d_latents=16, d_model=8, num_blocks=1, num_self_attends_per_block=1,
+    num_cross_attention_heads=2, num_self_attention_heads=4, qk_channels=12, v_channels=16,
+    vocab_size=V, max_position_embeddings=8,
+)  # fmt: skip
+# each attention module's heads: the encoder's by the config, the masked-LM decoder's its own 8
+PERCEIVER_HEADS = {"cross_attention": 2, "self_attends": 4, "decoding_cross_attention": 8}
+
+
+@pytest.mark.parametrize("cls_name", ["PerceiverModel", "PerceiverForMaskedLM"])
+def test_perceiver_attentions_are_split_by_their_own_heads(cls_name):
+    """Perceiver's latents cross-attend to the inputs with num_cross_attention_heads, then attend
+    to themselves with num_self_attention_heads (of qk_channels / heads each), and the masked-LM
+    decoder's cross-attention has 8 heads of 32, which no config field holds: no one head count
+    fits, so each attention is split by its own. Every query and key block must be the rows that
+    feed one of the heads that attention receives, with no head count passed."""
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(transformers.PerceiverConfig(**PERCEIVER))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        part = partition.adam_mini(model)
+    part.check(model)
+    g = torch.Generator().manual_seed(1)
+    if cls_name == "PerceiverModel":
+        batch = {"inputs": torch.randn(2, 3, PERCEIVER["d_model"], generator=g)}
+    else:
+        batch = {
+            "input_ids": torch.randint(V, (2, PERCEIVER["max_position_embeddings"]), generator=g)
+        }
+    seen = set()
+    for name, roles in head_supports(model, batch).items():
+        (attention,) = [a for a in PERCEIVER_HEADS if a in name.split(".")]
+        seen.add(attention)
+        for role, sets in roles.items():  # v: one block per neuron, whatever the heads
+            assert role == "v" or len(sets) == PERCEIVER_HEADS[attention], f"{name}: {role}"
+        found = {entries for sets in roles.values() for entries in sets}
+        assert block_sets(part, name) == found, f"{name}: {part[name].rule} {part[name].params}"
+    decoder = cls_name == "PerceiverForMaskedLM"
+    assert seen == set(PERCEIVER_HEADS) - (set() if decoder else {"decoding_cross_attention"})
+    assert set(part.provenance["n_heads_by_module"].values()) == {PERCEIVER_HEADS[a] for a in seen}

@@ -390,11 +390,11 @@ LEARNED_TOKENS = {
     "vit": (_vit, _pixels, "embeddings.cls_token", {}),
     "vit_mask": (_vit_masked, _masked_pixels, "embeddings.mask_token", {}),
     "deit": (_deit, _pixels, "embeddings.distillation_token", {}),
-    "perceiver": (  # no one head count in its config: both attentions have 2 heads of 4
+    "perceiver": (  # each attention is split by its own heads
         _perceiver,
         lambda g: {"inputs": torch.randn(2, 3, 8, generator=g)},
         "embeddings.latents",
-        dict(n_heads=2, head_dim=4),
+        {},
     ),
     "idefics2": (  # the whole model: the resampler's heads come from its perceiver_config
         _idefics2,
