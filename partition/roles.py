@@ -23,7 +23,14 @@ _POSITION_WORDS = {"pos", "positional", "rel", "relative"}
 _TOKEN_EMB = {
     "tok_emb", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in", "shared",
 }  # fmt: skip
-_OUTPUT = {"lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score"}
+# output layers: one block per token or class. cls_classifier / distillation_classifier: the two
+# heads of DeiT's (EfficientFormer's: classifier / distillation_classifier) distillation model,
+# plain nn.Linear maps to the classes that get_output_embeddings() (None for a classifier) does
+# not name, so their names are the only signal; each class's row feeds only that class's logit
+_OUTPUT = {
+    "lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score",
+    "cls_classifier", "distillation_classifier",
+}  # fmt: skip
 # q_attn: GPT-2 cross-attention; q_proj_weight, k_proj_weight, v_proj_weight: nn.MultiheadAttention
 # with kdim/vdim != embed_dim; *_proj: DeBERTa(-v2), whose pos_query_proj/pos_key_proj project the
 # relative-position embeddings into heads like query_proj/key_proj, each head's rows entering only

@@ -81,10 +81,12 @@ def adam_mini(
     ==========================================  ============================================
     parameter                                   rule
     ==========================================  ============================================
-    token embeddings, output layer (lm_head;    ``rows``: one block per token
+    token embeddings, output layer (lm_head;    ``rows``: one block per token (class)
     also found by a model's ``nn.Embedding``
     ``get_input_embeddings()`` and its
-    ``get_output_embeddings()``)
+    ``get_output_embeddings()``; classifiers,
+    DeiT's ``cls_classifier`` and
+    ``distillation_classifier``)
     query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron

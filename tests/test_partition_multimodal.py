@@ -438,3 +438,63 @@ def test_learned_tokens_get_one_block_without_a_warning(arch):
         (grad,) = torch.autograd.grad(example.pow(2).sum(), tokens, retain_graph=True)
         per_token = grad.abs().flatten(0, -2).amax(-1)
         assert bool((per_token > 0).all()), f"{name}: {per_token}"
+
+
+def _deit_teacher():  # two output layers: on the class token and on the distillation token
+    return transformers.DeiTForImageClassificationWithTeacher(
+        transformers.DeiTConfig(**VISION, num_labels=5)
+    )
+
+
+def _vit_classifier():
+    return transformers.ViTForImageClassification(transformers.ViTConfig(**VISION, num_labels=5))
+
+
+# name: (builder, the whole model's head counts (q, kv), its batch)
+VISION_MODELS = {
+    "deit_teacher": (_deit_teacher, (3, 3), _pixels),
+}
+
+
+@pytest.mark.parametrize("arch", list(VISION_MODELS))
+def test_a_vision_models_q_and_k_are_split_by_its_heads_with_no_warning(arch):
+    """The whole model: every tensor has a rule, and each q and k weight's blocks are the rows
+    that feed one of the heads its attention receives."""
+    builder, (nq, nkv), make_batch = VISION_MODELS[arch]
+    torch.manual_seed(0)
+    model = builder()
+    model.config._attn_implementation_internal = "eager"
+    part = adam_mini_quiet(model)
+    part.check(model)
+    supports = head_supports(model, make_batch(torch.Generator().manual_seed(1)))
+    assert {role for roles in supports.values() for role in roles} == {"q", "k", "v"}
+    for name, roles in supports.items():
+        for role, sets in roles.items():  # v: one block per neuron, whatever the heads
+            assert role == "v" or len(sets) == {"q": nq, "k": nkv}[role], f"{name}: {role}"
+        found = {entries for sets in roles.values() for entries in sets}
+        assert block_sets(part, name) == found, f"{name}: {part[name].rule} {part[name].params}"
+
+
+# name: (builder, an output layer's weight, the logits it alone produces)
+CLASSIFIERS = {
+    "vit": (_vit_classifier, "classifier.weight", "logits"),
+    "deit_cls": (_deit_teacher, "cls_classifier.weight", "cls_logits"),
+    "deit_distillation": (_deit_teacher, "distillation_classifier.weight", "distillation_logits"),
+}
+
+
+@pytest.mark.parametrize("arch", list(CLASSIFIERS))
+def test_an_image_classifiers_output_layers_get_one_block_per_class(arch):
+    """An output layer gets one block per class, as an LM head one per token. DeiT's distillation
+    model has two (cls_classifier on the class token, distillation_classifier on the distillation
+    token; its logits are their mean): each block of each must move exactly one class's logit of
+    that layer's own logits."""
+    builder, name, logits = CLASSIFIERS[arch]
+    torch.manual_seed(0)
+    model = builder().double().eval()
+    part = adam_mini_quiet(model)
+    weight = model.get_parameter(name)
+    assert part[name].rule == "rows" and part[name].num_blocks == model.config.num_labels
+    assert adam_mini_quiet({name: weight})[name] == part[name]  # the names alone agree
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    check_neurons(part, name, weight, lambda: getattr(model(pixel_values=x), logits))
