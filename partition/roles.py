@@ -217,6 +217,25 @@ def torch_layer_kinds(model: ModelLike) -> dict[str, str]:
     return {name: owned[id(p)] for name, p in model.named_parameters() if id(p) in owned}
 
 
+def pointwise_conv_names(model: ModelLike) -> set[str]:
+    """Names of the weights of ``nn.Conv1d``/``Conv2d``/``Conv3d`` modules with kernel size 1 and
+    one group: ``y[o, p] = sum_i W[o, i] x[i, p] + b[o]`` at every position ``p``, an
+    ``nn.Linear`` applied per position (ViT's masked-image-modeling decoder, a 1x1 conv before a
+    pixel shuffle), whose rows (output channels) are its output neurons. Found by module type:
+    the name says nothing (``decoder.0``), and a shape ``(out, in, 1, 1)`` does not tell a
+    transposed conv, stored ``(in, out / groups, ...)`` with input channels as rows, nor a
+    grouped one. Empty without a module."""
+    if not isinstance(model, nn.Module):
+        return set()
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    wanted = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, convs) and m.groups == 1 and all(k == 1 for k in m.kernel_size)
+    }
+    return {name for name, p in model.named_parameters() if id(p) in wanted}
+
+
 def token_embedding_names(model: ModelLike) -> set[str]:
     """Names of the weights of a transformers model's input and output embeddings
     (``get_input_embeddings()`` when it is an ``nn.Embedding``, ``get_output_embeddings()`` when

@@ -30,7 +30,13 @@ from partition.heads import (
     sub_configs,
     towers,
 )
-from partition.roles import role_of, token_embedding_names, torch_layer_kinds, transposed_names
+from partition.roles import (
+    pointwise_conv_names,
+    role_of,
+    token_embedding_names,
+    torch_layer_kinds,
+    transposed_names,
+)
 
 __all__ = ["ModelLike", "adam_mini", "by_rows", "by_tensor", "config_of", "elements"]
 
@@ -95,6 +101,9 @@ def adam_mini(
     ``head_weights_proj``)
     patch embedding conv (``patch_embed.proj``, ``rows``: one block per output channel (a
     ``patch_embeddings.projection``)            linear map of each flattened patch)
+    an unnamed 1x1 ``nn.Conv1d/2d/3d`` of one   ``rows``: one block per output channel (an
+    group (ViT's masked-image-modeling          ``nn.Linear`` at each position), found by
+    ``decoder.0``)                              module type
     GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``),    ``columns`` (stored ``(in, out)``)
     Gemma 3's ``mm_input_projection_weight``
     GPT-2 fused ``c_attn``, ``qkv_proj``        ``fused_heads``: q, k by head, v by neuron
@@ -320,6 +329,9 @@ def _single(
     for name, kind in torch_layer_kinds(model).items():  # nn.MultiheadAttention, linear1/linear2
         if name in kinds:
             kinds[name] = kind
+    for name in pointwise_conv_names(model):  # a linear layer per position, unless named otherwise
+        if kinds.get(name) == "":
+            kinds[name] = "neuron"
     layout, layout_kv = fused_layout(model, n_heads)
     n_kv_heads = n_kv_heads or layout_kv
     unordered = [n for n, k in kinds.items() if k == "fused_unordered"]

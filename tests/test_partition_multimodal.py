@@ -450,9 +450,15 @@ def _vit_classifier():
     return transformers.ViTForImageClassification(transformers.ViTConfig(**VISION, num_labels=5))
 
 
+def _vit_mim():  # its decoder: a 1x1 conv to 4^2 x 3 channels, then a pixel shuffle by 4
+    config = transformers.ViTConfig(**VISION, encoder_stride=4)
+    return transformers.ViTForMaskedImageModeling(config)
+
+
 # name: (builder, the whole model's head counts (q, kv), its batch)
 VISION_MODELS = {
     "deit_teacher": (_deit_teacher, (3, 3), _pixels),
+    "vit_mim": (_vit_mim, (3, 3), _masked_pixels),
 }
 
 
@@ -498,3 +504,48 @@ def test_an_image_classifiers_output_layers_get_one_block_per_class(arch):
     assert adam_mini_quiet({name: weight})[name] == part[name]  # the names alone agree
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     check_neurons(part, name, weight, lambda: getattr(model(pixel_values=x), logits))
+
+
+def test_a_1x1_conv_decoder_is_split_by_output_channel():
+    """ViT's masked-image-modeling decoder is a 1x1 conv to r^2 x 3 channels and a pixel shuffle
+    by r = encoder_stride: the same linear map of the hidden state at every patch, whose output
+    channel (colour, dy, dx) is the pixel at (dy, dx) of each patch's r x r cell in one colour.
+    Each block must move exactly that: one colour at one place in every cell, each (colour,
+    place) moved by one block. With names alone ("decoder.0") the weight keeps one block and the
+    warning."""
+    torch.manual_seed(0)
+    model = _vit_mim().double().eval()
+    name, conv, r = "decoder.0.weight", model.decoder[0], model.config.encoder_stride
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+    part = adam_mini_quiet(model)
+    assert part[name].rule == "rows" and part[name].num_blocks == 3 * r * r
+    with pytest.warns(PartitionWarning, match="'decoder.0.weight'"):
+        assert partition.adam_mini({name: conv.weight})[name].rule == "tensor"
+    batch = _masked_pixels(torch.Generator().manual_seed(1))
+    batch["pixel_values"] = batch["pixel_values"].double()
+
+    def pixels() -> torch.Tensor:  # (batch, colour x 8 x 8)
+        return model(**batch).reconstruction.flatten(1)
+
+    ids = part[name].local_index().expand(conv.weight.shape)
+    places = set()
+    for b in range(part[name].num_blocks):
+        moved = [
+            (i // 64, i // 8 % 8, i % 8) for i in changed_outputs(pixels, conv.weight, ids == b)
+        ]
+        (place,) = {(c, y % r, x % r) for c, y, x in moved}  # one colour, one place in the cells
+        assert len(moved) == (8 // r) ** 2, f"block {b} moved {moved}"  # in every cell
+        places.add(place)
+    assert len(places) == 3 * r * r
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [nn.ConvTranspose2d(6, 4, 1), nn.Conv2d(6, 4, 3), nn.Conv2d(6, 4, 1, groups=2)],
+    ids=["1x1 transposed", "3x3", "1x1 grouped"],
+)
+def test_only_a_1x1_conv_of_one_group_is_a_linear_layer(conv):
+    """A transposed 1x1 conv (stored (in, out, 1, 1): its rows are inputs), a wider kernel and a
+    grouped conv are no linear layer per position: one block and the warning."""
+    with pytest.warns(PartitionWarning, match="'0.weight'"):
+        assert partition.adam_mini(nn.Sequential(conv))["0.weight"].rule == "tensor"
