@@ -7,6 +7,7 @@ without heads."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -192,6 +193,18 @@ def test_the_one_count_refusal_is_gone_but_explicit_counts_are_refused():
         optimizer.AdamMini(model.named_parameters(), partition=None, model=model, n_heads=4)
     tower = partition.adam_mini(model.model.vision_tower, n_heads=6)  # one tower, overridden
     assert tower["encoder.layers.0.self_attn.q_proj.weight"].num_blocks == 6
+
+
+def test_idefics2_model_without_its_lm_head_is_split_alike():
+    """Idefics2Model (no lm_head) gets the blocks it gets inside Idefics2ForConditionalGeneration,
+    its resampler's q and k by perceiver_config's heads, in one call."""
+    whole = adam_mini_quiet(build("idefics2"))
+    with torch.device("meta"):
+        model = transformers.Idefics2Model(_idefics2().config)
+    part = adam_mini_quiet(model)
+    assert all(part[n] == replace(whole[f"model.{n}"], name=n) for n in part.names)
+    recorded = part.provenance["n_heads_by_tower"]["connector.perceiver_resampler"]
+    assert (recorded["n_heads"], recorded["n_kv_heads"], recorded["head_dim"]) == (2, 1, 8)
 
 
 def test_a_tower_whose_module_cannot_be_found_is_a_clear_error():
