@@ -24,9 +24,9 @@ _TOKEN_EMB = {
     "tok_emb", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in", "shared",
 }  # fmt: skip
 # output layers: one block per token or class. cls_classifier / distillation_classifier: the two
-# heads of DeiT's (EfficientFormer's: classifier / distillation_classifier) distillation model,
-# plain nn.Linear maps to the classes that get_output_embeddings() (None for a classifier) does
-# not name, so their names are the only signal; each class's row feeds only that class's logit
+# heads of DeiT's distillation model, plain nn.Linear maps to the classes that
+# get_output_embeddings() (None for a classifier) does not name, so their names are the only
+# signal; each class's row feeds only that class's logit
 _OUTPUT = {
     "lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score",
     "cls_classifier", "distillation_classifier",

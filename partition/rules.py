@@ -173,12 +173,11 @@ def adam_mini(
     Args:
         model_or_named_parameters: module, ``named_parameters()`` or mapping name -> tensor.
         n_heads: query heads; default ``model.config`` (``n_heads``/``num_attention_heads``/
-            ``n_head``/``resampler_n_heads``), else the ``num_heads`` shared by its ``nn.MultiheadAttention`` modules
-            (which each have their own anyway).
+            ``n_head``/``resampler_n_heads``), else the ``num_heads`` shared by its
+            ``nn.MultiheadAttention`` modules (which each have their own anyway).
         n_kv_heads: key/value heads (GQA); default ``model.config``, else ``n_heads``.
         head_dim: default ``model.config.head_dim`` (T5: ``d_kv``, Idefics2's resampler:
-            ``resampler_head_dim``), else ``hidden / n_heads``,
-            else ``q rows / n_heads``.
+            ``resampler_head_dim``), else ``hidden / n_heads``, else ``q rows / n_heads``.
 
     Raises:
         PartitionError: head counts are needed but unknown (also: a tower's tensor lies in no
