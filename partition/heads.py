@@ -151,7 +151,11 @@ def qkv_linear_heads(model: ModelLike) -> dict[str, tuple[str, int, int]]:
 # enter only head h's scores. Perceiver's cross- and self-attentions (PerceiverSelfAttention) have
 # num_heads from num_cross_attention_heads, num_self_attention_heads or a decoder's own argument,
 # and qk_channels / num_heads per q and k head (qk_channels need not be d_model, d_latents or
-# v_channels). DeBERTa-v2's query_proj / key_proj go by their names.
+# v_channels). Idefics (v1)'s perceiver resampler (IdeficsPerceiverAttention) is built from
+# perceiver_config's resampler_n_heads and resampler_head_dim but carries no config of its own:
+# its forward reshapes q_proj(latents) and k_proj([context; latents]) to (..., n_heads, head_dim)
+# by its own attributes, whatever the text model's heads. DeBERTa-v2's query_proj / key_proj go
+# by their names.
 _OWN_SPLIT = {
     "DisentangledSelfAttention": (
         "num_attention_heads",
@@ -163,14 +167,15 @@ _OWN_SPLIT = {
         "qk_channels_per_head",
         {"query": ("q", 1), "key": ("k", 1)},
     ),
+    "IdeficsPerceiverAttention": ("n_heads", "head_dim", {"q_proj": ("q", 1), "k_proj": ("k", 1)}),
 }
 
 
 def own_split_heads(model: ModelLike) -> dict[str, tuple[str, str, int, int]]:
     """``{tensor name: (role, module name, num_heads, head_dim)}`` for the weights that a
-    transformers attention module of :data:`_OWN_SPLIT` (DeBERTa v1, Perceiver) splits by its own
-    heads: ``sections * num_heads * head_dim`` rows, head ``h`` of a q or k weight its rows
-    ``h * head_dim .. (h + 1) * head_dim``. Empty without a module."""
+    transformers attention module of :data:`_OWN_SPLIT` (DeBERTa v1, Perceiver, Idefics's
+    resampler) splits by its own heads: ``sections * num_heads * head_dim`` rows, head ``h`` of a
+    q or k weight its rows ``h * head_dim .. (h + 1) * head_dim``. Empty without a module."""
     if not isinstance(model, nn.Module):
         return {}
     owned = {}

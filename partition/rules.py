@@ -122,8 +122,8 @@ def adam_mini(
     learned tokens (BLIP-2's ``query_tokens``,
     SigLIP's ``probe``, ViT's ``cls_token``
     and ``mask_token``, DeiT's
-    ``distillation_token``, Perceiver's and
-    Idefics2's ``latents``),
+    ``distillation_token``, the ``latents``
+    of Perceiver and Idefics (1 and 2)),
     every other 1-D tensor
     anything else                               ``tensor``, with one :class:`PartitionWarning`
                                                 naming all such tensors
@@ -159,7 +159,10 @@ def adam_mini(
     are a Perceiver attention's ``query`` and ``key`` (``PerceiverSelfAttention``: ``num_heads``
     heads of ``qk_channels / num_heads`` rows; the encoder's cross-attention has
     ``num_cross_attention_heads``, its self-attentions ``num_self_attention_heads`` and a
-    decoder's cross-attention a count of its own, so no one count fits the model).
+    decoder's cross-attention a count of its own, so no one count fits the model), and those of
+    Idefics (v1)'s perceiver resampler (``IdeficsPerceiverAttention``: ``q_proj`` and ``k_proj``
+    of ``n_heads`` heads of ``head_dim`` rows, from ``perceiver_config``'s ``resampler_n_heads``
+    and ``resampler_head_dim``; the resampler carries no config, so it is no tower).
 
     Learned tokens (bare parameters ``query_tokens``, ``probe``, ``cls_token``) get one block,
     deliberately and without a warning: every example feeds all of them at fixed positions, as

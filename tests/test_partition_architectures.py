@@ -214,7 +214,7 @@ class _Passthrough(nn.Module):
 
 class _MatmulCapture(torch.overrides.TorchFunctionMode):
     """MPT and Perceiver multiply q @ k^T, then probs @ v, inline: record both while an attention
-    runs.
+    runs. Idefics's resampler does the same with einsum ("i d, j d -> i j": k untransposed).
     DeBERTa (v1) chunks each head's fused rows into q, k, v inline: record the first chunk
     while its attention (``chunking``) runs."""
 
@@ -223,11 +223,13 @@ class _MatmulCapture(torch.overrides.TorchFunctionMode):
         self.module, self.args, self.chunking = None, [], None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.module is not None and func in (torch.matmul, torch.Tensor.__matmul__):
-            self.args.append(args)
+        products = (torch.matmul, torch.Tensor.__matmul__, torch.einsum)
+        if self.module is not None and func in products:
+            self.args.append(args[1:] if func is torch.einsum else args)
             if len(self.args) == 2:
-                (q, kt), (_, v) = self.args
-                CALLS.append((self.module, q, kt.transpose(-1, -2), v))
+                (q, k), (_, v) = self.args
+                k = k if func is torch.einsum else k.transpose(-1, -2)
+                CALLS.append((self.module, q, k, v))
                 self.args = []
         out = func(*args, **(kwargs or {}))
         if self.chunking is not None and func is torch.Tensor.chunk:
@@ -287,7 +289,7 @@ def _install_probes(model: nn.Module, capture: _MatmulCapture) -> None:
                 return out
 
             module.transpose_for_scores = transpose_for_scores
-        elif cls in ("MptAttention", "PerceiverSelfAttention"):
+        elif cls in ("MptAttention", "PerceiverSelfAttention", "IdeficsPerceiverAttention"):
             module.register_forward_pre_hook(lambda m, a: setattr(capture, "module", m))
             module.register_forward_hook(lambda m, a, o: setattr(capture, "module", None))
 

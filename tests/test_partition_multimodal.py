@@ -207,6 +207,60 @@ def test_idefics2_model_without_its_lm_head_is_split_alike():
     assert (recorded["n_heads"], recorded["n_kv_heads"], recorded["head_dim"]) == (2, 1, 8)
 
 
+def _idefics():  # Idefics (v1): its text model inline, its resampler (2 heads of 16) in no tower
+    config = transformers.IdeficsConfig(
+        **TEXT, num_attention_heads=4, additional_vocab_size=2, use_resampler=True,
+        freeze_text_layers=False, freeze_vision_layers=False,  # to probe them by gradient
+        vision_config=dict(embed_dim=48, intermediate_size=40, num_hidden_layers=1,
+                           num_attention_heads=3, image_size=8, patch_size=4),
+        perceiver_config=dict(resampler_n_latents=PATCHES, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=16),
+    )  # fmt: skip
+    return transformers.IdeficsForVisionText2Text(config)
+
+
+# attentions under these module names: (q heads, kv heads) as each attention receives them
+IDEFICS_HEADS = {
+    "model.vision_model": (3, 3),
+    "model.perceiver_resampler": (2, 2),  # perceiver_config's, not the text model's 4
+    "model.layers": (4, 4),
+    "model.gated_cross_attn_layers": (4, 4),
+}
+
+
+def test_idefics_resampler_is_split_by_its_own_heads():
+    """Idefics (v1)'s perceiver resampler (``use_resampler=True``) is built from perceiver_config's
+    ``resampler_n_heads`` heads of ``resampler_head_dim``, but carries no config, so it is no
+    tower: its q_proj (of the latents) and k_proj (of the context and latents concatenated) are
+    split by the attention's own heads, not the text model's (4 of 8 rows: the same 32 rows, so
+    the text's split would silently cut each resampler head in two). In one call with no warning,
+    every q and k block of the whole model must be the rows that feed one of the heads its
+    attention receives."""
+    torch.manual_seed(0)
+    model = _idefics()
+    model.config._attn_implementation_internal = "eager"
+    part = adam_mini_quiet(model)
+    part.check(model)
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "input_ids": torch.randint(3, 64, (2, 6), generator=g),
+        "pixel_values": torch.randn(2, 1, 3, 8, 8, generator=g),  # one image each
+        "image_attention_mask": torch.ones(2, 6, 1, dtype=torch.long),
+    }
+    seen = set()
+    for name, roles in head_supports(model, batch).items():
+        (prefix,) = [p for p in IDEFICS_HEADS if name.startswith(f"{p}.")]
+        seen.add(prefix)
+        want = dict(zip("qk", IDEFICS_HEADS[prefix], strict=True))
+        for role, sets in roles.items():  # v: one block per neuron, whatever the heads
+            assert role == "v" or len(sets) == want[role], f"{name}: {len(sets)} {role} heads"
+        found = {entries for sets in roles.values() for entries in sets}
+        assert block_sets(part, name) == found, f"{name}: {part[name].rule} {part[name].params}"
+    assert seen == set(IDEFICS_HEADS)
+    resampler = "model.perceiver_resampler.blocks.0.0"
+    assert part.provenance["n_heads_by_module"] == {resampler: 2}
+
+
 def test_a_tower_whose_module_cannot_be_found_is_a_clear_error():
     """A composite config whose towers carry no ``.config``: their head counts fit no tensor."""
 
