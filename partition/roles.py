@@ -31,6 +31,11 @@ _OUTPUT = {
     "lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score",
     "cls_classifier", "distillation_classifier",
 }  # fmt: skip
+# LeViT's two output layers, classifier and classifier_distill (LevitClassificationLayer), each a
+# BatchNorm1d and then an nn.Linear to the classes named "linear": a name too generic alone (the
+# same wrapper's linear is LeViT's every q|k|v, projection and MLP layer), but under these names
+# it is the output layer, which no get_output_embeddings() names either
+_OUTPUT_WRAPPERS = {"classifier", "classifier_distill"}
 # q_attn: GPT-2 cross-attention; q_proj_weight, k_proj_weight, v_proj_weight: nn.MultiheadAttention
 # with kdim/vdim != embed_dim; *_proj: DeBERTa(-v2), whose pos_query_proj/pos_key_proj project the
 # relative-position embeddings into heads like query_proj/key_proj, each head's rows entering only
@@ -128,7 +133,7 @@ def role_of(name: str, ndim: int = 2) -> str:
         return "k"
     if leaf in _TOKEN_EMB or (("embed" in leaf or "embd" in leaf) and "type" not in leaf):
         return "token"
-    if leaf in _OUTPUT:
+    if leaf in _OUTPUT or (leaf == "linear" and parents and parents[-1] in _OUTPUT_WRAPPERS):
         return "token"
     if (
         leaf in {"proj", "projection"}

@@ -92,7 +92,9 @@ def adam_mini(
     ``get_input_embeddings()`` and its
     ``get_output_embeddings()``; classifiers,
     DeiT's ``cls_classifier`` and
-    ``distillation_classifier``)
+    ``distillation_classifier``, the
+    ``linear`` of LeViT's ``classifier`` and
+    ``classifier_distill``)
     query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron
