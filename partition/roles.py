@@ -26,10 +26,12 @@ _TOKEN_EMB = {
 # output layers: one block per token or class. cls_classifier / distillation_classifier: the two
 # heads of DeiT's distillation model, plain nn.Linear maps to the classes that
 # get_output_embeddings() (None for a classifier) does not name, so their names are the only
-# signal; each class's row feeds only that class's logit
+# signal; each class's row feeds only that class's logit. head / dist_head: SwiftFormer's two
+# output layers, alike (timm's classifiers are named head as well); a head.weight elsewhere is a
+# projection (SigLIP's text head), whose rows are its output neurons: the same blocks
 _OUTPUT = {
     "lm_head", "output", "final_layer", "decoder", "embed_out", "classifier", "score",
-    "cls_classifier", "distillation_classifier",
+    "cls_classifier", "distillation_classifier", "head", "dist_head",
 }  # fmt: skip
 # LeViT's two output layers, classifier and classifier_distill (LevitClassificationLayer), each a
 # BatchNorm1d and then an nn.Linear to the classes named "linear": a name too generic alone (the

@@ -94,7 +94,8 @@ def adam_mini(
     DeiT's ``cls_classifier`` and
     ``distillation_classifier``, the
     ``linear`` of LeViT's ``classifier`` and
-    ``classifier_distill``)
+    ``classifier_distill``, SwiftFormer's
+    ``head`` and ``dist_head``)
     query, key (``q_proj``, ``k_proj``, ...)    ``heads`` with ``head_dim`` (k: n_kv_heads
                                                 heads under GQA)
     value, attention output, MLP, ``dense``     ``rows``: one block per output neuron

@@ -556,6 +556,14 @@ def _levit_teacher():  # 2 x 2 tokens (32 / 16), subsampled to 1; two output lay
     return transformers.LevitForImageClassificationWithTeacher(config)
 
 
+def _swiftformer():  # two output layers, head and dist_head; its logits are their mean
+    config = transformers.SwiftFormerConfig(
+        image_size=16, depths=[1, 1], embed_dims=[8, 16], downsamples=[True, True], mlp_ratio=2,
+        num_labels=5,
+    )  # fmt: skip
+    return transformers.SwiftFormerForImageClassification(config)
+
+
 # name: (builder, an output layer's weight, the logits it alone produces)
 CLASSIFIERS = {
     "vit": (_vit_classifier, "classifier.weight", "logits"),
@@ -563,20 +571,25 @@ CLASSIFIERS = {
     "deit_distillation": (_deit_teacher, "distillation_classifier.weight", "distillation_logits"),
     "levit_cls": (_levit_teacher, "classifier.linear.weight", "cls_logits"),
     "levit_distillation": (_levit_teacher, "classifier_distill.linear.weight", "distillation_logits"),
+    "swiftformer_head": (_swiftformer, "head.weight", "logits"),
+    "swiftformer_dist_head": (_swiftformer, "dist_head.weight", "logits"),
 }  # fmt: skip
 # whole models with other tensors that no rule matches, which get the warning: LeViT's q|k|v
 # (per head q, k and a wider v), projection and MLP nn.Linear are all named "linear" in a wrapper
-# with a BatchNorm1d, its overlapping stride-2 patch convs and attention_biases
-PARTLY_MATCHED = {"levit_cls", "levit_distillation"}
+# with a BatchNorm1d, its overlapping stride-2 patch convs and attention_biases; SwiftFormer's
+# additive attention (to_query, to_key, w_g, final), 3x3 convs and (dim, 1, 1) layer scales
+PARTLY_MATCHED = {"levit_cls", "levit_distillation", "swiftformer_head", "swiftformer_dist_head"}
 
 
 @pytest.mark.parametrize("arch", list(CLASSIFIERS))
 def test_an_image_classifiers_output_layers_get_one_block_per_class(arch):
-    """An output layer gets one block per class, as an LM head one per token. DeiT's and LeViT's
-    distillation models have two (DeiT's cls_classifier on the class token and
+    """An output layer gets one block per class, as an LM head one per token. DeiT's, LeViT's and
+    SwiftFormer's distillation models have two (DeiT's cls_classifier on the class token and
     distillation_classifier on the distillation token; LeViT's classifier and classifier_distill,
-    both on the mean token, each an nn.Linear "linear" after a BatchNorm1d; the logits are their
-    mean): each block of each must move exactly one class's logit of that layer's own logits."""
+    both on the mean token, each an nn.Linear "linear" after a BatchNorm1d; SwiftFormer's head and
+    dist_head; the logits are their mean): each block of each must move exactly one class's logit
+    of that layer's own logits (SwiftFormer returns only the mean, which each class's row of
+    either moves in that class alone)."""
     builder, name, logits = CLASSIFIERS[arch]
     torch.manual_seed(0)
     model = builder().double().eval()
