@@ -42,6 +42,7 @@ class Sizes:
 
 FULL = Sizes(d=100, m=8, C=500, n=1000, steps=300, sweep=(10, 100, 1000))
 QUICK = Sizes(d=16, m=4, C=16, n=128, steps=20, sweep=(4, 16, 64))
+LR = 1e-3
 
 
 def hidden_hessian(model: OneHiddenMLP, data: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
@@ -52,22 +53,24 @@ def hidden_hessian(model: OneHiddenMLP, data: tuple[torch.Tensor, torch.Tensor])
     return H.to_dense(chunk=64).detach().cpu().numpy()
 
 
-def training_snapshots(s: Sizes, seed: int, progress: bool) -> list[tuple[str, np.ndarray]]:
-    """Hidden-layer Hessians at step 0, steps/2 and steps of full-batch Adam (lr 1e-3)."""
+def training_snapshots(
+    s: Sizes, seed: int, progress: bool, lr: float = LR
+) -> list[tuple[str, np.ndarray]]:
+    """Hidden-layer Hessians at step 0, steps/2 and steps of full-batch Adam at ``lr``, each
+    labelled with its step and the loss of the parameters it is taken at."""
     X, y = gaussian_classification(s.n, s.d, s.C, seed=seed, dtype=torch.float64)
     model = OneHiddenMLP(d=s.d, m=s.m, num_classes=s.C, seed=seed).double()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     snaps = [("initialisation", hidden_hessian(model, (X, y)))]
     for step in tqdm(range(1, s.steps + 1), desc="train MLP", disable=not progress, leave=False):
         opt.zero_grad()
-        loss = classification_loss(model, (X, y))
-        loss.backward()
+        classification_loss(model, (X, y)).backward()
         opt.step()
         if step in (s.steps // 2, s.steps):
             where = "half-way" if step < s.steps else "end"
-            snaps.append(
-                (f"{where} (step {step}, loss {loss.item():.2f})", hidden_hessian(model, (X, y)))
-            )
+            with torch.no_grad():  # the loss at the parameters whose Hessian is shown
+                loss = classification_loss(model, (X, y)).item()
+            snaps.append((f"{where} (step {step}, loss {loss:.2f})", hidden_hessian(model, (X, y))))
     return snaps
 
 
@@ -115,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         f"(hessian.HessianOperator). Only the W1-W1 block (m·d = {s.m * s.d} parameters) is "
         "shown: the W2 rows are blocks of m entries each, too small to see at this scale. "
         "r_diag = Σ_a ||H_aa||²_F / ||H||²_F over the per-neuron blocks (1 = exactly "
-        f"block-diagonal, {1 / s.m:.3f} = no structure). Adam lr 1e-3, full batch, "
+        f"block-diagonal, {1 / s.m:.3f} = no structure). Adam lr {LR:g}, full batch, "
         f"{s.steps} steps; seed {args.seed}.",
     )
     return save_figure(fig, NAME, args.out, dpi=100)
