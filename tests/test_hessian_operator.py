@@ -1080,3 +1080,41 @@ def test_data_that_gives_fewer_batches_on_a_later_pass_is_refused():
     data.batches.reverse()
     with pytest.raises(NonDeterministicError, match="batch 0 differs from the previous pass"):
         H @ v
+
+
+def test_arguments_of_the_wrong_kind_are_named_at_construction():
+    model, X, y = mlp_problem()
+    with pytest.raises(TypeError, match="loss_fn must be a function loss_fn"):
+        HessianOperator(model, None, (X, y))
+    with pytest.raises(TypeError, match="batch_size_fn must be None or a function"):
+        HessianOperator(model, ce_loss, (X, y), batch_size_fn=8)
+    with pytest.raises(TypeError, match="params takes parameter names, .* got int"):
+        HessianOperator(model, ce_loss, (X, y), params=5)
+    with pytest.raises(ValueError, match="progress must be True or False"):
+        HessianOperator(model, ce_loss, (X, y), progress="no")
+
+
+def test_a_batch_that_does_not_fit_the_model_is_named_not_a_bare_torch_error():
+    model, X, y = mlp_problem()
+    n = HessianOperator(model, ce_loss, (X, y)).shape[0]
+    with pytest.raises(HessianError, match=r"Target 5 is out of bounds. That batch is .*class"):
+        HessianOperator(model, ce_loss, (X, y + 5)) @ torch.zeros(n, dtype=F64)
+    with pytest.raises(HessianError, match=r"tuple\(Tensor\(8, 4\), .* shapes do not fit"):
+        HessianOperator(model, ce_loss, (X[:, :4], y)) @ torch.zeros(n, dtype=F64)
+
+
+def test_vectors_that_are_not_numbers_are_named_and_sparse_ones_are_made_dense():
+    model, X, y = mlp_problem()
+    H = HessianOperator(model, ce_loss, (X, y))
+    n = H.shape[0]
+    v = torch.randn(n, dtype=F64)
+    assert torch.equal(H @ v.to_sparse(), H @ v)
+    with pytest.raises(TypeError, match="the vector must hold numbers, got NoneType"):
+        H @ None
+    with pytest.raises(TypeError, match="the vector must hold numbers, got list"):
+        H @ (["a"] * n)
+    with pytest.raises(ValueError, match="meta device and holds no values"):
+        H @ torch.zeros(n, device="meta")
+    d = {name: torch.zeros(s, dtype=F64) for name, s in H.param_shapes.items()}
+    with pytest.raises(TypeError, match=r"a \{name: tensor\} dict goes to a HessianOperator"):
+        H.restrict("fc1.bias") @ d
