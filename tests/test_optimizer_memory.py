@@ -64,3 +64,10 @@ def test_state_bytes_names_what_is_not_a_model_and_a_model_with_nothing_to_train
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):  # was a ZeroDivisionError
         optimizer.state_bytes(frozen)
+
+
+def test_memory_refuses_an_unusable_out_before_counting(tmp_path, capsys, monkeypatch):
+    """The table was counted and printed, then the write failed without naming --out."""
+    monkeypatch.setattr(memory, "memory_rows", lambda names: pytest.fail("counted anyway"))
+    assert main(["memory", "--models", "mlp", "--out", str(tmp_path)]) == 1
+    assert "--out" in capsys.readouterr().err
