@@ -64,15 +64,25 @@ class Operator:
         return self._dense(self.shape[1] if chunk is None else chunk)
 
     def _dense(self, chunk: int, progress: bool = False) -> torch.Tensor:
+        """The columns ``H @ I[:, start:stop]`` written into a matrix allocated first, so that a
+        matrix too large for memory fails at once, not after the products."""
         check_positive_ints(chunk=chunk)
-        n = self.shape[1]
-        cols = []
+        m, n = self.shape
+        try:
+            out = torch.empty(m, n, dtype=self.dtype, device=self.device)
+        except RuntimeError:  # torch.OutOfMemoryError too
+            gb = m * n * self.dtype.itemsize / 1e9
+            raise MemoryError(
+                f"to_dense needs the dense {m} x {n} matrix ({gb:.3g} GB in {self.dtype}), more "
+                "than this machine can allocate: use the matrix-free methods (H @ v, lanczos, "
+                "block_coupling(exact=False)) or H.restrict(...) to a smaller block"
+            ) from None
         for start in tqdm(range(0, n, chunk), desc="to_dense", disable=not progress):
             stop = min(n, start + chunk)
             E = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
             E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            cols.append(self._matmat(E))
-        return torch.cat(cols, dim=1)
+            out[:, start:stop] = self._matmat(E)
+        return out
 
     def to_scipy(self) -> LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out), with ``.H``."""

@@ -1118,3 +1118,14 @@ def test_vectors_that_are_not_numbers_are_named_and_sparse_ones_are_made_dense()
     d = {name: torch.zeros(s, dtype=F64) for name, s in H.param_shapes.items()}
     with pytest.raises(TypeError, match=r"a \{name: tensor\} dict goes to a HessianOperator"):
         H.restrict("fc1.bias") @ d
+
+
+def test_to_dense_of_a_matrix_too_large_to_allocate_fails_before_any_product():
+    """It computed every column and failed at the final torch.cat (hours on a real model)."""
+
+    def product(v):
+        raise AssertionError("a product was computed")
+
+    product.shape = (10**7, 10**7)  # 800 TB in float64: beyond any address space
+    with pytest.raises(MemoryError, match=r"dense 10000000 x 10000000 matrix \(8e\+05 GB"):
+        hessian.as_operator(product).to_dense()
