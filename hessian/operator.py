@@ -411,8 +411,25 @@ class HessianOperator(Operator):
         return bound_loss(self._module, batch)
 
     def _primal(self) -> dict[str, torch.Tensor]:
+        """The differentiated parameters' current values, or a HessianError when one was
+        removed or changed shape, dtype or device since the operator was built."""
         named = dict(self.model.named_parameters())
-        return {n: named[n].detach() for n in self.params}
+        out = {}
+        for n in self.params:
+            p = named.get(n)
+            if p is None or (p.shape, p.dtype, p.device) != (
+                self.param_shapes[n],
+                self.dtype,
+                self.device,
+            ):
+                now = "gone" if p is None else f"{tuple(p.shape)} {p.dtype} on {p.device}"
+                raise HessianError(
+                    f"parameter {n!r} is now {now}, but this HessianOperator was built for "
+                    f"{tuple(self.param_shapes[n])} {self.dtype} on {self.device}: the model "
+                    "changed after the operator was built; build a new HessianOperator"
+                )
+            out[n] = p.detach()
+        return out
 
     def _iter_batches(self) -> Iterable[tuple[int, Any]]:
         count = 0

@@ -1129,3 +1129,20 @@ def test_to_dense_of_a_matrix_too_large_to_allocate_fails_before_any_product():
     product.shape = (10**7, 10**7)  # 800 TB in float64: beyond any address space
     with pytest.raises(MemoryError, match=r"dense 10000000 x 10000000 matrix \(8e\+05 GB"):
         hessian.as_operator(product).to_dense()
+
+
+def test_a_parameter_changed_after_construction_is_named():
+    """A resized or re-typed parameter failed inside torch (forward-gradient sizes, matmul
+    dtypes), a removed one with a bare KeyError."""
+    for change in (
+        lambda m: setattr(m.fc2, "weight", nn.Parameter(torch.zeros(4, 6, dtype=F64))),
+        lambda m: m.float(),
+        lambda m: delattr(m.fc1, "bias"),
+    ):
+        model, X, y = mlp_problem()
+        H = HessianOperator(model.eval(), ce_loss, (X, y))
+        v = torch.zeros(H.shape[0], dtype=F64)
+        H @ v
+        change(model)
+        with pytest.raises(HessianError, match="changed after the operator was built"):
+            H @ v
