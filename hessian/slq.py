@@ -70,7 +70,8 @@ class SpectralDensity:
         if t.dtype.kind not in "iuf":
             raise TypeError(
                 f"grid must hold real numbers (the eigenvalues to evaluate at), got "
-                f"{type(grid).__name__} of {t.dtype}: e.g. np.linspace(lo, hi, 500)"
+                f"{type(grid).__name__} (as an array: dtype {t.dtype}); e.g. "
+                "np.linspace(lo, hi, 500)"
             )
         t = t.astype(float)
         if not np.isfinite(t).all():
