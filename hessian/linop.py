@@ -171,7 +171,10 @@ class _ScipyOperator(Operator):
 
 class _CallableOperator(Operator):
     def __init__(self, fn: Callable[[torch.Tensor], Any], shape: tuple[int, int]):
-        sizes = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else ()
+        try:
+            sizes = () if isinstance(shape, str) else tuple(shape)
+        except TypeError:  # not a sequence
+            sizes = ()
         if len(sizes) != 2 or any(as_int(s, 0) is None for s in sizes):
             raise ValueError(
                 f"a callable operator's shape must be a pair of sizes (m, n), ints >= 0, got "
