@@ -725,7 +725,8 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(results, args, command.strip(), seconds)
     print(text)
     if args.json:
-        args.json.write_text(
+        write_text(
+            args.json,
             json.dumps(
                 {
                     "results": results,
@@ -734,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
                     "args": {k: v for k, v in vars(args).items() if k not in ("json", "from_json")},
                 },
                 indent=1,
-            )
+            ),
         )
     if args.write_readme:
         write_section(text, args.section)

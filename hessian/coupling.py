@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from hessian.linop import (
     Operator,
     as_operator,
+    check_flags,
     check_positive_ints,
     check_symmetric,
     rademacher,
@@ -73,6 +74,7 @@ def block_coupling(
         progress: tqdm progress bar.
     """
     check_positive_ints(chunk=chunk)
+    check_flags(exact=exact, progress=progress)
     A = as_operator(op)
     n = check_symmetric(A)
     labels = block_labels(A, partition)
@@ -163,9 +165,15 @@ def blockwise_spectra(
     a list of parameter names (each a block). All blocks and probes advance together.
     """
     check_positive_ints(num_probes=num_probes, num_steps=num_steps)
+    check_flags(reorth=reorth, progress=progress)
     A = as_operator(op)
     check_symmetric(A)
     groups = _groups(A, blocks)
+    if not groups:
+        raise ValueError(
+            "blocks names no block: pass a Partition, a {label: selector} mapping or a list of "
+            "parameter names with at least one entry"
+        )
     gen = seeded_generator(seed)
     starts, supports, owner = [], [], []
     for label, idx in groups.items():

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from hessian.linop import (
     Operator,
     as_operator,
+    check_flags,
     check_positive_ints,
     check_square,
     rademacher,
@@ -59,6 +60,7 @@ def trace(
     """Estimate :math:`\\mathrm{tr}\\,H` with ``num_matvecs`` products (see module docstring),
     ``chunk`` vectors per ``matmat``; ``progress`` shows a tqdm bar over the products."""
     check_positive_ints(num_matvecs=num_matvecs, chunk=chunk)
+    check_flags(progress=progress)
     if method not in ("hutchinson", "hutchpp"):
         raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
     A = as_operator(op)
@@ -104,6 +106,7 @@ def diagonal(
     """Estimate :math:`\\mathrm{diag}\\,H` as the mean of :math:`z \\odot Hz` over Rademacher z;
     ``progress`` shows a tqdm bar over the products."""
     check_positive_ints(num_matvecs=num_matvecs, chunk=chunk)
+    check_flags(progress=progress)
     A = as_operator(op)
     n = check_square(A)
     if num_matvecs < 2:

@@ -18,6 +18,16 @@ _SAME_BATCHES_FIX = (
 )
 
 
+# words of torch's errors for shapes that do not fit (matmul, broadcasting, views, convolutions)
+_SHAPE_WORDS = (
+    "shapes cannot be multiplied",
+    "must match the size",
+    "size mismatch",
+    "shape '[",
+    "expected input",
+)
+
+
 def check_modules(model: nn.Module) -> None:
     """A NonDeterministicError naming the dropout (p > 0) and BatchNorm modules in train mode."""
     bad = []
@@ -69,8 +79,20 @@ def check_loss(
             f"{describe_batch(batch)}. A tuple or list of tensors is read as one batch (e.g. "
             "(x, y)); pass several batches as a list of such tuples, or a DataLoader"
         ) from err
+    except IndexError as err:
+        raise HessianError(
+            f"loss_fn failed on the first batch: {first_line(err).rstrip('.')}. That batch is "
+            f"{describe_batch(batch)}: an index in it is out of range for the model; class "
+            "targets must lie in [0, num_classes) and token ids in [0, vocab_size)"
+        ) from err
     except RuntimeError as err:
         msg = str(err).lower()
+        if any(w in msg for w in _SHAPE_WORDS):
+            raise HessianError(
+                f"loss_fn failed on the first batch: {first_line(err)}. That batch is "
+                f"{describe_batch(batch)}: its shapes do not fit the model (input width, "
+                "sequence length); check that loss_fn(model, batch) runs outside the operator"
+            ) from err
         if "dtype" not in msg and "device" not in msg and "scalar type" not in msg:
             raise
         index = any(w in msg for w in ("index", "indices", "target")) and (

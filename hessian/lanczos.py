@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from hessian.linop import (
     as_operator,
+    check_flags,
     check_positive_ints,
     check_symmetric,
     rounding_floor,
@@ -116,6 +117,12 @@ def lanczos(
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     check_positive_ints(k=k, block_size=block_size)
+    check_flags(true_residuals=true_residuals, progress=progress)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be None or a function callback(num_matvecs, values, residuals), got "
+            f"{type(callback).__name__}"
+        )
     k, block_size = int(k), int(block_size)
     if max_iter is not None:
         check_positive_ints(max_iter=max_iter)

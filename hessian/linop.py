@@ -64,15 +64,25 @@ class Operator:
         return self._dense(self.shape[1] if chunk is None else chunk)
 
     def _dense(self, chunk: int, progress: bool = False) -> torch.Tensor:
+        """The columns ``H @ I[:, start:stop]`` written into a matrix allocated first, so that a
+        matrix too large for memory fails at once, not after the products."""
         check_positive_ints(chunk=chunk)
-        n = self.shape[1]
-        cols = []
+        m, n = self.shape
+        try:
+            out = torch.empty(m, n, dtype=self.dtype, device=self.device)
+        except RuntimeError:  # torch.OutOfMemoryError too
+            gb = m * n * self.dtype.itemsize / 1e9
+            raise MemoryError(
+                f"to_dense needs the dense {m} x {n} matrix ({gb:.3g} GB in {self.dtype}), more "
+                "than this machine can allocate: use the matrix-free methods (H @ v, lanczos, "
+                "block_coupling(exact=False)) or H.restrict(...) to a smaller block"
+            ) from None
         for start in tqdm(range(0, n, chunk), desc="to_dense", disable=not progress):
             stop = min(n, start + chunk)
             E = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
             E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            cols.append(self._matmat(E))
-        return torch.cat(cols, dim=1)
+            out[:, start:stop] = self._matmat(E)
+        return out
 
     def to_scipy(self) -> LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out), with ``.H``."""
@@ -161,8 +171,17 @@ class _ScipyOperator(Operator):
 
 class _CallableOperator(Operator):
     def __init__(self, fn: Callable[[torch.Tensor], Any], shape: tuple[int, int]):
+        try:
+            sizes = () if isinstance(shape, str) else tuple(shape)
+        except TypeError:  # not a sequence
+            sizes = ()
+        if len(sizes) != 2 or any(as_int(s, 0) is None for s in sizes):
+            raise ValueError(
+                f"a callable operator's shape must be a pair of sizes (m, n), ints >= 0, got "
+                f"{shape!r}: set fn.shape = (n, n) for an n x n Hessian"
+            )
         self.fn = fn
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = (int(sizes[0]), int(sizes[1]))
         self.dtype = getattr(fn, "dtype", torch.float64)
         if not isinstance(self.dtype, torch.dtype):
             self.dtype = torch.float64
@@ -219,6 +238,14 @@ def as_int(value: Any, minimum: int | None = None) -> int | None:
     except TypeError:
         return None
     return None if number is None or (minimum is not None and number < minimum) else number
+
+
+def check_flags(**flags: Any) -> None:
+    """A ValueError naming the first flag that is not True or False (a string such as "no" would
+    pass for True)."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_positive_ints(**counts: Any) -> None:
@@ -307,9 +334,32 @@ def check_finite(out: Any, v: Any) -> Any:
 
 
 def as_real_tensor(v: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``v`` (tensor, array or list) as a real tensor of ``dtype`` on ``device``."""
+    """``v`` (tensor, array or list; a sparse tensor is made dense) as a real tensor of
+    ``dtype`` on ``device``, or a TypeError/ValueError naming what is wrong with it."""
+    if isinstance(v, Mapping):
+        raise TypeError(
+            "this operator takes flat vectors (n,) and matrices (n, k); a {name: tensor} dict "
+            "goes to a HessianOperator itself: flatten it, torch.cat([t.reshape(-1) for t in "
+            "v.values()]) in H.params order"
+        )
     if not isinstance(v, torch.Tensor):
-        v = torch.as_tensor(np.asarray(v))
+        try:
+            array = np.asarray(v)
+        except ValueError as exc:  # a ragged list
+            raise ValueError(f"the vector is not an array of numbers: {exc}") from None
+        if array.dtype.kind not in "biufc":
+            raise TypeError(
+                f"the vector must hold numbers, got {type(v).__name__} (as an array: dtype "
+                f"{array.dtype}); pass a float tensor or array"
+            )
+        v = torch.as_tensor(array)
+    if v.is_meta:
+        raise ValueError(
+            "the vector is on the meta device and holds no values: pass a tensor with data, "
+            "e.g. torch.randn(n)"
+        )
+    if v.layout != torch.strided:
+        v = v.to_dense()
     if v.is_complex():
         raise TypeError(
             "the operator is real and so are its products: apply it to the real and imaginary "

@@ -53,7 +53,7 @@ from hessian.hvp import (
     is_forward_ad_error,
     prepare_reverse,
 )
-from hessian.linop import Operator, as_real_tensor, check_finite
+from hessian.linop import Operator, as_real_tensor, check_finite, check_flags
 from hessian.loss import LossModule, bound_loss, compile_product
 from hessian.messages import (
     double_backward_error,
@@ -136,9 +136,17 @@ class HessianOperator(Operator):
             raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
         if cache not in ("auto", True, False):
             raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
-        for flag, value in (("compile", compile), ("check_determinism", check_determinism)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be a function loss_fn(model, batch) -> scalar mean loss, got "
+                f"{type(loss_fn).__name__}; e.g. lambda m, b: F.cross_entropy(m(b[0]), b[1])"
+            )
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(
+                f"batch_size_fn must be None or a function batch -> number of samples, got "
+                f"{type(batch_size_fn).__name__}; e.g. lambda batch: len(batch[0])"
+            )
+        check_flags(compile=compile, check_determinism=check_determinism, progress=progress)
         if compile and mode == "reverse":
             raise ValueError(
                 "compile=True compiles forward-mode products, and mode='reverse' has none (double "
@@ -168,6 +176,11 @@ class HessianOperator(Operator):
         if params is None:
             chosen = [n for n, p in named.items() if p.requires_grad]
         else:
+            if not isinstance(params, (str, Iterable)):
+                raise TypeError(
+                    f"params takes parameter names, a str or an iterable of str, got "
+                    f"{type(params).__name__}: e.g. params=['fc.weight', 'fc.bias']"
+                )
             wanted = {params} if isinstance(params, str) else set(params)
             if not all(isinstance(n, str) for n in wanted):
                 raise KeyError(
@@ -398,8 +411,25 @@ class HessianOperator(Operator):
         return bound_loss(self._module, batch)
 
     def _primal(self) -> dict[str, torch.Tensor]:
+        """The differentiated parameters' current values, or a HessianError when one was
+        removed or changed shape, dtype or device since the operator was built."""
         named = dict(self.model.named_parameters())
-        return {n: named[n].detach() for n in self.params}
+        out = {}
+        for n in self.params:
+            p = named.get(n)
+            if p is None or (p.shape, p.dtype, p.device) != (
+                self.param_shapes[n],
+                self.dtype,
+                self.device,
+            ):
+                now = "gone" if p is None else f"{tuple(p.shape)} {p.dtype} on {p.device}"
+                raise HessianError(
+                    f"parameter {n!r} is now {now}, but this HessianOperator was built for "
+                    f"{tuple(self.param_shapes[n])} {self.dtype} on {self.device}: the model "
+                    "changed after the operator was built; build a new HessianOperator"
+                )
+            out[n] = p.detach()
+        return out
 
     def _iter_batches(self) -> Iterable[tuple[int, Any]]:
         count = 0

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from hessian.linop import (
     Operator,
     as_operator,
+    check_flags,
     check_positive_ints,
     check_symmetric,
     rademacher,
@@ -54,7 +55,7 @@ class SpectralDensity:
     def smooth(self, grid: Any, sigma: float) -> np.ndarray:
         r""":math:`\phi_\sigma(t) = \frac{1}{P}\sum_{p,j} w_{pj}\,\mathcal{N}(t;\theta_{pj},\sigma^2)` on ``grid``."""
         try:
-            s = float(sigma)
+            s = math.nan if isinstance(sigma, bool) else float(sigma)
         except (TypeError, ValueError):
             s = math.nan
         if not (math.isfinite(s) and s > 0):
@@ -62,9 +63,19 @@ class SpectralDensity:
                 f"sigma is a standard deviation and must be finite and > 0, got {sigma!r}"
             )
         sigma = s
-        if isinstance(grid, torch.Tensor):  # any device, with or without grad
+        if isinstance(grid, torch.Tensor):  # any device and dtype, with or without grad
             grid = grid.detach().cpu()
-        t = np.asarray(grid, dtype=float)
+            grid = grid.double() if grid.is_floating_point() else grid
+        t = np.asarray(grid)
+        if t.dtype.kind not in "iuf":
+            raise TypeError(
+                f"grid must hold real numbers (the eigenvalues to evaluate at), got "
+                f"{type(grid).__name__} (as an array: dtype {t.dtype}); e.g. "
+                "np.linspace(lo, hi, 500)"
+            )
+        t = t.astype(float)
+        if not np.isfinite(t).all():
+            raise ValueError("grid holds NaN/Inf: evaluate the density at finite points only")
         z = (t[..., None, None] - self.nodes) / sigma
         dens = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2 * np.pi))
         return (dens * self.weights).sum(axis=(-1, -2)) / self.nodes.shape[0]
@@ -85,6 +96,7 @@ def spectral_density(
     """SLQ of ``op`` with ``num_probes`` Rademacher probes and ``num_steps`` Lanczos steps each
     (at most ``n``, the operator's size)."""
     check_positive_ints(num_probes=num_probes, num_steps=num_steps)
+    check_flags(reorth=reorth, progress=progress)
     A = as_operator(op)
     n = check_symmetric(A)
     steps = min(int(num_steps), n)

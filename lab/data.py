@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import sys
 import sysconfig
@@ -206,6 +207,11 @@ class Corpus:
                 f"max_bytes must be an int > 1 or None (whole stdlib), got {max_bytes!r}"
             )
         _check_fraction(val_fraction)
+        if isinstance(exclude, str) or not all(isinstance(d, str) for d in exclude):
+            raise TypeError(
+                f"exclude must be a list of folder names, got {exclude!r}: a str would be read "
+                "as its letters; pass e.g. ('test', 'tests')"
+            )
         root, listing = _stdlib_files(exclude)
         if not listing:
             raise FileNotFoundError(
@@ -275,6 +281,8 @@ class Corpus:
         """Any text file's bytes (any encoding; a file with NUL bytes is refused as binary); the
         last ``val_fraction`` of them is the validation split."""
         _check_fraction(val_fraction)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"corpus file path must be a str or os.PathLike, got {path!r}")
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(
@@ -308,9 +316,15 @@ class Corpus:
         ``generator``. Returns two int64 tensors of shape (batch_size, context).
         """
         data = self._split(split)
-        if batch_size <= 0 or context <= 0:
+        if not (_is_positive_int(batch_size) and _is_positive_int(context)):
             raise ValueError(
-                f"batch_size and context must be positive, got {batch_size}, {context}"
+                f"batch_size and context must be positive, got {batch_size!r}, {context!r}: "
+                "pass ints such as 8 and 64"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+                "e.g. torch.Generator().manual_seed(0)"
             )
         if data.numel() < context + 1:
             raise ValueError(
@@ -356,6 +370,11 @@ class Corpus:
     __repr__ = describe
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
 def _check_fraction(val_fraction: float) -> None:
-    if not 0 < val_fraction < 1:
+    number = isinstance(val_fraction, numbers.Real) and not isinstance(val_fraction, bool)
+    if not (number and 0 < val_fraction < 1):
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")

@@ -16,6 +16,7 @@ hyper-parameters; ``train_variants`` trains each variant from the same seed.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from torch import nn
 import hessian
 import optimizer
 import partition
+from hessian.linop import check_positive_ints
 from lab.models import TinyGPT, TinyGPTConfig, lm_loss
 from lab.train import Batch, BatchSource, TrainResult, WarmupCosine, train
 
@@ -121,6 +123,12 @@ def measure_structure(
         and all(map(torch.is_tensor, batches))
     ):
         batches = [tuple(batches)]  # one (inputs, targets) pair
+    # what is checked only after the coupling measurement (minutes), checked before it
+    check_positive_ints(spectra_probes=spectra_probes, spectra_steps=spectra_steps)
+    if isinstance(threshold, bool) or not (
+        isinstance(threshold, numbers.Real) and 0 <= threshold <= 1
+    ):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     batches = list(batches)
     if not batches or any(len(b) != 2 for b in batches):
         raise ValueError(

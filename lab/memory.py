@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import optimizer
 from lab.partition_cli import PRESETS, load_model
+from lab.train import check_out_file
 from partition.io import write_text
 
 GB = 1e9
@@ -94,7 +95,9 @@ def markdown(rows: list[MemoryRow]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the table; write it to ``args.out`` when given."""
+    """Print the table; write it to ``args.out`` when given (checked first, naming --out)."""
+    if args.out:
+        check_out_file(args.out)
     table = markdown(memory_rows(args.models))
     print(table, end="")
     if args.out:

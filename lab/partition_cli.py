@@ -243,6 +243,14 @@ def load_model(spec: str, meta: bool = True) -> nn.Module:
                 raise PartitionError(
                     f"config file {spec!r}: {key} must be a positive integer, got {value!r}"
                 )
+        archs = config.get("architectures")
+        if archs is not None and not (
+            isinstance(archs, list) and all(isinstance(a, str) for a in archs)
+        ):
+            raise PartitionError(
+                f"config file {spec!r}: architectures must be a list of class names such as "
+                f'["LlamaForCausalLM"], got {archs!r}'
+            )
         transformers = _transformers(spec)
         config = dict(config)
         model_type = config.pop("model_type")

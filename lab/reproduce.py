@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import os
 import platform
 import time
@@ -72,6 +74,29 @@ class ReproduceConfig:
     eval_batches: int
     seed: int
 
+    def __post_init__(self) -> None:
+        """Refuse values that would fail only minutes into :func:`run` (after the warm-up)."""
+        if not isinstance(self.model, TinyGPTConfig):
+            raise TypeError(f"model must be a TinyGPTConfig, got {type(self.model).__name__}")
+        for name in _COUNTS:
+            value, low = getattr(self, name), 2 if name == "coupling_samples" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ReproduceConfig.{name} must be an int >= {low}, got {value!r}")
+        for name, bound, ok in (
+            ("threshold", "a number in [0, 1]", lambda x: 0 <= x <= 1),
+            ("lr", "a finite number > 0", lambda x: 0 < x < math.inf),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+                raise ValueError(f"ReproduceConfig.{name} must be {bound}, got {value!r}")
+        check_seed(self.seed, "ReproduceConfig.seed")
+
+
+# the sizes and budgets of ReproduceConfig (coupling_samples >= 2: the estimate's standard errors)
+_COUNTS = (
+    "hessian_warmup_steps", "hessian_batches", "hessian_batch_size", "coupling_samples",
+    "spectra_probes", "spectra_steps", "steps", "batch_size", "eval_every", "eval_batches",
+)  # fmt: skip
 
 DEFAULT = ReproduceConfig(
     model=TinyGPTConfig(vocab_size=256, context=32, n_layer=2, d_model=32, n_heads=4),

@@ -30,12 +30,13 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -71,6 +72,12 @@ class WarmupCosine:
     min_ratio: float = 0.1
 
     def __post_init__(self) -> None:
+        for name in ("total_steps", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be an int (a number of steps)")
+        if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, numbers.Real):
+            raise ValueError(f"min_ratio={self.min_ratio!r} must be a number in [0, 1]")
         if self.total_steps < 1:
             raise ValueError(f"total_steps={self.total_steps} must be >= 1")
         if not 0 <= self.warmup_steps <= self.total_steps:
@@ -145,11 +152,21 @@ class TrainResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainResult:
-        """Inverse of :meth:`to_dict`."""
-        fields = {k: v for k, v in d.items() if k != "final_val_loss"}
+        """Inverse of :meth:`to_dict`; a dict with missing or unknown fields is a ValueError."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"TrainResult.from_dict takes a dict, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(d))
+        unknown = sorted(set(d) - names - {"final_val_loss"})
+        if missing or unknown:
+            raise ValueError(
+                f"TrainResult.from_dict: missing fields {missing}, unknown fields {unknown}; "
+                "pass what TrainResult.to_dict() returned (a 'run' of results.json)"
+            )
+        kwargs = {k: v for k, v in d.items() if k != "final_val_loss"}
         for key in ("lr", "train_loss", "eval_steps", "val_loss"):
-            fields[key] = tuple(fields[key])
-        return cls(**fields)
+            kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
 
 
 def atomic_write_rows(path: str | os.PathLike[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -175,11 +192,12 @@ VAL_SEED_OFFSET = 1_000_003  # the validation batches' seed is ``seed + VAL_SEED
 
 
 def check_seed(seed: int, flag: str = "--seed") -> None:
-    """A ValueError naming ``flag`` unless ``seed`` is in ``[-2**63, 2**63)``: what
+    """A ValueError naming ``flag`` unless ``seed`` is an integer in ``[-2**63, 2**63)``: what
     ``torch.manual_seed`` (and hessian's ``seed=``) take, ``[-2**63, 2**64)``, less room for
     the seeds derived from it (``seed + VAL_SEED_OFFSET``). Negative seeds are seeds."""
-    if not -(2**63) <= seed < 2**63:
-        raise ValueError(f"{flag} must be an integer in [-2**63, 2**63), got {seed}")
+    integer = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+    if not (integer and -(2**63) <= seed < 2**63):
+        raise ValueError(f"{flag} must be an integer in [-2**63, 2**63), got {seed!r}")
 
 
 def set_threads(threads: int, flag: str = "--threads") -> None:
@@ -223,6 +241,13 @@ def check_out_file(path: str | os.PathLike[str], flag: str = "--out") -> Path:
             f"{flag} {str(path)!r}: {str(folder)!r} is not writable; choose a writable folder"
         )
     return path
+
+
+def _check_callables(**fns: Any) -> None:
+    """A TypeError naming the first argument of :func:`train` that is not a function."""
+    for name, fn in fns.items():
+        if not callable(fn):
+            raise TypeError(f"train: {name} must be a function, got {type(fn).__name__}")
 
 
 def optimizer_state_nbytes(opt: torch.optim.Optimizer) -> int:
@@ -286,23 +311,43 @@ def train(
         seed: seeds the init, the training batches and the validation batches.
         grad_clip: max global gradient norm, ``None`` for no clipping.
     """
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
-    if eval_every < 1:
-        raise ValueError(f"eval_every={eval_every} must be >= 1")
-    if eval_batches < 1:
-        raise ValueError(f"eval_batches={eval_batches} must be >= 1 (the val loss is their mean)")
-    if grad_clip is not None and not grad_clip > 0:  # also refuses NaN
+    for arg, value in {
+        "steps": steps,
+        "batch_size": batch_size,
+        "context": context,
+        "eval_every": eval_every,
+        "eval_batches": eval_batches,
+    }.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{arg}={value!r} must be an int >= 1")
+    number = isinstance(grad_clip, numbers.Real) and not isinstance(grad_clip, bool)
+    if grad_clip is not None and not (number and grad_clip > 0):  # also refuses NaN
         raise ValueError(
-            f"grad_clip={grad_clip} must be > 0 (the max gradient norm), or None for no clipping"
+            f"grad_clip={grad_clip!r} must be > 0 (the max gradient norm), or None for no clipping"
         )
-    device = torch.device(device)
+    check_seed(seed, "seed")
     schedule = schedule or WarmupCosine(steps, warmup_steps=steps // 20)
+    _check_callables(
+        model_factory=model_factory,
+        optimizer_factory=optimizer_factory,
+        loss_fn=loss_fn,
+        schedule=schedule,
+        **{"corpus.batch": getattr(corpus, "batch", None)},
+    )
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device ({exc}); e.g. 'cpu'") from None
 
     torch.manual_seed(seed)
     model = model_factory().to(device)
     model.train()
     opt = optimizer_factory(model)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer_factory(model) returned {type(opt).__name__}, not a torch.optim.Optimizer"
+            "; e.g. lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)"
+        )
     base_lrs = [group["lr"] for group in opt.param_groups]
 
     val_gen = torch.Generator().manual_seed(seed + VAL_SEED_OFFSET)

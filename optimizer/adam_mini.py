@@ -28,8 +28,8 @@ State per parameter (``opt.state[p]``):
 Bad input (each tested): parameters without names, complex parameters and a
 partition that does not match the parameters fail at construction (``TypeError``
 / ``partition.PartitionError`` naming the tensor); lr/betas/eps/weight_decay out
-of range raise ``ValueError``; sparse gradients raise ``RuntimeError`` at
-``step``. NaN/Inf gradients never reach the state unless asked (``nonfinite=``):
+of range raise ``ValueError`` (``TypeError`` when not numbers, as for flags that
+are not bools); sparse gradients raise ``RuntimeError`` at ``step``. NaN/Inf gradients never reach the state unless asked (``nonfinite=``):
 
 * ``"skip_blocks"`` (default): every block whose gradient is finite steps; each
   block with a NaN/Inf gradient (entry, for ``elements`` tensors) keeps its ``p``,
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 import zlib
@@ -70,6 +71,7 @@ from torch import nn
 import partition as partition_lib
 from optimizer import cpu_fused, distributed
 from optimizer.groups import (
+    check_flags,
     check_hyper,
     check_in_partition,
     momentum_dtype_of,
@@ -86,6 +88,7 @@ from optimizer.kernels import (
     mean_square,
 )
 from optimizer.layout import BlockLayout, layout_of
+from optimizer.saved import check_saved_form, check_saved_tensor_state
 from partition.heads import head_counts, sub_configs
 
 NONFINITE = ("raise", "skip", "skip_blocks", "ignore")
@@ -162,6 +165,10 @@ class AdamMini(torch.optim.Optimizer):
         check_hyper(lr, betas, eps, weight_decay)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite={nonfinite!r}; use one of {NONFINITE}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused={fused!r}; use None (when it can), True or False")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed={seed!r} must be an int (it seeds the bf16 momentum rounding)")
         self.momentum_dtype = momentum_dtype_of(momentum_dtype)
         self.nonfinite = nonfinite
         self.seed = seed
@@ -261,6 +268,7 @@ class AdamMini(torch.optim.Optimizer):
             group.get("eps", self.defaults["eps"]),
             group.get("weight_decay", self.defaults["weight_decay"]),
         )
+        check_flags({k: group.get(k, self.defaults[k]) for k in ("decay_1d", "maximize")})
         named = group["params"]
         taken = set(self._names.values())
         first_name: dict[int, str] = {}
@@ -390,12 +398,15 @@ class AdamMini(torch.optim.Optimizer):
         (torch's loader would cast both to the parameter's dtype first, which rounds them).
         A state saved under another partition (other block counts, or another rule or rule
         parameters), for another model (other shapes) or without ``step``/``exp_avg``/
-        ``exp_avg_sq`` is refused before anything is loaded. Tensors are matched by the saved
+        ``exp_avg_sq`` is refused before anything is loaded, as is a corrupt one
+        (:mod:`optimizer.saved`: not the layout of ``state_dict()``, negative ``exp_avg_sq``,
+        a bad ``step`` or hyperparameter). Tensors are matched by the saved
         ``param_names`` when the saved groups name this optimizer's tensors in another order,
         else by position (torch's rule; names saved under a wrapper's prefix differ).
         """
+        check_saved_form(state_dict)
         state_dict = self._in_our_order(state_dict)
-        saved_groups = state_dict.get("param_groups", ())
+        saved_groups = state_dict["param_groups"]
         if [len(g["params"]) for g in saved_groups] != [
             len(g["params"]) for g in self.param_groups
         ]:
@@ -412,6 +423,7 @@ class AdamMini(torch.optim.Optimizer):
                         f"saved optimizer state of {name!r} lacks {missing} (it has "
                         f"{sorted(s)}); load a state_dict saved by AdamMini.state_dict()"
                     )
+                check_saved_tensor_state(name, s)
                 shapes = {k: tuple(s[k].shape) for k in ("exp_avg", "exp_avg_sq")}
                 self.check_saved_shapes(saved[i], shapes)
                 blocks = state_dict.get("blocks", {}).get(name)  # absent in torch.optim's format
@@ -432,7 +444,7 @@ class AdamMini(torch.optim.Optimizer):
             state["exp_avg"] = s["exp_avg"].to(device=param.device, dtype=m_dtype)
             v_dtype = torch.float32 if low else param.dtype
             state["exp_avg_sq"] = s["exp_avg_sq"].to(device=param.device, dtype=v_dtype)
-            state["step"] = s["step"].to(device="cpu", dtype=torch.float32)
+            state["step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(()).cpu()
 
     def _in_our_order(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with each saved group's param ids put in this optimizer's order, when
@@ -552,6 +564,11 @@ class AdamMini(torch.optim.Optimizer):
         """One Adam-mini step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
+            if not callable(closure):
+                raise TypeError(
+                    f"closure must be a function that recomputes the loss, got "
+                    f"{type(closure).__name__}"
+                )
             with torch.enable_grad():
                 loss = closure()
         self._step()

@@ -38,6 +38,11 @@ def load_checkpoint(opt: AdamMini, checkpoint_id: str | os.PathLike, *, key: str
     """
     if not isinstance(opt, AdamMini):
         raise TypeError(f"load_checkpoint takes an AdamMini, got {type(opt).__name__}")
+    if not isinstance(checkpoint_id, (str, os.PathLike)):
+        raise TypeError(
+            f"checkpoint_id must be the directory given to dcp.save (a str or os.PathLike), got "
+            f"{type(checkpoint_id).__name__}"
+        )
     path = os.fspath(checkpoint_id)
     try:
         metadata = dcp.FileSystemReader(path).read_metadata()

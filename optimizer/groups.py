@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from partition import Partition, PartitionError
 
 
 def normalize_groups(params: Any) -> list[dict]:
     """``named_parameters()`` or groups -> list of group dicts with ``(name, tensor)`` params."""
+    if isinstance(params, (torch.Tensor, Mapping, nn.Module)) or not isinstance(params, Iterable):
+        raise TypeError(
+            f"AdamMini takes model.named_parameters() or a list of param groups, got "
+            f"{type(params).__name__}"
+        )
     params = list(params)
     if not params:
         raise ValueError("AdamMini got an empty parameter list")
@@ -20,8 +27,13 @@ def normalize_groups(params: Any) -> list[dict]:
         groups = [dict(g) for g in params]
     else:
         groups = [{"params": params}]
-    for g in groups:
-        items = g["params"]
+    for i, g in enumerate(groups):
+        items = g.get("params")
+        if not isinstance(items, (torch.Tensor, Iterable)):
+            raise TypeError(
+                f"param group {i} has no 'params' list (got {type(items).__name__}); give each "
+                "group {'params': [(name, tensor), ...], ...}"
+            )
         single = isinstance(items, torch.Tensor) or _is_named_pair(items)
         items = [items] if single else list(items)
         names = g.pop("param_names", None)
@@ -79,26 +91,50 @@ _MOMENTUM_DTYPES = {
 def momentum_dtype_of(value: str | torch.dtype | None) -> torch.dtype | None:
     """``momentum_dtype`` argument -> bfloat16, or None for momentum in the parameter's dtype."""
     key = value if not isinstance(value, torch.dtype) else str(value).split(".")[-1]
-    if key not in _MOMENTUM_DTYPES:
+    if not isinstance(key, Hashable) or key not in _MOMENTUM_DTYPES:
         raise ValueError(f"momentum_dtype={value!r}; use None, 'fp32' or 'bf16'")
     return _MOMENTUM_DTYPES[key]
 
 
+def _number(name: str, value: Any) -> float:
+    """``value`` (a real number, or a one-element tensor) as a float, or a TypeError naming
+    ``name``: a string or None would only fail inside the step."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} as a tensor must have one element")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name}={value!r} must be a number, got {type(value).__name__}: e.g. lr=1e-3, "
+            "betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1"
+        )
+    return float(value)
+
+
 def check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    """A ValueError naming the first hyperparameter out of its range."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("lr as a tensor must have one element")
-    if not 0.0 <= float(lr) < math.inf:
+    """A ValueError naming the first hyperparameter out of its range (a TypeError for one that
+    is not a number)."""
+    if not 0.0 <= _number("lr", lr) < math.inf:
         raise ValueError(f"lr={lr} is invalid: the learning rate must be finite and >= 0")
+    if isinstance(betas, (str, torch.Tensor)) or not isinstance(betas, Iterable):
+        raise TypeError(f"betas={betas!r} must be a pair (beta1, beta2), e.g. (0.9, 0.999)")
     if len(tuple(betas)) != 2:
         raise ValueError(f"betas={betas} must be a pair (beta1, beta2)")
     for i, b in enumerate(betas):
-        if not 0.0 <= float(b) < 1.0:
+        if not 0.0 <= _number(f"betas[{i}]", b) < 1.0:
             raise ValueError(f"betas[{i}]={b} is invalid: each beta must be in [0, 1)")
-    if not 0.0 < float(eps) < math.inf:
+    if not 0.0 < _number("eps", eps) < math.inf:
         raise ValueError(
             f"eps={eps} is invalid: eps must be finite and > 0 (a block with a zero gradient "
             "would divide 0 by 0); the default is 1e-8"
         )
-    if not 0.0 <= float(weight_decay) < math.inf:
+    if not 0.0 <= _number("weight_decay", weight_decay) < math.inf:
         raise ValueError(f"weight_decay={weight_decay} is invalid: it must be finite and >= 0")
+
+
+def check_flags(group: Mapping[str, Any]) -> None:
+    """A TypeError unless the group's ``decay_1d`` and ``maximize`` are True or False (a string
+    such as "no" would pass for True)."""
+    for flag in ("decay_1d", "maximize"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{flag} must be True or False, got {group[flag]!r}")

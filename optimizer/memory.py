@@ -16,7 +16,7 @@ models on the meta device work.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +62,27 @@ class StateBytes:
 
 
 def _named(model: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The trainable ``(name, tensor)`` pairs of ``model``, or an error naming what it got."""
     items = model.named_parameters() if isinstance(model, nn.Module) else model
-    return [(n, p) for n, p in items if p.requires_grad]
+    if isinstance(items, (str, Mapping, torch.Tensor)) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"state_bytes takes a module or its named_parameters(), got {type(model).__name__}"
+        )
+    items = list(items)
+    for item in items:
+        pair = isinstance(item, tuple) and len(item) == 2
+        if not (pair and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
+            raise TypeError(
+                f"state_bytes takes (name, tensor) pairs such as model.named_parameters(), got "
+                f"an item {item!r:.60}"
+            )
+    named = [(n, p) for n, p in items if p.requires_grad]
+    if not named:
+        raise ValueError(
+            "the model has no trainable parameter (requires_grad=True), so no optimizer state: "
+            "unfreeze the parameters to count"
+        )
+    return named
 
 
 def state_bytes(

@@ -64,6 +64,19 @@ def _int_tuple(name: str, key: str, value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def _device(device: Any) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), or a PartitionError naming it."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PartitionError(
+            f"device={device!r} is not a torch device ({exc}); pass e.g. 'cpu', 'cuda:0' or "
+            "param.device"
+        ) from None
+
+
 @dataclass(frozen=True)
 class TensorBlocks:
     """The blocks of one parameter tensor: ``part[name]``.
@@ -273,6 +286,7 @@ class TensorBlocks:
 
     def local_index(self, device: torch.device | str | None = None) -> torch.Tensor:
         """LongTensor of ``shape`` with the local block id (in ``[0, num_blocks)``) of every entry."""
+        device = _device(device)
         ids = self.axis_ids().to(device)
         if self.rule == "elements":
             return ids.reshape(self.shape)
@@ -296,6 +310,11 @@ class TensorBlocks:
 
     def block_label(self, local_id: int) -> str:
         """Human-readable label of one block, e.g. ``"blocks.0.attn.q_proj.weight[head 3]"``."""
+        if not _is_int(local_id):
+            raise PartitionError(
+                f"tensor {self.name!r}: a local block id is an int in [0, {self.num_blocks}), "
+                f"got {local_id!r}"
+            )
         if not 0 <= local_id < self.num_blocks:
             raise PartitionError(
                 f"tensor {self.name!r} has {self.num_blocks} blocks; no block {local_id}"

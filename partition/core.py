@@ -37,13 +37,26 @@ def named_shapes(
     try:
         for name, value in items:
             shape = value.shape if hasattr(value, "shape") else value
-            out.append((str(name), tuple(int(s) for s in shape)))
+            sizes = tuple(shape)
+            if not all(_is_size(s) for s in sizes):
+                raise PartitionError(
+                    f"tensor {name!r} has shape {shape!r}: sizes must be integers; pass the "
+                    "tensor itself or its torch.Size"
+                )
+            out.append((str(name), tuple(int(s) for s in sizes)))
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, PartitionError):
+            raise
         raise PartitionError(
             "expected an nn.Module, an iterable of (name, tensor) pairs or a mapping name -> tensor; "
             f"got {type(obj).__name__} ({exc})"
         ) from exc
     return out
+
+
+def _is_size(s: Any) -> bool:
+    """An integer size (int, NumPy or torch integer, SymInt), not a float or a bool."""
+    return not isinstance(s, bool) and hasattr(type(s), "__index__")
 
 
 def _wrapped(names: list[str], unwrapped: list[str]) -> bool:
@@ -75,6 +88,16 @@ class Partition:
     def __init__(
         self, tensors: Iterable[TensorBlocks], provenance: Mapping[str, Any] | None = None
     ) -> None:
+        if not isinstance(tensors, Iterable) or isinstance(tensors, str):
+            raise PartitionError(
+                f"Partition takes an iterable of TensorBlocks, got {type(tensors).__name__}; "
+                "build one with partition.adam_mini(model), by_tensor(model), ..."
+            )
+        if provenance is not None and not isinstance(provenance, Mapping):
+            raise PartitionError(
+                f"provenance must be a mapping (a dict such as {{'method': ...}}), got "
+                f"{type(provenance).__name__}"
+            )
         tensors = tuple(tensors)
         entries: dict[str, TensorBlocks] = {}
         offsets: dict[str, int] = {}
@@ -146,6 +169,11 @@ class Partition:
 
     def with_provenance(self, provenance: Mapping[str, Any]) -> Partition:
         """A copy with ``provenance`` merged over the current one."""
+        if not isinstance(provenance, Mapping):
+            raise PartitionError(
+                f"with_provenance takes a mapping (a dict such as {{'model': 'gpt2'}}), got "
+                f"{type(provenance).__name__}"
+            )
         return Partition(self.tensors(), {**self._provenance, **provenance})
 
     # ------------------------------------------------------------------ sizes and ids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +49,7 @@ class BlockCoupling:
                 f"BlockCoupling.partition must be a Partition, got {type(self.partition).__name__}"
             )
         b = self.partition.num_blocks
-        mass = np.asarray(self.mass, dtype=np.float64)
+        mass = _real_array(self.mass, "mass")
         if mass.shape != (b, b):
             raise PartitionError(
                 f"BlockCoupling.mass has shape {mass.shape}; the partition has {b} blocks, "
@@ -65,12 +67,39 @@ class BlockCoupling:
             raise PartitionError("BlockCoupling.mass must be symmetric (mass[a, b] = mass[b, a])")
         object.__setattr__(self, "mass", mass)
         if self.stderr is not None:
-            stderr = np.asarray(self.stderr, dtype=np.float64)
+            stderr = _real_array(self.stderr, "stderr")
             if stderr.shape != (b, b):
                 raise PartitionError(
                     f"BlockCoupling.stderr has shape {stderr.shape}; expected ({b}, {b}) or None"
                 )
+            if not np.all(np.isfinite(stderr)) or (stderr < 0).any():
+                raise PartitionError(
+                    "BlockCoupling.stderr must hold finite standard errors >= 0; pass None when "
+                    "the masses are exact"
+                )
             object.__setattr__(self, "stderr", stderr)
+        self._check_scalars()
+
+    def _check_scalars(self) -> None:
+        """A PartitionError naming the first of ``exact``, ``num_samples``, ``r_diag_null`` and
+        ``r_diag_stderr`` that is out of its range."""
+        if not isinstance(self.exact, (bool, np.bool_)):
+            raise PartitionError(f"BlockCoupling.exact must be True or False, got {self.exact!r}")
+        n = self.num_samples
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+            raise PartitionError(
+                f"BlockCoupling.num_samples must be an int >= 0 (0 when exact), got {n!r}"
+            )
+        for field, value, top in (
+            ("r_diag_null", self.r_diag_null, 1.0),
+            ("r_diag_stderr", self.r_diag_stderr, math.inf),
+        ):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if value is not None and not (ok and math.isfinite(value) and 0 <= value <= top + 1e-9):
+                bound = "in [0, 1]" if top == 1.0 else ">= 0 and finite"
+                raise PartitionError(
+                    f"BlockCoupling.{field} must be None or a number {bound}, got {value!r}"
+                )
 
     @property
     def r_diag(self) -> float:
@@ -88,7 +117,13 @@ class BlockCoupling:
     def from_dense(cls, partition: Partition, hessian: np.ndarray | torch.Tensor) -> BlockCoupling:
         """Exact coupling of a dense ``(n, n)`` Hessian whose coordinates are the parameters in
         ``partition.names`` order, each flattened row-major (``torch.cat`` of ``p.reshape(-1)``)."""
-        h = np.asarray(torch.as_tensor(hessian).detach().cpu().to(torch.float64))
+        t = torch.as_tensor(hessian)
+        if t.is_complex():
+            raise PartitionError(
+                f"dense Hessian is complex ({t.dtype}); a Hessian of a real loss is real: pass its "
+                "real part"
+            )
+        h = np.asarray(t.detach().cpu().to(torch.float64))
         n = partition.num_params
         if h.shape != (n, n):
             raise PartitionError(
@@ -106,3 +141,15 @@ class BlockCoupling:
         onehot[np.arange(n), ids] = 1.0
         mass = onehot.T @ (h * h) @ onehot
         return cls(partition, 0.5 * (mass + mass.T), None, True, 0)
+
+
+def _real_array(value: object, field: str) -> np.ndarray:
+    """``value`` as a float64 array, or a PartitionError naming ``BlockCoupling.<field>``."""
+    if np.iscomplexobj(value):
+        raise PartitionError(f"BlockCoupling.{field} must be real, got a complex array")
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PartitionError(
+            f"BlockCoupling.{field} must be an array of numbers, got {type(value).__name__} ({exc})"
+        ) from None

@@ -112,7 +112,7 @@ def parse_partition_dict(data: Any) -> tuple[list[TensorBlocks], dict[str, Any]]
 
 def read_json(path: str | Path) -> Any:
     """Decode a JSON file; every failure becomes a :class:`PartitionError` naming the file."""
-    path = Path(path)
+    path = _as_path(path, "a partition file")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -146,11 +146,21 @@ def dumps(data: Any) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def _as_path(path: Any, what: str) -> Path:
+    """``path`` as a ``Path``, or a TypeError naming ``what`` it should be the path of."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"the path of {what} must be a str or os.PathLike, got {type(path).__name__}: pass "
+            "a file name such as 'out/partition.json'"
+        )
+    return Path(path)
+
+
 def check_file_path(path: str | os.PathLike[str], label: str) -> Path:
     """``path`` as a ``Path`` when it can name a file: not a folder, no file among its parents.
     Else an OSError on one line: ``label`` (what is being done, or a CLI flag), the path, the fix.
     """
-    path = Path(path)
+    path = _as_path(path, "the file to write")
     if path.is_dir():
         raise IsADirectoryError(
             f"{label} {str(path)!r}: it is a folder; give a file path, e.g. "

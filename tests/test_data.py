@@ -363,3 +363,18 @@ def test_corpus_and_batch_arguments_are_checked():
 def test_decode_reads_utf8():
     assert Corpus.decode(torch.tensor(list("café ∑".encode()))) == "café ∑"
     assert Corpus.decode(torch.tensor([0x66, 0xFF])) == "f\ufffd"
+
+
+def test_arguments_of_the_wrong_type_are_named(tmp_path):
+    """A float batch size failed inside torch.randint; exclude="test" excluded t, e and s."""
+    corpus = Corpus(torch.arange(50, dtype=torch.uint8), 40, source="toy")
+    with pytest.raises(ValueError, match="must be positive, got 2.5, 4: pass ints"):
+        corpus.batch("train", 2.5, 4)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        corpus.batch("train", 2, 4, 0)
+    with pytest.raises(TypeError, match="exclude must be a list of folder names, got 'test'"):
+        Corpus.stdlib(cache_dir=tmp_path, exclude="test")
+    with pytest.raises(TypeError, match="corpus file path must be a str or os.PathLike"):
+        Corpus.from_file(None)
+    with pytest.raises(ValueError, match="val_fraction must lie in"):
+        Corpus.from_file(tmp_path / "x.txt", val_fraction="0.1")

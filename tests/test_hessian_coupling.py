@@ -340,3 +340,12 @@ def test_exact_coupling_of_a_sparse_matrix_equals_the_dense_one():
     assert dense.layout == torch.strided and torch.equal(dense, H)
     got = block_coupling(sparse, part, exact=True, seed=0, progress=False)
     assert np.array_equal(got.mass, want.mass) and got.r_diag_null == want.r_diag_null
+
+
+def test_a_string_for_exact_and_an_empty_list_of_blocks_are_refused():
+    """exact="no" would have passed for True; no blocks would have returned an empty dict."""
+    H = block_diag([3, 4])
+    with pytest.raises(ValueError, match="exact must be True or False, got 'no'"):
+        block_coupling(H, flat_partition([3, 4]), exact="no", progress=False)
+    with pytest.raises(ValueError, match="blocks names no block"):
+        blockwise_spectra(H, {}, progress=False)

@@ -462,3 +462,24 @@ def test_a_callable_whose_products_require_grad_is_taken_as_numbers():
     ref = np.linalg.eigvalsh(torch.func.jacfwd(torch.func.grad(f))(w).detach().numpy())
     got = lanczos(HVP(), k=4, which="SA", progress=False).values
     np.testing.assert_allclose(got, ref, atol=1e-12)
+
+
+def test_flags_callbacks_and_callable_shapes_of_the_wrong_kind_are_named():
+    """A string flag would pass for True, a callback is called only after the first step, and a
+    callable's shape is read as (m, n): each is checked before any product."""
+    A = planted(np.linspace(-1.0, 1.0, 6))
+    with pytest.raises(ValueError, match="true_residuals must be True or False, got 'no'"):
+        lanczos(A, k=2, true_residuals="no", progress=False)
+    with pytest.raises(TypeError, match="callback must be None or a function"):
+        lanczos(A, k=2, callback="print", progress=False)
+
+    class Shaped:
+        def __init__(self, shape):
+            self.shape = shape
+
+        def __call__(self, v):
+            return A @ np.asarray(v)
+
+    for shape in ((6,), ("6", 6), (-6, -6)):
+        with pytest.raises(ValueError, match="shape must be a pair of sizes"):
+            lanczos(Shaped(shape), k=1, progress=False)

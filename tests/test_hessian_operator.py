@@ -1080,3 +1080,69 @@ def test_data_that_gives_fewer_batches_on_a_later_pass_is_refused():
     data.batches.reverse()
     with pytest.raises(NonDeterministicError, match="batch 0 differs from the previous pass"):
         H @ v
+
+
+def test_arguments_of_the_wrong_kind_are_named_at_construction():
+    model, X, y = mlp_problem()
+    with pytest.raises(TypeError, match="loss_fn must be a function loss_fn"):
+        HessianOperator(model, None, (X, y))
+    with pytest.raises(TypeError, match="batch_size_fn must be None or a function"):
+        HessianOperator(model, ce_loss, (X, y), batch_size_fn=8)
+    with pytest.raises(TypeError, match="params takes parameter names, .* got int"):
+        HessianOperator(model, ce_loss, (X, y), params=5)
+    with pytest.raises(ValueError, match="progress must be True or False"):
+        HessianOperator(model, ce_loss, (X, y), progress="no")
+
+
+def test_a_batch_that_does_not_fit_the_model_is_named_not_a_bare_torch_error():
+    model, X, y = mlp_problem()
+    n = HessianOperator(model, ce_loss, (X, y)).shape[0]
+    with pytest.raises(HessianError, match=r"Target 5 is out of bounds. That batch is .*class"):
+        HessianOperator(model, ce_loss, (X, y + 5)) @ torch.zeros(n, dtype=F64)
+    with pytest.raises(HessianError, match=r"tuple\(Tensor\(8, 4\), .* shapes do not fit"):
+        HessianOperator(model, ce_loss, (X[:, :4], y)) @ torch.zeros(n, dtype=F64)
+
+
+def test_vectors_that_are_not_numbers_are_named_and_sparse_ones_are_made_dense():
+    model, X, y = mlp_problem()
+    H = HessianOperator(model, ce_loss, (X, y))
+    n = H.shape[0]
+    v = torch.randn(n, dtype=F64)
+    assert torch.equal(H @ v.to_sparse(), H @ v)
+    with pytest.raises(TypeError, match="the vector must hold numbers, got NoneType"):
+        H @ None
+    with pytest.raises(TypeError, match="the vector must hold numbers, got list"):
+        H @ (["a"] * n)
+    with pytest.raises(ValueError, match="meta device and holds no values"):
+        H @ torch.zeros(n, device="meta")
+    d = {name: torch.zeros(s, dtype=F64) for name, s in H.param_shapes.items()}
+    with pytest.raises(TypeError, match=r"a \{name: tensor\} dict goes to a HessianOperator"):
+        H.restrict("fc1.bias") @ d
+
+
+def test_to_dense_of_a_matrix_too_large_to_allocate_fails_before_any_product():
+    """It computed every column and failed at the final torch.cat (hours on a real model)."""
+
+    def product(v):
+        raise AssertionError("a product was computed")
+
+    product.shape = (10**7, 10**7)  # 800 TB in float64: beyond any address space
+    with pytest.raises(MemoryError, match=r"dense 10000000 x 10000000 matrix \(8e\+05 GB"):
+        hessian.as_operator(product).to_dense()
+
+
+def test_a_parameter_changed_after_construction_is_named():
+    """A resized or re-typed parameter failed inside torch (forward-gradient sizes, matmul
+    dtypes), a removed one with a bare KeyError."""
+    for change in (
+        lambda m: setattr(m.fc2, "weight", nn.Parameter(torch.zeros(4, 6, dtype=F64))),
+        lambda m: m.float(),
+        lambda m: delattr(m.fc1, "bias"),
+    ):
+        model, X, y = mlp_problem()
+        H = HessianOperator(model.eval(), ce_loss, (X, y))
+        v = torch.zeros(H.shape[0], dtype=F64)
+        H @ v
+        change(model)
+        with pytest.raises(HessianError, match="changed after the operator was built"):
+            H @ v

@@ -242,3 +242,17 @@ def test_smooth_takes_any_grid_tensor_and_names_a_bad_sigma():
     for sigma in (None, torch.tensor([0.1, 0.2])):
         with pytest.raises(ValueError, match="sigma is a standard deviation"):
             sd.smooth(grid, sigma)
+
+
+def test_smooth_names_a_grid_that_is_not_real_finite_numbers():
+    """None and a complex grid were read as NaN and as their real parts."""
+    sd = spectral_density(A, num_probes=1, num_steps=3, progress=False)
+    for grid in (None, "0.5", np.array([1j])):
+        with pytest.raises(TypeError, match="grid must hold real numbers"):
+            sd.smooth(grid, 0.1)
+    with pytest.raises(ValueError, match="grid holds NaN/Inf"):
+        sd.smooth([0.0, float("nan")], 0.1)
+    with pytest.raises(ValueError, match="sigma is a standard deviation"):
+        sd.smooth([0.0], True)
+    with pytest.raises(ValueError, match="reorth must be True or False"):
+        spectral_density(A, reorth="no", progress=False)

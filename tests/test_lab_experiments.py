@@ -242,3 +242,17 @@ def test_the_optimizers_compared_in_one_figure_have_distinct_colours() -> None:
         ["GD (one lr)", "Adam", "blockwise GD", "Adam-mini"],
     ):
         assert len({COLORS[name] for name in together}) == len(together)
+
+
+def test_measure_structure_refuses_what_it_would_use_only_after_the_coupling():
+    """A bad threshold failed in partition.derive, after every coupling product."""
+    from lab.experiments import measure_structure
+
+    model = TinyGPT(TinyGPTConfig(vocab_size=8, context=4, n_layer=1, d_model=8, n_heads=2))
+    x = torch.zeros(2, 4, dtype=torch.long)
+    for kw, match in (
+        ({"threshold": 1.5}, r"threshold must be a number in \[0, 1\], got 1.5"),
+        ({"spectra_steps": 0}, "spectra_steps must be an int >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            measure_structure(model, (x, x), progress=False, **kw)

@@ -82,6 +82,8 @@ def test_bad_paths_keys_and_parameter_lists(tmp_path):
         optimizer.load_checkpoint(fewer, tmp_path)
     with pytest.raises(TypeError, match="takes an AdamMini"):
         optimizer.load_checkpoint(torch.optim.AdamW(model.parameters()), tmp_path)
+    with pytest.raises(TypeError, match="checkpoint_id must be the directory given to dcp.save"):
+        optimizer.load_checkpoint(opt, None)
 
 
 def state_copy(opt: optimizer.AdamMini) -> dict:

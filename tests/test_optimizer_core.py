@@ -933,3 +933,74 @@ def test_optimizer_built_before_materializing_a_meta_model_refuses_to_step():
     model(torch.ones(2, 4)).sum().backward()
     with pytest.raises(RuntimeError, match=r"'weight' is on the meta device.*after model.to_empty"):
         opt.step()
+
+
+def test_arguments_of_the_wrong_type_are_named_at_construction():
+    """Strings and None for numbers, a truthy "no" for a flag and a model for its parameters
+    would fail inside the first step, or (maximize="no") ascend silently."""
+    model = quad_model()
+    for kwargs, match in (
+        ({"lr": "1e-3"}, "lr='1e-3' must be a number, got str"),
+        ({"lr": None}, "lr=None must be a number"),
+        ({"betas": 0.9}, r"betas=0.9 must be a pair \(beta1, beta2\)"),
+        ({"betas": (0.9, "0.99")}, "betas.1.='0.99' must be a number"),
+        ({"eps": None}, "eps=None must be a number"),
+        ({"maximize": "no"}, "maximize must be True or False, got 'no'"),
+        ({"decay_1d": 1}, "decay_1d must be True or False"),
+        ({"seed": None}, "seed=None must be an int"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            optimizer.AdamMini(model.named_parameters(), n_heads=1, **kwargs)
+    for kwargs, match in (({"fused": "yes"}, "fused='yes'"), ({"momentum_dtype": []}, "momentum")):
+        with pytest.raises(ValueError, match=match):
+            optimizer.AdamMini(model.named_parameters(), n_heads=1, **kwargs)
+    with pytest.raises(TypeError, match="takes model.named_parameters.* got Sequential"):
+        optimizer.AdamMini(model, n_heads=1)
+    with pytest.raises(TypeError, match="param group 0 has no 'params' list"):
+        optimizer.AdamMini([{"lr": 0.1}], n_heads=1)
+    opt = optimizer.AdamMini(model.named_parameters(), n_heads=1)
+    with pytest.raises(TypeError, match="closure must be a function"):
+        opt.step(closure=0.5)
+
+
+def test_a_corrupt_or_foreign_state_dict_is_named_before_anything_loads():
+    model = quad_model()
+    opt = optimizer.AdamMini(model.named_parameters(), n_heads=1)
+    quad_loss(model).backward()
+    opt.step()
+    saved = opt.state_dict()
+
+    def corrupt(edit):
+        sd = copy.deepcopy(saved)
+        edit(sd)
+        return sd
+
+    target = optimizer.AdamMini(model.named_parameters(), n_heads=1)
+    bad = [
+        ("runs/opt.pt", TypeError, "takes the dict that opt.state_dict.. returned"),
+        (model.state_dict(), ValueError, r"lacks \['state', 'param_groups'\]"),
+        (corrupt(lambda sd: sd["param_groups"][0].pop("lr")), ValueError, r"lacks \['lr'\]"),
+        (corrupt(lambda sd: sd["param_groups"][0].update(eps=-1.0)), ValueError, "group 0: eps"),
+        (corrupt(lambda sd: sd.update(blocks=[])), TypeError, "'blocks'. must be a dict"),
+        (
+            corrupt(lambda sd: sd["state"][0].update(exp_avg=[0.0])),
+            TypeError,
+            "'0.weight': exp_avg must be a floating-point tensor, got list",
+        ),
+        (
+            corrupt(lambda sd: sd["state"][0]["exp_avg_sq"].fill_(-1.0)),
+            ValueError,
+            "'0.weight': exp_avg_sq has negative entries",
+        ),
+        (
+            corrupt(lambda sd: sd["state"][0].update(step=torch.tensor([1.0, 2.0]))),
+            ValueError,
+            "'0.weight': step must be one finite number >= 0",
+        ),
+    ]
+    for sd, error, match in bad:
+        with pytest.raises(error, match=match):
+            target.load_state_dict(sd)
+        assert not target.state
+    target.load_state_dict(corrupt(lambda sd: sd["state"][0].update(step=1)))  # a plain number
+    assert target.state[model[0].weight]["step"].shape == ()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
+import optimizer
 from lab import memory, partition_cli
 from lab.cli import main
 
@@ -52,3 +54,20 @@ def test_memory_takes_every_partition_preset():
     rows = memory.memory_rows(args.models)
     assert len(rows) == len(partition_cli.PRESETS)
     assert all(0 < r.num_blocks < r.num_params and r.adam_mini < r.adamw for r in rows)
+
+
+def test_state_bytes_names_what_is_not_a_model_and_a_model_with_nothing_to_train():
+    with pytest.raises(TypeError, match="takes a module or its named_parameters.., got str"):
+        optimizer.state_bytes("gpt2")
+    with pytest.raises(TypeError, match=r"\(name, tensor\) pairs"):
+        optimizer.state_bytes([torch.zeros(2)])
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):  # was a ZeroDivisionError
+        optimizer.state_bytes(frozen)
+
+
+def test_memory_refuses_an_unusable_out_before_counting(tmp_path, capsys, monkeypatch):
+    """The table was counted and printed, then the write failed without naming --out."""
+    monkeypatch.setattr(memory, "memory_rows", lambda names: pytest.fail("counted anyway"))
+    assert main(["memory", "--models", "mlp", "--out", str(tmp_path)]) == 1
+    assert "--out" in capsys.readouterr().err

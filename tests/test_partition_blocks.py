@@ -392,3 +392,26 @@ def test_named_pairs_of_the_wrong_length_are_a_partition_error():
     part = make_partition()
     with pytest.raises(PartitionError, match="expected an nn.Module, an iterable of"):
         part.check([("a", torch.empty(4, 3), "extra")])
+
+
+@pytest.mark.parametrize("shape", [(3.5,), (2.0, 3), ("4",)])
+def test_a_shape_with_non_integer_sizes_is_refused_not_truncated(shape):
+    with pytest.raises(PartitionError, match=r"tensor 'w' has shape .*: sizes must be integers"):
+        partition.by_tensor([("w", shape)])
+
+
+def test_partition_and_with_provenance_name_arguments_of_the_wrong_type():
+    with pytest.raises(PartitionError, match="iterable of TensorBlocks, got NoneType"):
+        Partition(None)
+    with pytest.raises(PartitionError, match="provenance must be a mapping .* got list"):
+        Partition([], provenance=[("method", "x")])
+    with pytest.raises(PartitionError, match="with_provenance takes a mapping .* got NoneType"):
+        Partition([]).with_provenance(None)
+
+
+def test_block_label_and_block_index_name_a_bad_id_or_device():
+    tb = TensorBlocks("w", (4, 3), "rows", {})
+    with pytest.raises(PartitionError, match=r"tensor 'w': a local block id is an int in \[0, 4\)"):
+        tb.block_label("1")
+    with pytest.raises(PartitionError, match="device='gpu0' is not a torch device"):
+        Partition([tb]).block_index("w", device="gpu0")

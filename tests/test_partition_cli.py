@@ -367,6 +367,10 @@ def test_transformers_models_are_built_with_eager_attention(tmp_path):
             "must be a positive integer, got True",
         ),
         ([1, 2], "must hold a JSON object"),
+        (  # was a traceback: TypeError: 'int' object is not iterable
+            {"model_type": "llama", "architectures": 5},
+            "architectures must be a list of class names",
+        ),
     ],
 )
 def test_more_config_files_that_are_refused(config, message, tmp_path, capsys):

@@ -288,3 +288,22 @@ def test_block_coupling_refuses_malformed_input_naming_it():
         BlockCoupling(part, np.eye(4), stderr=np.ones((3, 3)))
     with pytest.raises(PartitionError, match=r"dense Hessian has shape \(12, 12\); .* 13 param"):
         BlockCoupling.from_dense(part, np.eye(12))
+
+
+def test_block_coupling_refuses_fields_out_of_range_naming_them():
+    part = candidate(3)
+    bad = [
+        ({"mass": [["a"] * 4] * 4}, "mass must be an array of numbers"),
+        ({"mass": np.eye(4) * (1 + 1j)}, "mass must be real"),
+        ({"stderr": np.full((4, 4), np.nan)}, "stderr must hold finite standard errors >= 0"),
+        ({"stderr": -np.ones((4, 4))}, "stderr must hold finite standard errors >= 0"),
+        ({"exact": "no"}, "exact must be True or False"),
+        ({"num_samples": -1}, "num_samples must be an int >= 0"),
+        ({"r_diag_null": "0.3"}, r"r_diag_null must be None or a number in \[0, 1\]"),
+        ({"r_diag_stderr": np.inf}, "r_diag_stderr must be None or a number >= 0"),
+    ]
+    for fields, match in bad:
+        with pytest.raises(PartitionError, match=match):
+            BlockCoupling(**{"partition": part, "mass": np.eye(4), **fields})
+    with pytest.raises(PartitionError, match="dense Hessian is complex"):
+        BlockCoupling.from_dense(part, np.eye(13) * 1j)

@@ -379,3 +379,11 @@ def test_write_json_refuses_non_finite_numbers_and_writes_nothing(tmp_path, tens
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         write_json(data, tmp_path / "p.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_that_is_not_a_path_is_named():
+    part = Partition.from_dict(example_dict())
+    with pytest.raises(TypeError, match="path of a partition file must be a str or os.PathLike"):
+        Partition.from_json(None)
+    with pytest.raises(TypeError, match="path of the file to write must be a str .* got int"):
+        part.to_json(3)

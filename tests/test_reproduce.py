@@ -349,3 +349,19 @@ def test_warm_up_and_measure_seeds_the_model_and_the_hessian_batches(monkeypatch
     assert not torch.equal(a[0][0], a[1][0]) and not torch.equal(a[0][0], b[0][0])
     kw = seen["kw"][1]
     assert (kw["seed"], kw["num_samples"]) == (4, QUICK.coupling_samples)
+
+
+def test_a_config_that_would_fail_after_the_warm_up_is_refused_when_built() -> None:
+    from dataclasses import replace
+
+    for fields, message in (
+        ({"coupling_samples": 1}, "coupling_samples must be an int >= 2"),
+        ({"threshold": 5.0}, r"threshold must be a number in \[0, 1\]"),
+        ({"lr": -1e-3}, "lr must be a finite number > 0"),
+        ({"steps": 2.0}, "steps must be an int >= 1, got 2.0"),
+        ({"seed": 0.5}, "seed must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=f"ReproduceConfig.{message}"):
+            replace(QUICK, **fields)
+    with pytest.raises(TypeError, match="model must be a TinyGPTConfig"):
+        replace(QUICK, model={"d_model": 8})

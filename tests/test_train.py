@@ -466,3 +466,35 @@ def test_a_diverged_run_keeps_one_loss_per_iteration_and_tune_breaks_ties_low() 
     assert len(run.loss) == 31 and math.isinf(run.final)
     best = eq.tune(lambda lr: eq.gd(loss, grad, x0, lr, 30), [1e4, 1e3])  # both diverge
     assert best.lr == 1e3
+
+
+def test_arguments_of_the_wrong_type_are_named_before_training() -> None:
+    """A float count trained with a bare range() error or evaluated at odd steps, a float seed
+    failed in torch, and a factory returning no optimizer failed on .param_groups."""
+    corpus = RecordingCorpus()
+
+    def run(corpus=corpus, make_opt=lambda m: torch.optim.SGD(m.parameters(), 0.1), **kw):
+        args = {"steps": 1, "batch_size": 2, "context": 8, "progress": False} | kw
+        return train(lambda: TinyGPT(CFG), make_opt, corpus, **args)
+
+    for kw, message in (
+        ({"eval_every": 1.5}, "eval_every=1.5 must be an int >= 1"),
+        ({"batch_size": True}, "batch_size=True must be an int >= 1"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"device": "gpu0"}, "device='gpu0' is not a torch device"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run(**kw)
+    with pytest.raises(TypeError, match="corpus.batch must be a function"):
+        run(corpus=None)
+    with pytest.raises(TypeError, match="returned NoneType, not a torch.optim.Optimizer"):
+        run(make_opt=lambda m: None)
+    with pytest.raises(ValueError, match="total_steps=2.5 must be an int"):
+        WarmupCosine(total_steps=2.5)
+
+
+def test_train_result_from_dict_names_missing_and_unknown_fields() -> None:
+    with pytest.raises(ValueError, match=r"missing fields \['base_lr'.*unknown fields \['loss'\]"):
+        TrainResult.from_dict({"loss": 1.0})
+    with pytest.raises(TypeError, match="takes a dict, got NoneType"):
+        TrainResult.from_dict(None)
