@@ -29,7 +29,8 @@ Bad input (each tested): parameters without names, complex parameters and a
 partition that does not match the parameters fail at construction (``TypeError``
 / ``partition.PartitionError`` naming the tensor); lr/betas/eps/weight_decay out
 of range raise ``ValueError`` (``TypeError`` when not numbers, as for flags that
-are not bools); sparse gradients raise ``RuntimeError`` at ``step``. NaN/Inf gradients never reach the state unless asked (``nonfinite=``):
+are not bools); sparse gradients raise ``RuntimeError`` at ``step``. NaN/Inf
+gradients never reach the state unless asked (``nonfinite=``):
 
 * ``"skip_blocks"`` (default): every block whose gradient is finite steps; each
   block with a NaN/Inf gradient (entry, for ``elements`` tensors) keeps its ``p``,
