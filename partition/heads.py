@@ -84,7 +84,8 @@ def head_counts(
     model: ModelLike, n_heads: int | None, n_kv_heads: int | None, head_dim: int | None
 ) -> tuple[int | None, int | None, int | None]:
     """Head counts from the arguments, else ``model.config`` (TinyGPTConfig or transformers), else
-    the ``num_heads`` that all of the model's ``nn.MultiheadAttention`` modules share."""
+    the ``num_heads`` that all of the model's ``nn.MultiheadAttention`` modules share; a
+    PartitionError when one is not a positive int or ``n_kv_heads`` does not divide ``n_heads``."""
     config = config_of(model)
     if config is None and n_heads is None:
         n_heads = _multihead_attention_heads(model)
@@ -102,6 +103,12 @@ def head_counts(
     for label, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
         if value is not None and not (_is_int(value) and value > 0):
             raise PartitionError(f"adam_mini: {label} must be a positive integer, got {value!r}")
+    if n_heads and n_kv_heads and n_heads % n_kv_heads:
+        raise PartitionError(
+            f"adam_mini: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}: under "
+            "grouped-query attention each key/value head serves n_heads / n_kv_heads query heads; "
+            "pass the counts the model's attention uses"
+        )
     return tuple(None if v is None else int(v) for v in (n_heads, n_kv_heads, head_dim))
 
 

@@ -237,6 +237,12 @@ def test_names_only_edge_layouts():
             ),
             n_heads=0,
         )
+    # 4 query heads cannot share 3 key/value heads; the shapes alone would fit (48 = 3 x 16 rows)
+    gqa = {"attn.q_proj.weight": torch.empty(64, 64), "attn.k_proj.weight": torch.empty(48, 64)}
+    with pytest.raises(PartitionError, match="n_heads=4 is not a multiple of n_kv_heads=3"):
+        partition.adam_mini(gqa, n_heads=4, n_kv_heads=3)
+    gqa["attn.k_proj.weight"] = torch.empty(32, 64)  # 2 key/value heads of 16 rows: fits
+    assert partition.adam_mini(gqa, n_heads=4, n_kv_heads=2)["attn.k_proj.weight"].num_blocks == 2
 
 
 def test_position_embeddings_get_one_block_under_every_name_and_token_embeddings_one_per_token():
