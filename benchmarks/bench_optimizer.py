@@ -64,7 +64,7 @@ NOTES = [
     "bitwise. It halves the momentum: state 25% of AdamW's. Its step time depends on the CPU: "
     "the rounding hash is arithmetic per entry, so it saves time where memory bandwidth limits "
     "the step and costs time where arithmetic does (0.72x / 0.92x AdamW fused on 2026-11-22's "
-    "CPU, 1.13x / 1.23-1.27x on 2026-12-03's, whose float32 steps were 1.2-2x slower).",
+    "CPU, 1.11-1.15x / 1.20-1.29x on 2026-12-03's, whose float32 steps were 1.2-2x slower).",
     "- Not measured: GPU (no GPU was lent to this task). On CUDA the eager path runs "
     "(`vector_norm` block sums, in-place `lerp_`/`mul_`/`addcmul_`).",
 ]
